@@ -1,0 +1,542 @@
+"""config.ini -> frozen, typed Structs, checked once at start-up (protocol.md §4).
+
+When `load_config` returns, every value has its type and range, every reference resolves
+(model -> provider, fallback -> model, scene -> model and tools), provider keys and client
+tokens have been read from the environment into `Secret`s, and a server that listens beyond
+loopback has client tokens. Anything else raises `ConfigError`: one line naming the section,
+the key and what was expected, never a secret value.
+"""
+
+import configparser
+import hmac
+import ipaddress
+import json
+import math
+import os
+import re
+import string
+from collections.abc import Callable, Collection, Iterable, Mapping
+from typing import Any, Literal, get_args
+from urllib.parse import urlsplit
+
+import msgspec
+
+ProviderKind = Literal["openai", "anthropic", "gemini", "demo"]
+ToolKind = Literal["python", "http", "client"]
+
+
+class ConfigError(Exception):
+    """Bad configuration: stops start-up with exit code 2 and this one line."""
+
+    def __init__(
+        self, section: str, key: str | None, expected: str, got: str | None = None
+    ) -> None:
+        # args keep all four so the error pickles; __str__ builds the line.
+        super().__init__(section, key, expected, got)
+        self.section = section
+        self.key = key
+        self.expected = expected
+        self.got = got
+
+    def __str__(self) -> str:
+        where = f"[{self.section}] {self.key}" if self.key else f"[{self.section}]"
+        line = f"config error: {where}: expected {self.expected}"
+        if self.got is not None:
+            got = self.got.replace("\r", "\\r").replace("\n", "\\n")
+            line += f", got '{got[:80]}...'" if len(got) > 80 else f", got '{got}'"
+        return line
+
+
+class Secret:
+    """A key or token. Compared in constant time; repr and str never show it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('****')"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        return hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    ping_interval: float = 15.0  # seconds of silence before a heartbeat
+    drain_timeout: float = 10.0  # seconds running streams may finish on SIGTERM
+    max_body_bytes: int = 1048576
+    log_format: Literal["logfmt", "json"] = "logfmt"
+    log_prompts: bool = False
+
+
+class AuthConfig(msgspec.Struct, frozen=True, kw_only=True):
+    tokens_env: str = "LEAN_TOKENS"
+    tokens: tuple[Secret, ...] = ()  # from $tokens_env, comma-separated; empty = no client auth
+
+
+class StoreConfig(msgspec.Struct, frozen=True, kw_only=True):
+    path: str = "lean.db"  # absolute once loaded (or ":memory:")
+
+
+class LimitsConfig(msgspec.Struct, frozen=True, kw_only=True):
+    max_streams: int = 2000
+    queue_events: int = 64
+    slow_client_timeout: float = 30.0
+    max_runs_per_socket: int = 16
+    client_tool_timeout: float = 300.0
+
+
+class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    kind: ProviderKind
+    base_url: str = ""  # http(s), no trailing "/"; "" only for demo
+    api_key_env: str | None = None
+    api_key: Secret | None = None  # read from $api_key_env at load
+    stream: bool = True
+    connect_timeout: float = 10.0
+    first_byte_timeout: float = 120.0
+    read_timeout: float = 120.0  # max silence between chunks
+    max_event_bytes: int = 1048576
+    demo_delay: float = 0.04  # demo kind only: seconds between words
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
+    alias: str
+    provider: str
+    upstream_model: str
+    fallback: tuple[str, ...] = ()
+    retries: int = 0
+    max_tokens: int | None = None
+    temperature: float | None = None
+
+
+def _empty_schema() -> dict[str, Any]:
+    return {"type": "object", "properties": {}}
+
+
+class ToolConfig(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    kind: ToolKind
+    description: str = ""
+    parameters: dict[str, Any] = msgspec.field(default_factory=_empty_schema)
+    function: str = ""  # python: "module:function", imported later, not here
+    url: str = ""  # http
+    allowed_hosts: tuple[str, ...] = ()  # http: lower-case; defaults to the url's host
+    timeout: float = 10.0
+    max_response_bytes: int = 262144
+
+
+class SceneConfig(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    model: str
+    system: str = ""
+    template: str = "{message}"
+    inputs: tuple[str, ...] = ()  # the template's {names} in order, without "message"
+    uses_message: bool = True  # whether {message} appears
+    tools: tuple[str, ...] = ()
+    max_tool_rounds: int = 4
+    history_turns: int = 10
+    on_disconnect: Literal["cancel", "finish"] = "cancel"
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True):
+    server: ServerConfig
+    auth: AuthConfig
+    store: StoreConfig
+    limits: LimitsConfig
+    providers: dict[str, ProviderConfig]
+    models: dict[str, ModelConfig]
+    tools: dict[str, ToolConfig]
+    scenes: dict[str, SceneConfig]
+    path: str  # the file it came from
+
+
+def is_loopback(host: str) -> bool:
+    """True for "localhost", 127.0.0.0/8 and ::1 (bracketed or not); "0.0.0.0", "::", "" are not."""
+    name = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+# --- value parsers: (section, key, raw text) -> typed value, or ConfigError ---
+
+_Parser = Callable[[str, str, str], Any]
+
+
+def _str(section: str, key: str, raw: str) -> str:
+    return raw
+
+
+def _int(low: int, high: int | None = None) -> _Parser:
+    expected = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+
+    def parse(section: str, key: str, raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(section, key, expected, raw) from None
+        if value < low or (high is not None and value > high):
+            raise ConfigError(section, key, expected, raw)
+        return value
+
+    return parse
+
+
+def _float(*, zero_ok: bool = False) -> _Parser:
+    expected = "a number >= 0" if zero_ok else "a number > 0"
+
+    def parse(section: str, key: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(section, key, expected, raw) from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+            raise ConfigError(section, key, expected, raw)
+        return value
+
+    return parse
+
+
+def _bool(section: str, key: str, raw: str) -> bool:
+    value = configparser.ConfigParser.BOOLEAN_STATES.get(raw.lower())
+    if value is None:
+        raise ConfigError(section, key, "a boolean: true/false, yes/no, on/off or 1/0", raw)
+    return value
+
+
+def _choice(*options: str) -> _Parser:
+    def parse(section: str, key: str, raw: str) -> str:
+        if raw not in options:
+            raise ConfigError(section, key, "one of " + ", ".join(options), raw)
+        return raw
+
+    return parse
+
+
+def _list(section: str, key: str, raw: str) -> tuple[str, ...]:
+    return tuple(item for item in (part.strip() for part in raw.split(",")) if item)
+
+
+def _json(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def _json_object(section: str, key: str, raw: str) -> dict[str, Any]:
+    value = _json(raw)
+    if not isinstance(value, dict):
+        raise ConfigError(section, key, 'a JSON object, e.g. {"type": "object"}', raw)
+    return value
+
+
+def _headers(section: str, key: str, raw: str) -> tuple[tuple[str, str], ...]:
+    value = _json(raw)  # never echoed in the error: a header may carry a credential
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ConfigError(section, key, 'a JSON object of strings, e.g. {"X-Title": "lean"}')
+    return tuple(value.items())
+
+
+_COUNT = _int(1)
+_POSITIVE = _float()
+
+# Every key each kind of section accepts, with its parser. Keys absent from a section
+# keep the Struct's default.
+_KEYS: dict[str, dict[str, _Parser]] = {
+    "server": {
+        "host": _str,
+        "port": _int(1, 65535),
+        "ping_interval": _POSITIVE,
+        "drain_timeout": _POSITIVE,
+        "max_body_bytes": _COUNT,
+        "log_format": _choice("logfmt", "json"),
+        "log_prompts": _bool,
+    },
+    "auth": {"tokens_env": _str},
+    "store": {"path": _str},
+    "limits": {
+        "max_streams": _COUNT,
+        "queue_events": _COUNT,
+        "slow_client_timeout": _POSITIVE,
+        "max_runs_per_socket": _COUNT,
+        "client_tool_timeout": _POSITIVE,
+    },
+    "provider": {
+        "kind": _choice(*get_args(ProviderKind)),
+        "base_url": _str,
+        "api_key_env": _str,
+        "stream": _bool,
+        "connect_timeout": _POSITIVE,
+        "first_byte_timeout": _POSITIVE,
+        "read_timeout": _POSITIVE,
+        "max_event_bytes": _COUNT,
+        "demo_delay": _float(zero_ok=True),
+        "headers": _headers,
+    },
+    "model": {
+        "provider": _str,
+        "upstream_model": _str,
+        "fallback": _list,
+        "retries": _int(0),
+        "max_tokens": _COUNT,
+        "temperature": _float(zero_ok=True),
+    },
+    "tool": {
+        "kind": _choice(*get_args(ToolKind)),
+        "description": _str,
+        "parameters": _json_object,
+        "function": _str,
+        "url": _str,
+        "allowed_hosts": _list,
+        "timeout": _POSITIVE,
+        "max_response_bytes": _COUNT,
+    },
+    "scene": {
+        "model": _str,
+        "system": _str,
+        "template": _str,
+        "tools": _list,
+        "max_tool_rounds": _int(0),
+        "history_turns": _int(0),
+        "on_disconnect": _choice("cancel", "finish"),
+    },
+}
+_NAMED = ("provider", "model", "tool", "scene")  # sections written [kind.NAME]
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_SECTIONS = (
+    "a section named server, auth, store, limits, provider.NAME, model.NAME, tool.NAME"
+    " or scene.NAME"
+)
+_BASE_URLS: dict[str, str] = {
+    "openai": "",  # required: there is no one OpenAI-compatible server
+    "anthropic": "https://api.anthropic.com/v1",
+    "gemini": "https://generativelanguage.googleapis.com/v1beta",
+    "demo": "",
+}
+
+
+def _read(
+    section: str, table: Mapping[str, _Parser], items: Iterable[tuple[str, str]]
+) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key, raw in items:
+        parse = table.get(key)
+        if parse is None:
+            raise ConfigError(section, key, "one of " + ", ".join(table))
+        values[key] = parse(section, key, raw)
+    return values
+
+
+def _required(section: str, key: str, values: Mapping[str, Any], expected: str) -> Any:
+    value = values.get(key)
+    if value is None or value == "":
+        raise ConfigError(section, key, expected)
+    return value
+
+
+def _ref(section: str, key: str, name: str | None, names: Collection[str], kind: str) -> str:
+    """`name` must be one of `names`, the [kind.NAME] sections it may refer to."""
+    if not name or name not in names:
+        known = f"one of {', '.join(sorted(names))}" if names else "none is defined"
+        raise ConfigError(section, key, f"a [{kind}.NAME] name: {known}", name or None)
+    return name
+
+
+def _url(section: str, key: str, raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(section, key, "an http:// or https:// URL", raw)
+    return raw.rstrip("/")
+
+
+def _template_fields(section: str, template: str) -> tuple[tuple[str, ...], bool]:
+    """The names a template uses, in order of first use without "message", and whether
+    it uses "message". Only plain {name} fields: inputs are strings from clients."""
+    expected = "plain {name} fields, e.g. {message} or {words}; {{ and }} for literal braces"
+    try:
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template)]
+    except ValueError:
+        raise ConfigError(section, "template", expected, template) from None
+    names: list[str] = []
+    for field, spec, conversion in fields:
+        if field is None:
+            continue
+        if not field.isidentifier() or spec or conversion:
+            shown = field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            raise ConfigError(section, "template", expected, "{" + shown + "}")
+        if field not in names:
+            names.append(field)
+    inputs = tuple(name for name in names if name != "message")
+    return inputs, "message" in names
+
+
+# --- sections -> Structs ---
+
+
+def _provider(
+    section: str, name: str, values: dict[str, Any], environ: Mapping[str, str]
+) -> ProviderConfig:
+    kind = _required(section, "kind", values, "one of " + ", ".join(get_args(ProviderKind)))
+    base_url = values.get("base_url") or _BASE_URLS[kind]
+    if kind == "openai" and not base_url:
+        raise ConfigError(
+            section, "base_url", "an http:// or https:// URL (kind = openai needs one)"
+        )
+    values["base_url"] = _url(section, "base_url", base_url) if base_url else ""
+    env = values.get("api_key_env") or None
+    values["api_key_env"] = env
+    if env is not None:
+        key = environ.get(env, "").strip()
+        if not key:
+            raise ConfigError(
+                section, "api_key_env", f"an API key in the environment variable {env}"
+            )
+        values["api_key"] = Secret(key)
+    return ProviderConfig(name=name, **values)
+
+
+def _model(
+    section: str, alias: str, values: dict[str, Any], providers: Collection[str]
+) -> ModelConfig:
+    _ref(section, "provider", values.get("provider"), providers, "provider")
+    _required(section, "upstream_model", values, "the model's name at the provider")
+    return ModelConfig(alias=alias, **values)
+
+
+def _tool(section: str, name: str, values: dict[str, Any]) -> ToolConfig:
+    kind = _required(section, "kind", values, "one of " + ", ".join(get_args(ToolKind)))
+    if kind == "python":
+        function = _required(section, "function", values, "module:function, e.g. mytools:clock")
+        module, _, func = function.partition(":")
+        if not (all(part.isidentifier() for part in module.split(".")) and func.isidentifier()):
+            raise ConfigError(section, "function", "module:function, e.g. mytools:clock", function)
+    elif kind == "http":
+        url = _url(section, "url", _required(section, "url", values, "an http:// or https:// URL"))
+        host = urlsplit(url).hostname or ""
+        allowed = tuple(h.lower() for h in values.get("allowed_hosts", ())) or (host,)
+        if host not in allowed:
+            raise ConfigError(
+                section, "url", f"a host in allowed_hosts ({', '.join(allowed)})", host
+            )
+        values["allowed_hosts"] = allowed
+    return ToolConfig(name=name, **values)
+
+
+def _scene(
+    section: str, name: str, values: dict[str, Any], models: Collection[str], tools: Collection[str]
+) -> SceneConfig:
+    _ref(section, "model", values.get("model"), models, "model")
+    for tool in values.get("tools", ()):
+        _ref(section, "tools", tool, tools, "tool")
+    inputs, uses_message = _template_fields(section, values.get("template", "{message}"))
+    return SceneConfig(name=name, inputs=inputs, uses_message=uses_message, **values)
+
+
+def _auth(values: dict[str, Any], environ: Mapping[str, str]) -> AuthConfig:
+    tokens_env = values.get("tokens_env", "LEAN_TOKENS")
+    if not tokens_env:
+        raise ConfigError("auth", "tokens_env", "the name of an environment variable")
+    raw = environ.get(tokens_env, "")
+    tokens = tuple(Secret(t) for t in (part.strip() for part in raw.split(",")) if t)
+    return AuthConfig(tokens_env=tokens_env, tokens=tokens)
+
+
+def _store(values: dict[str, Any], config_path: str) -> StoreConfig:
+    path = values.get("path", "lean.db")
+    if not path:
+        raise ConfigError("store", "path", "a file path, e.g. lean.db")
+    if path != ":memory:":  # SQLite's in-memory database, not a file
+        base = os.path.dirname(os.path.abspath(config_path))
+        path = os.path.join(base, os.path.expanduser(path))  # join keeps an absolute path
+    return StoreConfig(path=path)
+
+
+def parse_config(
+    text: str, *, path: str = "<string>", environ: Mapping[str, str] | None = None
+) -> Config:
+    """Parse and check config text; relative paths resolve against `path`'s directory."""
+    env = os.environ if environ is None else environ
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";", "#"))
+    try:
+        parser.read_string(text, source=path)
+    except configparser.DuplicateSectionError as e:
+        raise ConfigError(e.section, None, "each section once") from None
+    except configparser.DuplicateOptionError as e:
+        raise ConfigError(e.section, e.option, "each key once per section") from None
+    except configparser.MissingSectionHeaderError as e:
+        raise ConfigError("file", None, f"a [section] header before line {e.lineno}") from None
+    except configparser.ParsingError as e:
+        lines = ", ".join(str(lineno) for lineno, _ in e.errors)
+        raise ConfigError("file", None, f"key = value lines (see line {lines})") from None
+    if parser.defaults():
+        raise ConfigError(parser.default_section, None, _SECTIONS)
+
+    sections: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in _KEYS}
+    for section in parser.sections():
+        kind, dot, name = section.partition(".")
+        if kind not in _KEYS or bool(dot) != (kind in _NAMED):
+            raise ConfigError(section, None, _SECTIONS)
+        if dot and not _NAME.fullmatch(name):
+            raise ConfigError(section, None, "a name of letters, digits, '_', '.' or '-'", name)
+        sections[kind][name] = _read(section, _KEYS[kind], parser.items(section))
+
+    def single(kind: str) -> dict[str, Any]:
+        return sections[kind].get("", {})
+
+    server = ServerConfig(**single("server"))
+    auth = _auth(single("auth"), env)
+    if not auth.tokens and not is_loopback(server.host):
+        expected = f"a loopback address, or client tokens in ${auth.tokens_env}"
+        raise ConfigError("server", "host", expected, server.host)
+
+    providers = {n: _provider(f"provider.{n}", n, v, env) for n, v in sections["provider"].items()}
+    models = {n: _model(f"model.{n}", n, v, providers) for n, v in sections["model"].items()}
+    if not models:
+        raise ConfigError("model.NAME", None, "at least one [model.NAME] section")
+    for alias, model in models.items():
+        others = [a for a in models if a != alias]
+        for other in model.fallback:
+            _ref(f"model.{alias}", "fallback", other, others, "model")
+    tools = {n: _tool(f"tool.{n}", n, v) for n, v in sections["tool"].items()}
+    scenes = {n: _scene(f"scene.{n}", n, v, models, tools) for n, v in sections["scene"].items()}
+    return Config(
+        server=server,
+        auth=auth,
+        store=_store(single("store"), path),
+        limits=LimitsConfig(**single("limits")),
+        providers=providers,
+        models=models,
+        tools=tools,
+        scenes=scenes,
+        path=path,
+    )
+
+
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Read and check the config file; `environ` (default os.environ) holds keys and tokens."""
+    name = os.fspath(path)
+    try:
+        with open(name, encoding="utf-8-sig") as f:  # -sig: tolerate an editor's BOM
+            text = f.read()
+    except OSError:
+        raise ConfigError("file", None, "a readable config file", name) from None
+    except UnicodeDecodeError:
+        raise ConfigError("file", None, "a UTF-8 text file", name) from None
+    return parse_config(text, path=name, environ=environ)
