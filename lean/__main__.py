@@ -1,0 +1,5 @@
+import sys
+
+from lean.cli import main
+
+sys.exit(main())

@@ -1,0 +1,171 @@
+"""App wiring: routes, middlewares (errors, auth), and the server's life from start to drain."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from lean import handlers
+from lean.config import Config
+from lean.errors import (
+    Internal,
+    LeanError,
+    NotFound,
+    ShuttingDown,
+    Unauthorized,
+    openai_error_body,
+)
+from lean.handlers import config_key, streams_key, upstream_key
+from lean.limits import Streams
+from lean.upstream import Upstream
+
+log = logging.getLogger("lean")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+def error_response(error: LeanError) -> web.Response:
+    return web.Response(
+        status=error.status,
+        body=openai_error_body(error),
+        content_type="application/json",
+        headers=error.headers(),
+    )
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except LeanError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        error: LeanError = NotFound(f"{request.method} {request.path}: {exc.reason}")
+        error.status = exc.status
+        return error_response(error)
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(Internal("internal error; see lean's log"))
+
+
+def _token_of(request: web.Request) -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token:
+        return token.strip()
+    if request.method == "GET":  # EventSource cannot set headers
+        return request.query.get("access_token", "")
+    return ""
+
+
+def auth_middleware(tokens: tuple[bytes, ...]) -> Callable[..., Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in PUBLIC_PATHS:
+            given = _token_of(request).encode()
+            # Compare with every token, always: the time taken says nothing about which matched.
+            ok = False
+            for token in tokens:
+                ok |= hmac.compare_digest(given, token)
+            if not ok:
+                raise Unauthorized("missing or invalid bearer token")
+        return await handler(request)
+
+    return middleware
+
+
+@web.middleware
+async def draining_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.app[streams_key].draining and request.path not in PUBLIC_PATHS:
+        raise ShuttingDown("lean is shutting down", retry_after=1)
+    return await handler(request)
+
+
+def create_app(config: Config) -> web.Application:
+    middlewares: list[Callable[..., Awaitable[web.StreamResponse]]] = [errors_middleware]
+    if config.auth.tokens:
+        middlewares.append(auth_middleware(tuple(t.reveal().encode() for t in config.auth.tokens)))
+    middlewares.append(draining_middleware)
+    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=middlewares)
+    app[config_key] = config
+    app[upstream_key] = Upstream(config)
+    app[streams_key] = Streams(config.limits.max_streams)
+    app.router.add_post("/v1/chat/completions", handlers.chat_completions)
+    app.router.add_get("/v1/models", handlers.models)
+    app.router.add_get("/healthz", handlers.healthz)
+    app.router.add_get("/readyz", handlers.readyz)
+
+    async def upstream_ctx(app: web.Application) -> object:
+        await app[upstream_key].start()
+        yield
+        await app[upstream_key].close()
+
+    app.cleanup_ctx.append(upstream_ctx)  # type: ignore[arg-type]
+    return app
+
+
+class Server:
+    """lean on a real socket: the same path for `lean serve` and for the tests."""
+
+    def __init__(self, config: Config, *, port: int | None = None) -> None:
+        self.config = config
+        self.app = create_app(config)
+        self._port = config.server.port if port is None else port
+        self._runner = web.AppRunner(
+            self.app,
+            handler_cancellation=True,  # a client that leaves cancels its handler at once
+            access_log=None,
+            shutdown_timeout=2.0,
+        )
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        host = self.config.server.host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.server.host, self._port, backlog=1024)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        """Drain: /readyz fails, no new connections, running streams get `drain_timeout`."""
+        streams = self.app[streams_key]
+        streams.draining = True
+        for site in list(self._runner.sites):
+            await site.stop()
+        if not await streams.drain(self.config.server.drain_timeout):
+            log.warning("drain timeout: ending %d streams", len(streams))
+            streams.interrupt_all(ShuttingDown("lean is shutting down"))
+            await streams.drain(2.0)
+        await self._runner.cleanup()
+
+
+async def serve(config: Config) -> None:
+    """Run until SIGTERM or SIGINT, then drain and return."""
+    server = Server(config)
+    await server.start()
+    log.info("lean listening on %s", server.url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("lean stopping: draining for up to %g s", config.server.drain_timeout)
+        await server.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

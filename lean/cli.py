@@ -1,0 +1,72 @@
+"""`lean serve`, `lean check-config`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from lean import __version__
+from lean.config import Config, ConfigError, load_config
+
+
+def _load(path: str) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"lean: {exc}", file=sys.stderr)
+        return None
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="time=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+    )
+    logging.getLogger("aiohttp").setLevel(logging.WARNING)
+
+
+def _run(config: Config) -> int:
+    from lean.app import serve
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+        asyncio.run(serve(config))
+        return 0
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve(config))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lean", description="a small streaming gateway for LLM chat")
+    parser.add_argument("--version", action="version", version=f"lean {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", default="config.ini", help="path of config.ini")
+    check = commands.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("path", nargs="?", default="config.ini")
+    args = parser.parse_args(argv)
+
+    if args.command == "check-config":
+        config = _load(args.path)
+        if config is None:
+            return 2
+        print(
+            f"{args.path}: ok ({len(config.providers)} providers, {len(config.models)} models, "
+            f"{len(config.scenes)} scenes)"
+        )
+        return 0
+    config = _load(args.config)
+    if config is None:
+        return 2
+    _setup_logging()
+    return _run(config)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

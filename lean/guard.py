@@ -1,0 +1,143 @@
+"""One watchdog per client stream: upstream silence, slow clients and heartbeats.
+
+Why one task per stream rather than a timer per chunk: `asyncio.timeout()` around
+each read or write allocates a timer and touches the loop's heap per event, and a
+timeout scope must not span the `yield` of an async generator. Instead the hot
+path only records which phase the stream is in and since when (`loop.time()`),
+and one task wakes every `resolution` seconds to compare those stamps with the
+limits. Deadlines are therefore enforced within `resolution` (a quarter of the
+smallest limit, clamped to 50 ms–5 s).
+
+Phases: WAITING (lean waits for the upstream: its silence limit applies and the
+client gets `ping` heartbeats), WRITING (lean waits for the client to take bytes:
+the slow-client limit applies), IDLE (neither; heartbeats only).
+
+When a limit passes, the guard interrupts the stream's task with a reason (a
+`LeanError`): the task is cancelled, and the code that catches the
+`CancelledError` asks `take()` whether it was this guard, as `asyncio.timeout`
+does. Shutdown and run cancellation use the same `interrupt()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+
+from lean.errors import LeanError, SlowClient, UpstreamTimeout
+
+IDLE, WAITING, WRITING = 0, 1, 2
+
+
+class Guard:
+    def __init__(
+        self,
+        *,
+        ping_interval: float,
+        slow_client_timeout: float,
+        ping: Callable[[], Awaitable[None]] | None = None,
+        on_slow_client: Callable[[], None] | None = None,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("Guard must be created inside the stream's task")
+        self.task = task
+        self.ping_interval = ping_interval
+        self.slow_client_timeout = slow_client_timeout
+        self._ping = ping
+        self._on_slow_client = on_slow_client
+        self.reason: LeanError | None = None
+        self.evicted = False
+        self.phase = IDLE
+        self.since = self._loop.time()
+        self.last_write = self.since
+        self.upstream_limit = 0.0
+        self._resolution = 5.0
+        self._watch = self._loop.create_task(self._run())
+        self._set_resolution(slow_client_timeout)
+
+    def _set_resolution(self, limit: float) -> None:
+        self._resolution = min(self._resolution, max(0.05, min(limit, self.ping_interval) / 4))
+
+    # The hot path: plain attribute writes, no timers.
+    def waiting(self, limit: float) -> None:
+        if limit != self.upstream_limit:
+            self.upstream_limit = limit
+            self._set_resolution(limit)
+        self.phase = WAITING
+        self.since = self._loop.time()
+
+    def writing(self) -> None:
+        self.phase = WRITING
+        self.since = self._loop.time()
+
+    def wrote(self) -> None:
+        self.phase = IDLE
+        self.last_write = self.since = self._loop.time()
+
+    def interrupt(self, reason: LeanError) -> None:
+        """End the stream with `reason`; the first reason wins."""
+        if self.reason is None and not self.task.done():
+            self.reason = reason
+            self.task.cancel()
+
+    def take(self) -> LeanError | None:
+        """Called on `CancelledError`: the reason if this guard caused it (and absorb it)."""
+        reason = self.reason
+        if reason is not None and self.task.cancelling():
+            self.task.uncancel()
+        return reason
+
+    def take_timeout(self) -> UpstreamTimeout | None:
+        """Like `take`, but only for an upstream timeout; other reasons stay pending."""
+        if isinstance(self.reason, UpstreamTimeout):
+            reason = self.reason
+            self.reason = None
+            if self.task.cancelling():
+                self.task.uncancel()
+            return reason
+        return None
+
+    async def close(self) -> None:
+        self._watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._watch
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._resolution)
+            now = self._loop.time()
+            if self.phase == WRITING:
+                if now - self.since >= self.slow_client_timeout:
+                    self.evicted = True
+                    self.interrupt(SlowClient("the client stopped reading"))
+                    if self._on_slow_client is not None:
+                        self._on_slow_client()
+                    return
+                continue
+            if self.phase == WAITING and now - self.since >= self.upstream_limit:
+                self.interrupt(
+                    UpstreamTimeout(f"the upstream sent nothing for {self.upstream_limit:g} s")
+                )
+            if self._ping is not None and now - self.last_write >= self.ping_interval:
+                await self._send_ping()
+
+    async def _send_ping(self) -> None:
+        assert self._ping is not None
+        phase, since = self.phase, self.since
+        self.phase = WRITING
+        stamp = self.since = self._loop.time()
+        try:
+            async with asyncio.timeout(self.slow_client_timeout):
+                await self._ping()
+        except (TimeoutError, ConnectionError):
+            self.evicted = True
+            self.interrupt(SlowClient("the client stopped reading"))
+            if self._on_slow_client is not None:
+                self._on_slow_client()
+            return
+        self.last_write = self._loop.time()
+        if self.phase == WRITING and self.since == stamp:
+            # Nothing else happened meanwhile: a heartbeat does not reset upstream silence.
+            self.phase, self.since = phase, since

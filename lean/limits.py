@@ -1,0 +1,62 @@
+"""Admission control and the registry of running streams.
+
+`max_streams` bounds how many answers lean relays at once (streaming or not):
+past it a request is refused at once with 503 and `Retry-After`, before any
+upstream is touched, so an overload costs lean one small response, not memory.
+The registry is also how shutdown reaches every running stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from lean.errors import LeanError, Overloaded, ShuttingDown
+from lean.guard import Guard
+
+
+class Streams:
+    def __init__(self, max_streams: int) -> None:
+        self.max_streams = max_streams
+        self.draining = False
+        self.rejected = 0
+        self._active: set[Guard] = set()
+        self._empty = asyncio.Event()
+        self._empty.set()
+
+    def __len__(self) -> int:
+        return len(self._active)
+
+    def check(self) -> None:
+        """Raise unless one more stream may start now."""
+        if self.draining:
+            raise ShuttingDown("lean is shutting down", retry_after=1)
+        if len(self._active) >= self.max_streams:
+            self.rejected += 1
+            raise Overloaded(
+                f"lean is relaying its limit of {self.max_streams} streams; retry shortly",
+                retry_after=1,
+            )
+
+    def add(self, guard: Guard) -> None:
+        self.check()
+        self._active.add(guard)
+        self._empty.clear()
+
+    def discard(self, guard: Guard) -> None:
+        self._active.discard(guard)
+        if not self._active:
+            self._empty.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait up to `timeout` for running streams to end; True when none is left."""
+        self.draining = True
+        try:
+            async with asyncio.timeout(timeout):
+                await self._empty.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def interrupt_all(self, reason: LeanError) -> None:
+        for guard in list(self._active):
+            guard.interrupt(reason)

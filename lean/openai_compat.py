@@ -1,0 +1,199 @@
+"""OpenAI Chat Completions in and out: request validation, chunk framing, whole answers.
+
+Validation decodes the body once into a typed Struct, so every error names its
+field the way msgspec reports it (`$.messages[0].role`); the body is then passed
+upstream as the client sent it, so parameters lean does not know still work.
+
+Chunk framing is pre-built per stream: the bytes around a delta
+(`data: {"id":...,"choices":[{"index":0,"delta":` ... `,"finish_reason":null}]}`)
+are made once, and each text delta costs one string encode and one join.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from lean.errors import BadRequest
+from lean.providers.base import Finish, Piece, Reasoning, Text, ToolCall, Usage
+
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+
+
+class _Message(msgspec.Struct):
+    role: Role
+    content: str | list[dict[str, Any]] | None = None
+
+
+class _StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class ChatRequest(msgspec.Struct):
+    model: str
+    messages: Annotated[list[_Message], msgspec.Meta(min_length=1)]
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
+    n: Annotated[int, msgspec.Meta(ge=1, le=1)] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
+
+
+_decode_request = msgspec.json.Decoder(ChatRequest).decode
+_decode_any = msgspec.json.Decoder(dict[str, Any]).decode
+_encode = msgspec.json.Encoder().encode
+
+
+def parse_request(body: bytes) -> tuple[ChatRequest, dict[str, Any]]:
+    """The validated request and the body to send upstream; `BadRequest` names the field."""
+    try:
+        raw = _decode_any(body)
+    except msgspec.ValidationError:
+        raise BadRequest("invalid request: the body must be a JSON object") from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"invalid request: the body is not valid JSON ({exc})") from None
+    try:
+        request = _decode_request(body)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"invalid request: {exc}") from None
+    raw.pop("stream_options", None)
+    raw.pop("stream", None)
+    return request, raw
+
+
+def new_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex[:24]
+
+
+class ChunkFramer:
+    """Pieces to `data: {chat.completion.chunk}` frames for one stream (no I/O)."""
+
+    def __init__(self, *, completion_id: str, model: str, include_usage: bool) -> None:
+        head = _encode(
+            {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": model,
+            }
+        )
+        self._head = b"data: " + head[:-1]
+        self._open = self._head + b',"choices":[{"index":0,"delta":'
+        self._include_usage = include_usage
+        self._started_calls: set[int] = set()
+        self._sent_role = False
+        self.usage: Usage | None = None
+
+    def _delta(self, delta: bytes, finish: bytes = b"null") -> bytes:
+        if not self._sent_role:
+            self._sent_role = True
+            delta = b'{"role":"assistant",' + delta[1:] if delta != b"{}" else b'{"role":"assistant"}'
+        return b"%b%b,\"finish_reason\":%b}]}\n\n" % (self._open, delta, finish)
+
+    def frame(self, piece: Piece) -> bytes | None:
+        if isinstance(piece, Text):
+            return self._delta(b'{"content":%b}' % _encode(piece.text))
+        if isinstance(piece, Reasoning):
+            return self._delta(b'{"reasoning_content":%b}' % _encode(piece.text))
+        if isinstance(piece, ToolCall):
+            return self._delta(b'{"tool_calls":[%b]}' % self._tool_call(piece))
+        if isinstance(piece, Finish):
+            return self._delta(b"{}", _encode(piece.reason))
+        self.usage = piece
+        return None
+
+    def _tool_call(self, piece: ToolCall) -> bytes:
+        call: dict[str, Any] = {"index": piece.index}
+        function: dict[str, str] = {"arguments": piece.arguments}
+        if piece.index not in self._started_calls:
+            self._started_calls.add(piece.index)
+            call["id"] = piece.id or f"call_{uuid.uuid4().hex[:24]}"
+            call["type"] = "function"
+            function = {"name": piece.name or "", "arguments": piece.arguments}
+        call["function"] = function
+        return _encode(call)
+
+    def end(self) -> bytes:
+        """The usage chunk (when asked for) and `[DONE]`, in one write."""
+        if not self._include_usage:
+            return b"data: [DONE]\n\n"
+        usage = self.usage or Usage()
+        return b'%b,"choices":[],"usage":%b}\n\ndata: [DONE]\n\n' % (
+            self._head,
+            _encode(_usage_body(usage)),
+        )
+
+
+def error_frame(body: bytes) -> bytes:
+    return b"data: " + body + b"\n\n"
+
+
+def _usage_body(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+    }
+
+
+def completion_body(pieces: list[Piece], *, completion_id: str, model: str) -> bytes:
+    """A whole `chat.completion` object from an answer's pieces."""
+    text: list[str] = []
+    reasoning: list[str] = []
+    calls: dict[int, dict[str, Any]] = {}
+    finish = "stop"
+    usage = Usage()
+    for piece in pieces:
+        if isinstance(piece, Text):
+            text.append(piece.text)
+        elif isinstance(piece, Reasoning):
+            reasoning.append(piece.text)
+        elif isinstance(piece, ToolCall):
+            call = calls.setdefault(
+                piece.index,
+                {
+                    "id": piece.id or f"call_{uuid.uuid4().hex[:24]}",
+                    "type": "function",
+                    "function": {"name": piece.name or "", "arguments": ""},
+                },
+            )
+            call["function"]["arguments"] += piece.arguments
+        elif isinstance(piece, Finish):
+            finish = piece.reason
+        else:
+            usage = piece
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(text) or None}
+    if reasoning:
+        message["reasoning_content"] = "".join(reasoning)
+    if calls:
+        message["tool_calls"] = [calls[i] for i in sorted(calls)]
+    elif message["content"] is None:
+        message["content"] = ""
+    return _encode(
+        {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+            "usage": _usage_body(usage),
+        }
+    )
+
+
+def models_body(aliases: list[str]) -> bytes:
+    created = int(time.time())
+    return _encode(
+        {
+            "object": "list",
+            "data": [
+                {"id": alias, "object": "model", "created": created, "owned_by": "lean"}
+                for alias in aliases
+            ],
+        }
+    )

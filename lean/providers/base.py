@@ -1,0 +1,63 @@
+"""What every provider translator produces: small pieces of one assistant answer.
+
+Translators turn a provider's wire format (a stream of SSE messages or one JSON
+body) into these pieces; lean's outputs (OpenAI chunks, unified events) are
+rendered from them. Pieces are provider-neutral and use OpenAI's words for
+finish reasons ("stop", "length", "tool_calls", "content_filter").
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgspec
+
+from lean.sse import SSEMessage
+
+
+class Text(msgspec.Struct, frozen=True):
+    text: str
+
+
+class Reasoning(msgspec.Struct, frozen=True):
+    text: str
+
+
+class ToolCall(msgspec.Struct, frozen=True):
+    """One fragment of a tool call; `id` and `name` come on a call's first fragment."""
+
+    index: int
+    arguments: str = ""
+    id: str | None = None
+    name: str | None = None
+
+
+class Finish(msgspec.Struct, frozen=True):
+    reason: str
+
+
+class Usage(msgspec.Struct, frozen=True):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+Piece = Text | Reasoning | ToolCall | Finish | Usage
+
+# Pieces a user sees: once one has gone to a client, a failure can no longer fall back.
+VISIBLE = (Text, Reasoning, ToolCall)
+
+
+class HttpRequest(msgspec.Struct, frozen=True):
+    url: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class StreamTranslator(Protocol):
+    def feed(self, message: SSEMessage) -> list[Piece]:
+        """Translate one SSE message; raise `UpstreamError` for an in-band error."""
+        ...
+
+    def close(self) -> None:
+        """End of the byte stream: raise `UpstreamError` when it was truncated."""
+        ...

@@ -1,0 +1,228 @@
+"""OpenAI-compatible providers (OpenAI, DeepSeek, OpenRouter, vLLM, Ollama, llama.cpp).
+
+Request builder and translators, no I/O. The stream translator follows the
+Chat Completions streaming format and the dialects seen in the wild:
+- a first chunk with empty `choices` (Azure content-filter results), skipped;
+- reasoning as `delta.reasoning_content` (DeepSeek, vLLM) or `delta.reasoning`
+  (OpenRouter, Ollama);
+- tool calls as fragments keyed by `index`, `id` and `function.name` on the first;
+- usage on a chunk with empty `choices` (`stream_options.include_usage`) or on
+  the finish chunk (some servers);
+- an in-band `{"error": ...}` object, raised as the matching upstream error;
+- comment lines (OpenRouter's `: OPENROUTER PROCESSING`) never reach a translator.
+A stream is finished by `[DONE]` or by a finish reason; one that ends with
+neither was truncated and raises, so no finish is ever fabricated.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from lean.config import ModelConfig, ProviderConfig
+from lean.errors import LeanError, Overloaded, RateLimited, UpstreamError
+from lean.providers.base import (
+    Finish,
+    HttpRequest,
+    Piece,
+    Reasoning,
+    Text,
+    ToolCall,
+    Usage,
+)
+from lean.sse import SSEMessage
+
+
+class _Function(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCallDelta(msgspec.Struct):
+    index: int = 0
+    id: str | None = None
+    function: _Function | None = None
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[_ToolCallDelta] | None = None
+
+
+class _Choice(msgspec.Struct):
+    index: int = 0
+    delta: _Delta | None = None
+    finish_reason: str | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int | None = 0
+    completion_tokens: int | None = 0
+
+
+class _Error(msgspec.Struct):
+    message: str = ""
+    type: str | None = None
+    code: str | int | None = None
+
+
+class _Chunk(msgspec.Struct):
+    choices: list[_Choice] | None = None
+    usage: _Usage | None = None
+    error: _Error | str | None = None
+
+
+class _ToolCallFull(msgspec.Struct):
+    id: str = ""
+    function: _Function | None = None
+
+
+class _Message(msgspec.Struct):
+    content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[_ToolCallFull] | None = None
+
+
+class _CompletionChoice(msgspec.Struct):
+    message: _Message | None = None
+    finish_reason: str | None = None
+
+
+class _Completion(msgspec.Struct):
+    choices: list[_CompletionChoice] | None = None
+    usage: _Usage | None = None
+    error: _Error | str | None = None
+
+
+_decode_chunk = msgspec.json.Decoder(_Chunk).decode
+_decode_completion = msgspec.json.Decoder(_Completion).decode
+_encode = msgspec.json.Encoder().encode
+
+
+def build_request(
+    provider: ProviderConfig, model: ModelConfig, body: dict[str, Any], *, stream: bool
+) -> HttpRequest:
+    """The client's Chat Completions body, aimed at the upstream model.
+
+    Unknown parameters pass through untouched; lean asks for usage itself so the
+    final answer always has token counts.
+    """
+    payload = dict(body)
+    payload["model"] = model.upstream_model
+    payload["stream"] = stream
+    if stream:
+        payload["stream_options"] = {"include_usage": True}
+    else:
+        payload.pop("stream_options", None)
+    if model.max_tokens is not None and not (
+        "max_tokens" in payload or "max_completion_tokens" in payload
+    ):
+        payload["max_tokens"] = model.max_tokens
+    if model.temperature is not None and "temperature" not in payload:
+        payload["temperature"] = model.temperature
+    headers = {
+        "Content-Type": "application/json",
+        "Accept": "text/event-stream" if stream else "application/json",
+    }
+    if provider.api_key is not None:
+        headers["Authorization"] = "Bearer " + provider.api_key.reveal()
+    headers.update(provider.headers)
+    return HttpRequest(provider.base_url + "/chat/completions", headers, _encode(payload))
+
+
+def inband_error(error: _Error | str) -> LeanError:
+    if isinstance(error, str):
+        return UpstreamError(f"upstream error: {error}")
+    kind = f"{error.type or ''} {error.code or ''}".lower()
+    message = f"upstream error: {error.message or kind.strip() or 'unknown'}"
+    if "rate" in kind or kind.strip() == "429":
+        return RateLimited(message)
+    if "overloaded" in kind or "529" in kind:
+        return Overloaded(message)
+    return UpstreamError(message, retryable="server" in kind or "timeout" in kind)
+
+
+class StreamTranslator:
+    def __init__(self) -> None:
+        self.finished = False
+        self._done = False
+
+    def feed(self, message: SSEMessage) -> list[Piece]:
+        data = message.data
+        if data == "[DONE]":
+            self._done = True
+            return [] if self.finished else self._finish("stop")
+        if not data:
+            return []
+        try:
+            chunk = _decode_chunk(data)
+        except (msgspec.DecodeError, ValueError) as exc:
+            raise UpstreamError(f"unparseable upstream chunk: {exc}", retryable=True) from None
+        if chunk.error is not None:
+            raise inband_error(chunk.error)
+        pieces: list[Piece] = []
+        for choice in chunk.choices or ():
+            if choice.index != 0:
+                continue
+            delta = choice.delta
+            if delta is not None:
+                reasoning = delta.reasoning_content or delta.reasoning
+                if reasoning:
+                    pieces.append(Reasoning(reasoning))
+                if delta.content:
+                    pieces.append(Text(delta.content))
+                for call in delta.tool_calls or ():
+                    function = call.function or _Function()
+                    pieces.append(
+                        ToolCall(call.index, function.arguments or "", call.id, function.name)
+                    )
+            if choice.finish_reason and not self.finished:
+                pieces.extend(self._finish(choice.finish_reason))
+        if chunk.usage is not None:
+            pieces.append(_usage(chunk.usage))
+        return pieces
+
+    def _finish(self, reason: str) -> list[Piece]:
+        self.finished = True
+        return [Finish(reason)]
+
+    def close(self) -> None:
+        if not (self._done or self.finished):
+            raise UpstreamError(
+                "upstream stream ended before its end marker (truncated)", retryable=True
+            )
+
+
+def parse_completion(body: bytes) -> list[Piece]:
+    """A non-streaming answer, as the pieces a stream would have carried."""
+    try:
+        completion = _decode_completion(body)
+    except (msgspec.DecodeError, ValueError) as exc:
+        raise UpstreamError(f"unparseable upstream answer: {exc}", retryable=True) from None
+    if completion.error is not None:
+        raise inband_error(completion.error)
+    if not completion.choices or completion.choices[0].message is None:
+        raise UpstreamError("upstream answer has no choices", retryable=True)
+    choice = completion.choices[0]
+    message = choice.message or _Message()
+    pieces: list[Piece] = []
+    reasoning = message.reasoning_content or message.reasoning
+    if reasoning:
+        pieces.append(Reasoning(reasoning))
+    if message.content:
+        pieces.append(Text(message.content))
+    for index, call in enumerate(message.tool_calls or ()):
+        function = call.function or _Function()
+        pieces.append(ToolCall(index, function.arguments or "", call.id, function.name or ""))
+    pieces.append(Finish(choice.finish_reason or ("tool_calls" if message.tool_calls else "stop")))
+    if completion.usage is not None:
+        pieces.append(_usage(completion.usage))
+    return pieces
+
+
+def _usage(usage: _Usage) -> Usage:
+    return Usage(usage.prompt_tokens or 0, usage.completion_tokens or 0)

@@ -1,0 +1,236 @@
+"""The upstream boundary: one shared client session, the read loop, error translation.
+
+Everything a provider can do wrong becomes a `LeanError` here, once, with every
+provider key removed from its message. Time limits: `connect_timeout` for the
+TCP/TLS connect, `first_byte_timeout` until the first bytes of the answer, then
+`read_timeout` of silence between chunks; there is no total cap (long answers
+are legitimate). While streaming, the silence limits are enforced by the
+stream's `Guard` (no timer per chunk); a non-streaming call is one await under
+one `asyncio.timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from lean.config import Config, ModelConfig, ProviderConfig
+from lean.errors import (
+    BadRequest,
+    LeanError,
+    Overloaded,
+    RateLimited,
+    UpstreamError,
+    UpstreamTimeout,
+    redact,
+)
+from lean.guard import Guard
+from lean.providers import demo, openai
+from lean.providers.base import Piece, Text
+from lean.sse import SSEParser, SSEProtocolError
+
+# An error body is read only to find its message; more than this is not an error message.
+MAX_ERROR_BYTES = 64 * 1024
+# A whole non-streaming answer; a long one is ~100 KB, this leaves room for big tool calls.
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
+
+
+class _ErrorDetail(msgspec.Struct):
+    message: str = ""
+    type: str | None = None
+
+
+class _ErrorEnvelope(msgspec.Struct):
+    error: _ErrorDetail | str | None = None
+    message: str | None = None
+
+
+_decode_error = msgspec.json.Decoder(_ErrorEnvelope).decode
+
+
+def _retry_after(headers: Any) -> float | None:
+    value = headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def error_from_response(status: int, body: bytes, headers: Any, provider: str) -> LeanError:
+    """An upstream's HTTP error as a `LeanError`; only its parsed message is kept."""
+    detail = ""
+    try:
+        envelope = _decode_error(body)
+        if isinstance(envelope.error, _ErrorDetail):
+            detail = envelope.error.message
+        elif isinstance(envelope.error, str):
+            detail = envelope.error
+        elif envelope.message:
+            detail = envelope.message
+    except (msgspec.DecodeError, ValueError):
+        pass
+    said = f": {detail[:500]}" if detail else ""
+    where = f"upstream {provider} answered HTTP {status}"
+    retry_after = _retry_after(headers)
+    if status == 429:
+        return RateLimited(where + said, retry_after=retry_after)
+    if status == 529 or (status == 503 and "overload" in detail.lower()):
+        return Overloaded(where + said, retry_after=retry_after)
+    if status in (401, 403):
+        # The message may quote the key (or part of it): say only what happened.
+        return UpstreamError(f"{where}: it rejected lean's credentials for this provider")
+    if status in (408, 504):
+        return UpstreamTimeout(where + said)
+    if status >= 500:
+        return UpstreamError(where + said, retryable=True, retry_after=retry_after)
+    return BadRequest(where + said)
+
+
+class Upstream:
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._session: aiohttp.ClientSession | None = None
+        self.secrets = [p.api_key.reveal() for p in config.providers.values() if p.api_key]
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=0, ttl_dns_cache=300, enable_cleanup_closed=True, keepalive_timeout=30
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None),
+            auto_decompress=True,
+            trust_env=False,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("Upstream.start() was not called")
+        return self._session
+
+    def provider(self, model: ModelConfig) -> ProviderConfig:
+        return self._config.providers[model.provider]
+
+    def _clean(self, error: LeanError) -> LeanError:
+        error.message = redact(error.message, self.secrets)
+        error.args = (error.message,)
+        return error
+
+    async def stream(
+        self, model: ModelConfig, body: dict[str, Any], guard: Guard
+    ) -> AsyncIterator[Piece]:
+        """The answer's pieces as they arrive. Leaving early closes the upstream connection."""
+        provider = self.provider(model)
+        if provider.kind == "demo":
+            async for piece in self._demo(provider, body, guard):
+                yield piece
+            return
+        request = openai.build_request(provider, model, body, stream=True)
+        translator = openai.StreamTranslator()
+        parser = SSEParser(provider.max_event_bytes)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=provider.connect_timeout)
+        guard.waiting(provider.first_byte_timeout)
+        try:
+            async with self.session.post(
+                request.url, data=request.body, headers=request.headers, timeout=timeout
+            ) as resp:
+                if resp.status != 200:
+                    raise error_from_response(
+                        resp.status,
+                        await resp.content.read(MAX_ERROR_BYTES),
+                        resp.headers,
+                        provider.name,
+                    )
+                if resp.content_type == "application/json":
+                    # A server that ignored "stream": the whole answer in one body.
+                    for piece in openai.parse_completion(await resp.read()):
+                        yield piece
+                    return
+                async for data in resp.content.iter_any():
+                    for message in parser.feed(data):
+                        for piece in translator.feed(message):
+                            yield piece
+                    guard.waiting(provider.read_timeout)
+                parser.close()
+                translator.close()
+        except asyncio.CancelledError:
+            if (timeout_error := guard.take_timeout()) is not None:
+                raise self._clean(timeout_error) from None
+            raise
+        except LeanError as exc:
+            raise self._clean(exc) from None
+        except SSEProtocolError as exc:
+            raise UpstreamError(f"upstream {provider.name} sent a bad stream: {exc}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            if translator.finished:
+                return  # the connection broke after the answer was complete
+            raise self._transport_error(provider, exc) from None
+
+    async def complete(
+        self, model: ModelConfig, body: dict[str, Any], guard: Guard | None = None
+    ) -> list[Piece]:
+        """The whole answer without streaming (the fallback path and `stream = false`)."""
+        provider = self.provider(model)
+        if provider.kind == "demo":
+            return demo.answer(body)
+        request = openai.build_request(provider, model, body, stream=False)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=provider.connect_timeout)
+        if guard is not None:
+            guard.wrote()  # heartbeats go on; this call has its own deadline
+        try:
+            async with (
+                asyncio.timeout(provider.first_byte_timeout),
+                self.session.post(
+                    request.url, data=request.body, headers=request.headers, timeout=timeout
+                ) as resp,
+            ):
+                if resp.status != 200:
+                    raise error_from_response(
+                        resp.status,
+                        await resp.content.read(MAX_ERROR_BYTES),
+                        resp.headers,
+                        provider.name,
+                    )
+                body_bytes = await resp.content.read(MAX_ANSWER_BYTES + 1)
+                if len(body_bytes) > MAX_ANSWER_BYTES:
+                    raise UpstreamError(f"upstream {provider.name} answer exceeds 16 MiB")
+                return openai.parse_completion(body_bytes)
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"upstream {provider.name} did not answer within "
+                f"{provider.first_byte_timeout:g} s"
+            ) from None
+        except LeanError as exc:
+            raise self._clean(exc) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise self._transport_error(provider, exc) from None
+
+    def _transport_error(self, provider: ProviderConfig, exc: BaseException) -> LeanError:
+        if isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError):
+            what = "could not connect"
+        elif isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError):
+            what = "closed the connection mid-answer"
+        else:
+            what = f"failed ({type(exc).__name__})"
+        return UpstreamError(f"upstream {provider.name} {what}", retryable=True)
+
+    async def _demo(
+        self, provider: ProviderConfig, body: dict[str, Any], guard: Guard
+    ) -> AsyncIterator[Piece]:
+        for piece in demo.answer(body):
+            if isinstance(piece, Text) and provider.demo_delay > 0:
+                guard.waiting(provider.read_timeout)
+                await asyncio.sleep(provider.demo_delay)
+            yield piece
