@@ -43,7 +43,9 @@ def _run(config: Config) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lean", description="a small streaming gateway for LLM chat")
+    parser = argparse.ArgumentParser(
+        prog="lean", description="a small streaming gateway for LLM chat"
+    )
     parser.add_argument("--version", action="version", version=f"lean {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gateway")

@@ -47,11 +47,11 @@ class Streams:
         if not self._active:
             self._empty.set()
 
-    async def drain(self, timeout: float) -> bool:
-        """Wait up to `timeout` for running streams to end; True when none is left."""
+    async def drain(self, seconds: float) -> bool:
+        """Wait up to `seconds` for running streams to end; True when none is left."""
         self.draining = True
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(seconds):
                 await self._empty.wait()
         except TimeoutError:
             return False

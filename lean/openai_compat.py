@@ -92,8 +92,10 @@ class ChunkFramer:
     def _delta(self, delta: bytes, finish: bytes = b"null") -> bytes:
         if not self._sent_role:
             self._sent_role = True
-            delta = b'{"role":"assistant",' + delta[1:] if delta != b"{}" else b'{"role":"assistant"}'
-        return b"%b%b,\"finish_reason\":%b}]}\n\n" % (self._open, delta, finish)
+            delta = (
+                b'{"role":"assistant",' + delta[1:] if delta != b"{}" else b'{"role":"assistant"}'
+            )
+        return b'%b%b,"finish_reason":%b}]}\n\n' % (self._open, delta, finish)
 
     def frame(self, piece: Piece) -> bytes | None:
         if isinstance(piece, Text):

@@ -11,7 +11,7 @@ an answer is never finished on a provider's behalf.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
@@ -35,7 +35,7 @@ class Relay:
         self.committed = False
         self.fallback = False  # the answer came from the non-streaming path
 
-    async def pieces(self) -> AsyncIterator[Piece]:
+    async def pieces(self) -> AsyncGenerator[Piece, None]:
         if self._upstream.provider(self._model).stream:
             try:
                 async with aclosing(

@@ -12,7 +12,7 @@ one `asyncio.timeout`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import aiohttp
@@ -130,7 +130,7 @@ class Upstream:
 
     async def stream(
         self, model: ModelConfig, body: dict[str, Any], guard: Guard
-    ) -> AsyncIterator[Piece]:
+    ) -> AsyncGenerator[Piece, None]:
         """The answer's pieces as they arrive. Leaving early closes the upstream connection."""
         provider = self.provider(model)
         if provider.kind == "demo":
@@ -209,8 +209,7 @@ class Upstream:
                 return openai.parse_completion(body_bytes)
         except TimeoutError:
             raise UpstreamTimeout(
-                f"upstream {provider.name} did not answer within "
-                f"{provider.first_byte_timeout:g} s"
+                f"upstream {provider.name} did not answer within {provider.first_byte_timeout:g} s"
             ) from None
         except LeanError as exc:
             raise self._clean(exc) from None
@@ -228,7 +227,7 @@ class Upstream:
 
     async def _demo(
         self, provider: ProviderConfig, body: dict[str, Any], guard: Guard
-    ) -> AsyncIterator[Piece]:
+    ) -> AsyncGenerator[Piece, None]:
         for piece in demo.answer(body):
             if isinstance(piece, Text) and provider.demo_delay > 0:
                 guard.waiting(provider.read_timeout)

@@ -105,7 +105,5 @@ def chunks_of(data: list[str]) -> list[dict[str, Any]]:
 
 def content_of(data: list[str]) -> str:
     return "".join(
-        c["choices"][0]["delta"].get("content") or ""
-        for c in chunks_of(data)
-        if c.get("choices")
+        c["choices"][0]["delta"].get("content") or "" for c in chunks_of(data) if c.get("choices")
     )

@@ -55,7 +55,9 @@ async def test_events_split_at_any_byte_reassemble(split: int) -> None:
 
 async def test_upstream_receives_the_mapped_request_with_the_key() -> None:
     async with FakeOpenAI() as fake, running(lean_config(fake.base_url)) as lean:
-        body = chat_body(seed=42, top_p=0.5, tools=[{"type": "function", "function": {"name": "f"}}])
+        body = chat_body(
+            seed=42, top_p=0.5, tools=[{"type": "function", "function": {"name": "f"}}]
+        )
         body["tool_choice"] = "auto"
         async with aiohttp.ClientSession() as http:
             async with http.post(lean.url + "/v1/chat/completions", json=body) as resp:
@@ -115,12 +117,12 @@ async def test_tool_call_deltas_in_openai_form() -> None:
 async def test_non_stream_answer() -> None:
     async with FakeOpenAI() as fake, running(lean_config(fake.base_url)) as lean:
         fake.push(text_stream(TEXT))
-        async with aiohttp.ClientSession() as http:
-            async with http.post(
-                lean.url + "/v1/chat/completions", json=chat_body(stream=False)
-            ) as resp:
-                assert resp.status == 200
-                body = await resp.json()
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(lean.url + "/v1/chat/completions", json=chat_body(stream=False)) as resp,
+        ):
+            assert resp.status == 200
+            body = await resp.json()
     assert body["object"] == "chat.completion"
     assert body["choices"][0]["message"] == {"role": "assistant", "content": TEXT}
     assert body["choices"][0]["finish_reason"] == "stop"
@@ -147,7 +149,9 @@ BAD = [
 
 
 @pytest.mark.parametrize(("raw", "status", "named"), BAD)
-async def test_bad_input_is_refused_before_the_upstream(raw: bytes, status: int, named: str) -> None:
+async def test_bad_input_is_refused_before_the_upstream(
+    raw: bytes, status: int, named: str
+) -> None:
     async with FakeOpenAI() as fake, running(lean_config(fake.base_url)) as lean:
         async with aiohttp.ClientSession() as http:
             async with http.post(
@@ -164,7 +168,14 @@ async def test_bad_input_is_refused_before_the_upstream(raw: bytes, status: int,
 
 async def test_empty_answer_still_finishes() -> None:
     async with FakeOpenAI() as fake, running(lean_config(fake.base_url)) as lean:
-        fake.push(Stream(events=[b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n', b"data: [DONE]\n\n"]))
+        fake.push(
+            Stream(
+                events=[
+                    b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n',
+                    b"data: [DONE]\n\n",
+                ]
+            )
+        )
         async with aiohttp.ClientSession() as http:
             async with http.post(lean.url + "/v1/chat/completions", json=chat_body()) as resp:
                 data = await read_sse_data(resp)

@@ -67,8 +67,9 @@ async def test_client_leaving_a_non_stream_request_closes_the_upstream_within_1s
         fake.push(Stall(seconds=10))
         async with aiohttp.ClientSession() as http:
             request = asyncio.ensure_future(http.post(lean.url + URL, json=chat_body(stream=False)))
-            while not fake.requests:
-                await asyncio.sleep(0.01)
+            async with asyncio.timeout(5):
+                while not fake.requests:  # noqa: ASYNC110 - the fake exposes no event for arrivals
+                    await asyncio.sleep(0.01)
             request.cancel()
             left = time.monotonic()
             with pytest.raises(asyncio.CancelledError):
@@ -87,11 +88,12 @@ async def test_a_client_that_never_reads_is_cut_and_its_upstream_closed() -> Non
         config = lean_config(fake.base_url, limits="slow_client_timeout = 0.5")
         async with running(config) as lean:
             fake.push(Stream(events=[*events, DONE]))
-            reader, writer = await asyncio.open_connection("127.0.0.1", lean.port)
+            _, writer = await asyncio.open_connection("127.0.0.1", lean.port)
             body = json.dumps(chat_body()).encode()
             writer.write(
-                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
+                % (len(body), body)
             )
             await writer.drain()
             # The client reads nothing. lean must stop reading upstream (TCP pushes back),
@@ -132,7 +134,10 @@ async def test_over_max_streams_is_refused_at_once_without_touching_the_upstream
 async def test_stream_false_provider_still_streams_the_whole_answer() -> None:
     async with FakeOpenAI() as fake, running(lean_config(fake.base_url, stream=False)) as lean:
         fake.push(Reply(body=completion(TEXT)))
-        async with aiohttp.ClientSession() as http, http.post(lean.url + URL, json=chat_body()) as resp:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(lean.url + URL, json=chat_body()) as resp,
+        ):
             data = await read_sse_data(resp)
     assert content_of(data) == TEXT and data[-1] == "[DONE]"
     assert [r.body["stream"] for r in fake.requests] == [False]
@@ -146,15 +151,22 @@ BEFORE_CONTENT = {
     "cut_after_role": Stream(events=[ROLE, ROLE], cut_after=1),
     "truncated_clean_end": Stream(events=[ROLE]),
     "unparseable": Stream(events=[ROLE, b"data: {nope\n\n"]),
-    "inband_error_after_preamble": Stream(events=[ROLE, sse({"error": {"message": "overloaded", "type": "overloaded_error"}})]),
+    "inband_error_after_preamble": Stream(
+        events=[ROLE, sse({"error": {"message": "overloaded", "type": "overloaded_error"}})]
+    ),
 }
 
 
 @pytest.mark.parametrize("failure", list(BEFORE_CONTENT))
-async def test_failure_before_content_falls_back_and_delivers_the_whole_answer(failure: str) -> None:
+async def test_failure_before_content_falls_back_and_delivers_the_whole_answer(
+    failure: str,
+) -> None:
     async with FakeOpenAI() as fake, running(lean_config(fake.base_url)) as lean:
         fake.push(BEFORE_CONTENT[failure], Reply(body=completion(TEXT)))
-        async with aiohttp.ClientSession() as http, http.post(lean.url + URL, json=chat_body()) as resp:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(lean.url + URL, json=chat_body()) as resp,
+        ):
             assert resp.status == 200
             data = await read_sse_data(resp)
     assert content_of(data) == TEXT
@@ -164,9 +176,15 @@ async def test_failure_before_content_falls_back_and_delivers_the_whole_answer(f
 
 async def test_silence_before_the_first_byte_falls_back() -> None:
     config_provider = "first_byte_timeout = 0.4"
-    async with FakeOpenAI() as fake, running(lean_config(fake.base_url, provider=config_provider)) as lean:
+    async with (
+        FakeOpenAI() as fake,
+        running(lean_config(fake.base_url, provider=config_provider)) as lean,
+    ):
         fake.push(Stall(seconds=10), Reply(body=completion(TEXT)))
-        async with aiohttp.ClientSession() as http, http.post(lean.url + URL, json=chat_body()) as resp:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(lean.url + URL, json=chat_body()) as resp,
+        ):
             data = await read_sse_data(resp)
         assert content_of(data) == TEXT
         assert fake.requests[0].disconnected is not None  # the silent attempt was closed
@@ -191,7 +209,10 @@ async def test_cut_after_content_is_an_error_not_a_finish() -> None:
         stream = text_stream(TEXT)
         stream.cut_after = 4  # role chunk + three words
         fake.push(stream)
-        async with aiohttp.ClientSession() as http, http.post(lean.url + URL, json=chat_body()) as resp:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(lean.url + URL, json=chat_body()) as resp,
+        ):
             data = await read_sse_data(resp)
     assert content_of(data) == "One two three "
     assert "[DONE]" not in data
@@ -207,7 +228,10 @@ async def test_silence_mid_stream_is_an_upstream_timeout() -> None:
         stream = text_stream(TEXT)
         stream.stall_after = 3
         fake.push(stream)
-        async with aiohttp.ClientSession() as http, http.post(lean.url + URL, json=chat_body()) as resp:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(lean.url + URL, json=chat_body()) as resp,
+        ):
             data = await read_sse_data(resp)
         assert content_of(data) == "One two "
         assert errors_in(data)[-1]["code"] == "upstream_timeout"
@@ -217,16 +241,22 @@ async def test_silence_mid_stream_is_an_upstream_timeout() -> None:
 
 async def test_inband_error_after_content_keeps_its_type() -> None:
     async with FakeOpenAI() as fake, running(lean_config(fake.base_url)) as lean:
-        events = text_stream(TEXT).events[:3] + [sse({"error": {"message": "rate limit", "type": "rate_limit_error"}})]
+        error = sse({"error": {"message": "rate limit", "type": "rate_limit_error"}})
+        events = [*text_stream(TEXT).events[:3], error]
         fake.push(Stream(events=events))
-        async with aiohttp.ClientSession() as http, http.post(lean.url + URL, json=chat_body()) as resp:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(lean.url + URL, json=chat_body()) as resp,
+        ):
             data = await read_sse_data(resp)
     assert errors_in(data)[-1]["code"] == "rate_limited"
 
 
 async def test_non_stream_failure_is_an_http_error_with_openai_body() -> None:
     async with FakeOpenAI() as fake, running(lean_config(fake.base_url)) as lean:
-        fake.push(Reply(status=503, body=error_body("down")), Reply(status=503, body=error_body("down")))
+        fake.push(
+            Reply(status=503, body=error_body("down")), Reply(status=503, body=error_body("down"))
+        )
         async with aiohttp.ClientSession() as http:
             async with http.post(lean.url + URL, json=chat_body(stream=False)) as resp:
                 assert resp.status == 502

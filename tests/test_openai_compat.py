@@ -81,7 +81,12 @@ def test_framer_reasoning_tools_finish_usage_done() -> None:
     assert reasoning["choices"][0]["delta"] == {"role": "assistant", "reasoning_content": "hmm"}  # type: ignore[index]
     assert call_open["choices"][0]["delta"] == {  # type: ignore[index]
         "tool_calls": [
-            {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}}
+            {
+                "index": 0,
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "f", "arguments": ""},
+            }
         ]
     }
     assert call_args["choices"][0]["delta"] == {  # type: ignore[index]

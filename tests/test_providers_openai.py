@@ -71,7 +71,12 @@ def test_reasoning_in_either_field(field: str) -> None:
 
 
 def test_tool_call_fragments_by_index() -> None:
-    first = {"index": 0, "id": "call_a", "type": "function", "function": {"name": "f", "arguments": ""}}
+    first = {
+        "index": 0,
+        "id": "call_a",
+        "type": "function",
+        "function": {"name": "f", "arguments": ""},
+    }
     second = {"index": 1, "id": "call_b", "type": "function", "function": {"name": "g"}}
     wire = (
         chunk({"tool_calls": [first]})
@@ -110,7 +115,10 @@ def test_truncated_stream_raises_never_finishes() -> None:
 
 def test_unterminated_last_event_is_truncation() -> None:
     with pytest.raises(UpstreamError, match="truncated"):
-        translate(chunk({"content": "a"}) + b'data: {"choices":[{"index":0,"delta":{}, "finish_reason":"stop"}]}')
+        translate(
+            chunk({"content": "a"})
+            + b'data: {"choices":[{"index":0,"delta":{}, "finish_reason":"stop"}]}'
+        )
 
 
 def test_unparseable_chunk_is_an_upstream_error() -> None:
@@ -119,7 +127,9 @@ def test_unparseable_chunk_is_an_upstream_error() -> None:
 
 
 def test_invalid_utf8_is_replaced_not_fatal() -> None:
-    wire = b'data: {"choices":[{"index":0,"delta":{"content":"a\xffb"},"finish_reason":"stop"}]}\n\n'
+    wire = (
+        b'data: {"choices":[{"index":0,"delta":{"content":"a\xffb"},"finish_reason":"stop"}]}\n\n'
+    )
     assert translate(wire + DONE) == [Text("a\ufffdb"), Finish("stop")]
 
 
@@ -147,7 +157,11 @@ def test_parse_completion_text_reasoning_tools_usage() -> None:
                     "content": "hi",
                     "reasoning_content": "hmm",
                     "tool_calls": [
-                        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+                        {
+                            "id": "c1",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": "{}"},
+                        }
                     ],
                 },
                 "finish_reason": "tool_calls",

@@ -28,9 +28,7 @@ def _last_user_text(body: dict[str, Any]) -> str:
             if isinstance(content, str):
                 return content
             if isinstance(content, list):
-                return " ".join(
-                    part.get("text", "") for part in content if isinstance(part, dict)
-                )
+                return " ".join(part.get("text", "") for part in content if isinstance(part, dict))
     return ""
 
 
