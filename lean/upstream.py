@@ -29,7 +29,7 @@ from lean.errors import (
     redact,
 )
 from lean.guard import Guard
-from lean.providers import demo, openai
+from lean.providers import adapter, demo
 from lean.providers.base import Piece, Text
 from lean.sse import SSEParser, SSEProtocolError
 
@@ -137,8 +137,9 @@ class Upstream:
             async for piece in self._demo(provider, body, guard):
                 yield piece
             return
-        request = openai.build_request(provider, model, body, stream=True)
-        translator = openai.StreamTranslator()
+        wire = adapter(provider.kind)
+        request = wire.build_request(provider, model, body, stream=True)
+        translator = wire.StreamTranslator()
         parser = SSEParser(provider.max_event_bytes)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=provider.connect_timeout)
         guard.waiting(provider.first_byte_timeout)
@@ -155,7 +156,7 @@ class Upstream:
                     )
                 if resp.content_type == "application/json":
                     # A server that ignored "stream": the whole answer in one body.
-                    for piece in openai.parse_completion(await resp.read()):
+                    for piece in wire.parse_completion(await resp.read()):
                         yield piece
                     return
                 async for data in resp.content.iter_any():
@@ -185,7 +186,8 @@ class Upstream:
         provider = self.provider(model)
         if provider.kind == "demo":
             return demo.answer(body)
-        request = openai.build_request(provider, model, body, stream=False)
+        wire = adapter(provider.kind)
+        request = wire.build_request(provider, model, body, stream=False)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=provider.connect_timeout)
         if guard is not None:
             guard.wrote()  # heartbeats go on; this call has its own deadline
@@ -206,7 +208,7 @@ class Upstream:
                 body_bytes = await resp.content.read(MAX_ANSWER_BYTES + 1)
                 if len(body_bytes) > MAX_ANSWER_BYTES:
                     raise UpstreamError(f"upstream {provider.name} answer exceeds 16 MiB")
-                return openai.parse_completion(body_bytes)
+                return list(wire.parse_completion(body_bytes))
         except TimeoutError:
             raise UpstreamTimeout(
                 f"upstream {provider.name} did not answer within {provider.first_byte_timeout:g} s"
