@@ -1,0 +1,446 @@
+"""Conversations and messages in SQLite, never blocking the event loop (protocol.md §1, §2).
+
+What it guarantees:
+- The loop never waits on SQLite. One writer thread owns the only write connection (WAL,
+  synchronous=NORMAL) and takes ops from a bounded queue; it drains what is queued (up to
+  `batch_max`) and commits it as ONE transaction. Reads use a separate read-only connection
+  on their own thread.
+- Turns never race: `begin_turn` allocates the turn on the writer thread, in queue order
+  (the highest turn of the conversation + 1: its user row is written in the same step), and
+  returns once that row is committed. A conversation exists once it has a message.
+- `save_assistant` only enqueues (it waits for queue space, never for the write) and is
+  idempotent: `INSERT OR REPLACE` keyed on messageId.
+- A failing write is logged and reported: to the awaiting `begin_turn`, or, for a save, to the
+  next `flush`. The writer thread keeps serving.
+- `close` commits every write accepted before it; writes after it raise `StoreClosed`.
+  synchronous=NORMAL may lose the last commits on power loss, never on a process crash: a chat
+  log can afford that; an fsync per batch would cost far more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+_log = logging.getLogger("lean.store")
+_T = TypeVar("_T")
+
+SCHEMA_VERSION = 1  # kept in PRAGMA user_version; a newer file is refused, not guessed at
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    message_id TEXT PRIMARY KEY,
+    conversation_id TEXT NOT NULL,
+    turn INTEGER NOT NULL CHECK (turn >= 1),
+    role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+    content TEXT NOT NULL,
+    status TEXT NOT NULL
+        CHECK (status IN ('complete', 'error', 'cancelled', 'incomplete')),
+    created_at TEXT NOT NULL,
+    scene TEXT NOT NULL,
+    model TEXT NOT NULL,
+    reasoning TEXT NOT NULL,
+    tool_calls TEXT NOT NULL,  -- JSON array
+    finish_reason TEXT,
+    error_code TEXT,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    first_token_ms REAL,
+    duration_ms REAL,
+    CHECK (role = 'assistant' OR status = 'complete')
+);
+CREATE INDEX IF NOT EXISTS messages_by_turn ON messages (conversation_id, turn);
+"""
+
+
+class MessageRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    message_id: str  # "{scene}:{conversationId}:{turn}", user message: "...:{turn}:user"
+    conversation_id: str
+    role: str  # "user" | "assistant"
+    content: str
+    status: str  # user: "complete"; assistant: "complete" | "error" | "cancelled" | "incomplete"
+    created_at: str  # ISO 8601 UTC with milliseconds, "2026-11-21T16:40:00.123Z"
+    turn: int
+    scene: str = ""
+    model: str = ""
+    reasoning: str = ""
+    # each {"id", "name", "arguments", "result", "isError", "durationMs"}
+    tool_calls: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    finish_reason: str | None = None
+    error_code: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    first_token_ms: float | None = None  # latency to the first visible token
+    duration_ms: float | None = None
+
+
+# Columns in MessageRecord's field order, so a row is msgspec.structs.astuple(record).
+_FIELDS = MessageRecord.__struct_fields__
+_TOOL_CALLS = _FIELDS.index("tool_calls")
+_COLUMNS = ", ".join(_FIELDS)
+_INSERT_MESSAGE = (
+    f"INSERT OR REPLACE INTO messages ({_COLUMNS}) VALUES ({', '.join('?' * len(_FIELDS))})"
+)
+_LAST_TURN = "SELECT coalesce(max(turn), 0) FROM messages WHERE conversation_id = ?"
+# Newest first so LIMIT keeps the latest messages; the caller reverses.
+_SELECT_MESSAGES = (
+    f"SELECT {_COLUMNS} FROM messages WHERE conversation_id = ?"
+    " ORDER BY turn DESC, role = 'user' LIMIT ?"
+)
+_SELECT_HISTORY = (
+    "SELECT u.content, a.content FROM messages AS a JOIN messages AS u"
+    " ON u.conversation_id = a.conversation_id AND u.turn = a.turn AND u.role = 'user'"
+    " WHERE a.conversation_id = ? AND a.role = 'assistant' AND a.content != ''"
+    " ORDER BY a.turn DESC LIMIT ?"
+)
+_EXISTS = "SELECT 1 FROM messages WHERE conversation_id = ? LIMIT 1"
+
+
+class StoreClosed(RuntimeError):
+    """A write or read was attempted after `Store.close()`."""
+
+
+def utc_now() -> str:
+    """Now as the store writes timestamps: ISO 8601 UTC with milliseconds and a Z."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_encode_json = msgspec.json.Encoder().encode
+_decode_tool_calls = msgspec.json.Decoder(list[dict[str, Any]]).decode
+
+# Ops travel as (kind, args, future). Saves carry no future: nobody waits for them.
+_SAVE, _TURN, _FLUSH, _STOP = range(4)
+_Future = asyncio.Future[Any] | None
+_Op = tuple[int, Any, _Future]
+_Settled = list[tuple[_Future, Any, BaseException | None]]
+
+
+class Store:
+    def __init__(self, path: str, *, queue_max: int = 10_000, batch_max: int = 512) -> None:
+        if queue_max < 1 or batch_max < 1:
+            raise ValueError("queue_max and batch_max must be at least 1")
+        self._path = path
+        # queue_max bounds ops waiting for the writer: 10k saves is ~0.15 s of writing at the
+        # measured ~65k rows/s, so a burst of that many finished runs is absorbed without anyone
+        # waiting; past it save_assistant waits for space instead of growing memory (a queued
+        # row is ~1-2 KB) or dropping a message.
+        self._queue: queue.Queue[_Op] = queue.Queue(queue_max)
+        # batch_max bounds one transaction, so a commit (and the futures it resolves) never
+        # waits behind an arbitrarily long backlog.
+        self._batch_max = batch_max
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._writer: threading.Thread | None = None  # set once it serves the queue
+        self._reader: ThreadPoolExecutor | None = None
+        self._rconn: sqlite3.Connection | None = None  # used on the reader thread only
+        self._failures: list[Exception] = []  # writer thread only: failed saves since a flush
+        self._closed = False
+        self._closing: asyncio.Task[None] | None = None
+        # Backpressure: producers that found the queue full wait, in order, for the writer
+        # to say it drained (see _put and _run).
+        self._blocked = 0
+        self._put_lock = asyncio.Lock()
+        self._space = asyncio.Event()
+        self._space_wanted = False
+
+    async def open(self) -> None:
+        if self._closed:
+            raise StoreClosed("the store is closed")
+        if self._loop is not None:
+            raise RuntimeError("Store.open() may be called only once")
+        loop = self._loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        writer = threading.Thread(target=self._run, args=(ready,), name="lean-store-writer")
+        writer.daemon = True  # close() is what saves the data; never hang interpreter exit
+        writer.start()
+        try:
+            await ready
+            self._writer = writer
+            # One reader thread: sqlite3 connections are per thread, and a read is ~1 ms.
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="lean-store-read")
+            await loop.run_in_executor(self._reader, self._open_reader)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self._closing is None:
+            self._closed = True
+            self._closing = asyncio.ensure_future(self._shutdown())
+        await asyncio.shield(self._closing)
+
+    async def _shutdown(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._reader is not None:  # first, so the writer's close checkpoints the WAL away
+            if self._rconn is not None:  # after the reads already submitted
+                await loop.run_in_executor(self._reader, self._rconn.close)
+            self._reader.shutdown(wait=True)
+        if self._writer is not None:
+            stopped: asyncio.Future[None] = loop.create_future()
+            await self._put((_STOP, None, stopped))  # behind every write accepted before close
+            await stopped
+            self._writer.join()  # returns at once: the thread has only `return` left
+
+    async def begin_turn(
+        self, *, conversation_id: str, scene: str, user_content: str, created_at: str | None = None
+    ) -> int:
+        loop = self._check_open()
+        turn: asyncio.Future[int] = loop.create_future()
+        args = (conversation_id, scene, user_content, created_at or utc_now())
+        await self._put((_TURN, args, turn))
+        return await turn
+
+    async def save_assistant(self, record: MessageRecord) -> None:
+        self._check_open()
+        # Encoded here, so a tool call that is not JSON fails the caller, not a later flush.
+        await self._put((_SAVE, _row(record), None))
+
+    async def flush(self) -> None:
+        """Wait until everything queued before the call is committed; raise the first error
+        among saves that failed since the previous flush."""
+        if self._closed:  # close() commits everything; wait for it rather than fail
+            if self._closing is not None:
+                await asyncio.shield(self._closing)
+            return
+        loop = self._check_open()
+        done: asyncio.Future[None] = loop.create_future()
+        await self._put((_FLUSH, None, done))
+        await done
+
+    def _check_open(self) -> asyncio.AbstractEventLoop:
+        if self._closed:
+            raise StoreClosed("the store is closed")
+        if self._loop is None:
+            raise RuntimeError("Store.open() has not been awaited")
+        return self._loop
+
+    async def _put(self, op: _Op) -> None:
+        if self._blocked == 0:
+            try:
+                self._queue.put_nowait(op)
+                return
+            except queue.Full:
+                pass
+        self._blocked += 1  # later callers queue behind us, so order (and close) holds
+        try:
+            async with self._put_lock:  # FIFO among blocked producers
+                while True:
+                    self._space.clear()
+                    self._space_wanted = True  # set BEFORE trying, so the writer cannot miss it
+                    try:
+                        self._queue.put_nowait(op)
+                        return
+                    except queue.Full:
+                        await self._space.wait()
+        finally:
+            self._blocked -= 1
+
+    async def messages(self, conversation_id: str, *, limit: int = 1000) -> list[MessageRecord]:
+        """The latest `limit` messages, oldest first (by turn, user before assistant)."""
+        if limit <= 0:
+            return []
+        return await self._query(_SELECT_MESSAGES, (conversation_id, limit), _records)
+
+    async def history(self, conversation_id: str, turns: int) -> list[tuple[str, str]]:
+        """The last `turns` answered turns as [(role, content)], oldest first.
+
+        A turn counts when its assistant message has text, whatever its status (an
+        `incomplete` or `cancelled` answer keeps the text the user saw). A turn without one
+        (an empty error, or still running) is left out whole, user message included, so the
+        result always alternates user/assistant as providers require.
+        """
+        if turns <= 0:
+            return []
+        return await self._query(_SELECT_HISTORY, (conversation_id, turns), _turns)
+
+    async def conversation_exists(self, conversation_id: str) -> bool:
+        return await self._query(_EXISTS, (conversation_id,), bool)
+
+    async def _query(self, sql: str, args: tuple[Any, ...], convert: Callable[[Any], _T]) -> _T:
+        """Run one SELECT on the reader thread; `convert` its rows there too."""
+        loop = self._check_open()
+
+        def run() -> _T:
+            assert self._rconn is not None
+            return convert(self._rconn.execute(sql, args).fetchall())
+
+        return await loop.run_in_executor(self._reader, run)
+
+    def _open_reader(self) -> None:
+        uri = Path(self._path).resolve().as_uri() + "?mode=ro"
+        self._rconn = sqlite3.connect(uri, uri=True)
+
+    def _run(self, ready: asyncio.Future[None]) -> None:
+        try:
+            conn = self._connect_writer()
+        except Exception as exc:
+            self._settle([(ready, None, exc)])
+            return
+        self._settle([(ready, None, None)])
+        stopped: _Future = None
+        try:
+            while stopped is None:
+                ops = [self._queue.get()]
+                while len(ops) < self._batch_max:
+                    try:
+                        ops.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                if self._space_wanted:  # read after draining: see _put
+                    self._space_wanted = False
+                    self._call(self._space.set)
+                stopped = self._write_batch(conn, ops)
+        finally:
+            conn.close()
+            self._settle([(stopped, None, None)])
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._path, isolation_level=None)  # explicit BEGIN/COMMIT
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":  # reads beside writes need WAL
+                raise RuntimeError(f"store {self._path!r}: journal_mode WAL refused ({mode})")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"store {self._path!r} has schema version {version}; "
+                    f"this lean knows up to {SCHEMA_VERSION}"
+                )
+            if version < SCHEMA_VERSION:
+                conn.executescript(
+                    f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                )
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _write_batch(self, conn: sqlite3.Connection, ops: list[_Op]) -> _Future:
+        """Write `ops` in one transaction; return the STOP op's future if there was one."""
+        settled: _Settled = []
+        stop: _Future = None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for kind, args, fut in ops:
+                if kind == _SAVE:
+                    try:
+                        conn.execute(_INSERT_MESSAGE, args)
+                    except Exception as exc:
+                        self._op_failed(conn, exc, f"saving message {args[0]!r}")
+                        self._failures.append(exc)
+                elif kind == _TURN:
+                    try:
+                        settled.append((fut, _begin_turn(conn, *args), None))
+                    except Exception as exc:
+                        self._op_failed(conn, exc, f"begin_turn in {args[0]!r}")
+                        settled.append((fut, None, exc))
+                elif kind == _FLUSH:
+                    settled.append((fut, None, self._take_failures()))
+                else:
+                    stop = fut
+            conn.execute("COMMIT")
+        except Exception as exc:  # nothing of the batch was written
+            _log.exception("store: a batch of %d writes failed", len(ops))
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            settled, unreported = [], False
+            for kind, _, fut in ops:
+                if kind == _STOP:
+                    stop = fut
+                elif kind == _SAVE:
+                    unreported = True
+                else:
+                    settled.append((fut, None, exc))
+                    if kind == _FLUSH:
+                        self._failures.clear()
+                        unreported = False
+            if unreported:  # saves after the batch's last flush: tell the next one
+                self._failures.append(exc)
+        self._settle(settled)
+        return stop
+
+    @staticmethod
+    def _op_failed(conn: sqlite3.Connection, exc: Exception, what: str) -> None:
+        if not conn.in_transaction:  # SQLite rolled the whole transaction back
+            raise exc
+        _log.error("store: %s failed: %s", what, exc)  # only this statement was undone
+
+    def _take_failures(self) -> Exception | None:
+        if not self._failures:
+            return None
+        first, more = self._failures[0], len(self._failures) - 1
+        self._failures = []
+        if more:
+            first.add_note(f"and {more} more saves failed since the previous flush")
+        return first
+
+    def _settle(self, settled: _Settled) -> None:
+        if settled:
+            self._call(_settle_all, settled)
+
+    def _call(self, fn: Callable[..., object], *args: Any) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+            self._loop.call_soon_threadsafe(fn, *args)
+
+
+def _begin_turn(conn: sqlite3.Connection, cid: str, scene: str, content: str, at: str) -> int:
+    turn: int = conn.execute(_LAST_TURN, (cid,)).fetchone()[0] + 1
+    user = MessageRecord(
+        message_id=f"{scene}:{cid}:{turn}:user",
+        conversation_id=cid,
+        role="user",
+        content=content,
+        status="complete",
+        created_at=at,
+        turn=turn,
+        scene=scene,
+    )
+    conn.execute(_INSERT_MESSAGE, _row(user))
+    return turn
+
+
+def _row(record: MessageRecord) -> list[Any]:
+    row = list(msgspec.structs.astuple(record))
+    row[_TOOL_CALLS] = _encode_json(record.tool_calls).decode() if record.tool_calls else "[]"
+    return row
+
+
+def _records(rows: list[tuple[Any, ...]]) -> list[MessageRecord]:
+    out = []
+    for row in reversed(rows):  # selected newest first
+        fields = dict(zip(_FIELDS, row, strict=True))
+        tool_calls = fields["tool_calls"]
+        fields["tool_calls"] = [] if tool_calls == "[]" else _decode_tool_calls(tool_calls)
+        out.append(MessageRecord(**fields))
+    return out
+
+
+def _turns(rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for user, assistant in reversed(rows):  # selected newest first
+        out += (("user", user), ("assistant", assistant))
+    return out
+
+
+def _settle_all(settled: _Settled) -> None:
+    for fut, result, exc in settled:
+        if fut is None or fut.done():  # no one waits, or its awaiter was cancelled
+            continue
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)

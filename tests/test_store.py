@@ -1,0 +1,456 @@
+"""lean.store: turn numbering, round trips, history, flush/close guarantees, a free loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from lean.store import SCHEMA_VERSION, MessageRecord, Store, StoreClosed
+
+AT = "2026-11-21T16:40:00.123Z"
+
+
+def db(tmp_path: Path) -> str:
+    return str(tmp_path / "lean.db")
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = Store(db(tmp_path))
+    await s.open()
+    yield s
+    await s.close()
+
+
+def answer(cid: str, turn: int, content: str = "", **kw: Any) -> MessageRecord:
+    kw.setdefault("status", "complete")
+    return MessageRecord(
+        message_id=f"chat:{cid}:{turn}",
+        conversation_id=cid,
+        role="assistant",
+        content=content or f"answer {turn}",
+        created_at=AT,
+        turn=turn,
+        scene="chat",
+        **kw,
+    )
+
+
+async def ask(store: Store, cid: str, text: str = "q") -> int:
+    return await store.begin_turn(conversation_id=cid, scene="chat", user_content=text)
+
+
+def count_rows(path: str) -> int:
+    with sqlite3.connect(path) as conn:
+        n: int = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+    conn.close()
+    return n
+
+
+def wal_left(tmp_path: Path) -> bool:
+    return (tmp_path / "lean.db-wal").exists()
+
+
+# -- turns ------------------------------------------------------------------------------------
+
+
+async def test_turns_count_from_one_per_conversation(store: Store) -> None:
+    assert [await ask(store, "a") for _ in range(3)] == [1, 2, 3]
+    assert await ask(store, "b") == 1
+    assert await ask(store, "a") == 4
+
+
+async def test_concurrent_begin_turn_gets_distinct_turns(store: Store) -> None:
+    turns = await asyncio.gather(*(ask(store, "c", f"q{i}") for i in range(20)))
+    assert sorted(turns) == list(range(1, 21))
+    users = await store.messages("c")
+    assert [m.message_id for m in users] == [f"chat:c:{t}:user" for t in range(1, 21)]
+
+
+async def test_turn_counts_allocations_not_answers(store: Store) -> None:
+    # Turn 1 never got an answer saved (crash, client gone): the next turn is still 2.
+    assert await ask(store, "a") == 1
+    assert await ask(store, "a") == 2
+
+
+async def test_begin_turn_writes_the_user_message_and_conversation(store: Store) -> None:
+    assert not await store.conversation_exists("a")
+    await store.begin_turn(conversation_id="a", scene="s", user_content="hello", created_at=AT)
+    assert await store.conversation_exists("a")
+    assert await store.messages("a") == [
+        MessageRecord(
+            message_id="s:a:1:user",
+            conversation_id="a",
+            role="user",
+            content="hello",
+            status="complete",
+            created_at=AT,
+            turn=1,
+            scene="s",
+        )
+    ]
+
+
+async def test_begin_turn_default_timestamp_is_utc_millis(store: Store) -> None:
+    await ask(store, "a")
+    [user] = await store.messages("a")
+    assert len(user.created_at) == len(AT) and user.created_at.endswith("Z")
+    assert user.created_at[19] == "." and user.created_at[10] == "T"
+
+
+# -- saves and reads --------------------------------------------------------------------------
+
+
+async def test_round_trip_every_field(store: Store) -> None:
+    turn = await ask(store, "a", "what time is it?")
+    tool = {
+        "id": "t1",
+        "name": "clock",
+        "arguments": "{}",
+        "result": {"now": "16:40", "nested": [1, 2.5, None, True]},
+        "isError": False,
+        "durationMs": 3.25,
+    }
+    record = MessageRecord(
+        message_id=f"chat:a:{turn}",
+        conversation_id="a",
+        role="assistant",
+        content="It is 16:40. ✓ \u2028 \U0001f600",
+        status="complete",
+        created_at=AT,
+        turn=turn,
+        scene="chat",
+        model="default",
+        reasoning="look at the clock",
+        tool_calls=[tool],
+        finish_reason="stop",
+        error_code=None,
+        prompt_tokens=12,
+        completion_tokens=7,
+        first_token_ms=81.5,
+        duration_ms=420.0,
+    )
+    await store.save_assistant(record)
+    await store.flush()
+    user, saved = await store.messages("a")
+    assert saved == record
+    assert user.role == "user" and user.content == "what time is it?"
+    # The wire shape of §1 is the camelCase encoding of the record.
+    wire = msgspec.json.decode(msgspec.json.encode(saved))
+    assert {"messageId", "createdAt", "toolCalls", "firstTokenMs", "promptTokens"} <= set(wire)
+
+
+async def test_every_assistant_status_round_trips(store: Store) -> None:
+    statuses = ["complete", "error", "cancelled", "incomplete"]
+    for turn, status in enumerate(statuses, 1):
+        extra = {"error_code": "upstream_error"} if status != "complete" else {}
+        await store.save_assistant(answer("a", turn, status=status, **extra))
+    await store.flush()
+    saved = await store.messages("a")
+    assert [m.status for m in saved] == statuses
+    assert [m.error_code for m in saved] == [None, *["upstream_error"] * 3]
+
+
+async def test_save_is_idempotent(store: Store) -> None:
+    await store.save_assistant(answer("a", 1, "partial", status="incomplete"))
+    await store.save_assistant(answer("a", 1, "partial", status="incomplete"))
+    await store.save_assistant(answer("a", 1, "final"))
+    await store.flush()
+    [saved] = await store.messages("a")
+    assert (saved.content, saved.status) == ("final", "complete")
+
+
+async def test_messages_oldest_first_user_before_assistant(store: Store) -> None:
+    for _ in range(3):
+        await ask(store, "a")
+    for turn in (3, 1, 2):  # answers may finish out of order
+        await store.save_assistant(answer("a", turn))
+    await store.flush()
+    got = [(m.turn, m.role) for m in await store.messages("a")]
+    assert got == [(t, r) for t in (1, 2, 3) for r in ("user", "assistant")]
+
+
+async def test_messages_limit_keeps_the_latest(store: Store) -> None:
+    for turn in range(1, 6):
+        await ask(store, "a")
+        await store.save_assistant(answer("a", turn))
+    await store.flush()
+    got = [(m.turn, m.role) for m in await store.messages("a", limit=3)]
+    assert got == [(4, "assistant"), (5, "user"), (5, "assistant")]
+    assert await store.messages("a", limit=0) == []
+    assert await store.messages("nobody") == []
+
+
+async def test_save_without_begin_turn_creates_the_conversation(store: Store) -> None:
+    await store.save_assistant(answer("a", 3))
+    await store.flush()
+    assert await store.conversation_exists("a")
+    assert await ask(store, "a") == 4  # never reuses a turn that has an answer
+
+
+# -- history ----------------------------------------------------------------------------------
+
+
+async def test_history_last_turns_skipping_empty_failures(store: Store) -> None:
+    rows: list[tuple[str, dict[str, Any]]] = [
+        ("first", {}),
+        ("", {"status": "error", "error_code": "upstream_timeout"}),  # nothing usable
+        ("partial answ", {"status": "incomplete", "error_code": "upstream_error"}),
+        ("", {"status": "cancelled", "error_code": "cancelled"}),  # nothing usable
+        ("fourth", {}),
+    ]
+    for i, (content, kw) in enumerate(rows, 1):
+        turn = await ask(store, "a", f"q{i}")
+        record = msgspec.structs.replace(answer("a", turn, **kw), content=content)
+        await store.save_assistant(record)
+    await ask(store, "a", "q6")  # in flight: no answer yet, not part of history
+    await store.flush()
+
+    assert await store.history("a", 2) == [
+        ("user", "q3"),
+        ("assistant", "partial answ"),
+        ("user", "q5"),
+        ("assistant", "fourth"),
+    ]
+    assert await store.history("a", 10) == [
+        ("user", "q1"),
+        ("assistant", "first"),
+        ("user", "q3"),
+        ("assistant", "partial answ"),
+        ("user", "q5"),
+        ("assistant", "fourth"),
+    ]
+    assert await store.history("a", 0) == []
+    assert await store.history("a", -1) == []
+    assert await store.history("other", 5) == []
+
+
+async def test_history_keeps_text_of_a_cancelled_answer(store: Store) -> None:
+    await ask(store, "a", "q")
+    await store.save_assistant(answer("a", 1, "half", status="cancelled", error_code="cancelled"))
+    await store.flush()
+    assert await store.history("a", 1) == [("user", "q"), ("assistant", "half")]
+
+
+# -- flush, close, failures -------------------------------------------------------------------
+
+
+async def test_close_commits_every_queued_write(tmp_path: Path) -> None:
+    s = Store(db(tmp_path))
+    await s.open()
+    for turn in range(1, 1001):
+        await s.save_assistant(answer("a", turn))
+    await s.close()  # no flush before
+    assert not wal_left(tmp_path)  # checkpointed on close
+    assert count_rows(db(tmp_path)) == 1000
+    s = Store(db(tmp_path))
+    await s.open()
+    assert len(await s.messages("a", limit=5000)) == 1000
+    await s.close()
+
+
+async def test_close_commits_writes_waiting_for_queue_space(tmp_path: Path) -> None:
+    s = Store(db(tmp_path), queue_max=8, batch_max=4)
+    await s.open()
+    saves = [asyncio.create_task(s.save_assistant(answer("a", t))) for t in range(1, 301)]
+    await asyncio.sleep(0)  # every save has started; most wait for space
+    await s.close()
+    await asyncio.gather(*saves)
+    assert count_rows(db(tmp_path)) == 300
+
+
+async def test_backpressure_keeps_order_and_loses_nothing(tmp_path: Path) -> None:
+    s = Store(db(tmp_path), queue_max=4, batch_max=2)
+    await s.open()
+    # The same message saved 200 times with growing content: the last one must win.
+    await asyncio.gather(*(s.save_assistant(answer("a", 1, f"v{i}")) for i in range(200)))
+    await asyncio.gather(*(s.save_assistant(answer("a", t)) for t in range(2, 202)))
+    await s.flush()
+    saved = await s.messages("a", limit=1000)
+    assert len(saved) == 201 and saved[0].content == "v199"
+    await s.close()
+
+
+async def test_after_close_writes_and_reads_raise(tmp_path: Path) -> None:
+    s = Store(db(tmp_path))
+    await s.open()
+    await s.close()
+    await s.close()  # idempotent
+    await s.flush()  # nothing pending: returns
+    with pytest.raises(StoreClosed):
+        await s.save_assistant(answer("a", 1))
+    with pytest.raises(StoreClosed):
+        await ask(s, "a")
+    with pytest.raises(StoreClosed):
+        await s.messages("a")
+    with pytest.raises(StoreClosed):
+        await s.open()
+
+
+async def test_concurrent_close_calls_all_wait(tmp_path: Path) -> None:
+    s = Store(db(tmp_path))
+    await s.open()
+    for turn in range(1, 101):
+        await s.save_assistant(answer("a", turn))
+    await asyncio.gather(s.close(), s.close(), s.flush())
+    assert count_rows(db(tmp_path)) == 100
+
+
+async def test_use_before_open_is_misuse(tmp_path: Path) -> None:
+    s = Store(db(tmp_path))
+    with pytest.raises(RuntimeError, match="open"):
+        await s.save_assistant(answer("a", 1))
+    await s.close()
+
+
+async def test_failing_save_surfaces_on_flush_and_writer_keeps_going(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    await store.save_assistant(answer("a", 1))
+    await store.save_assistant(answer("a", 2, status="bogus"))  # violates the status CHECK
+    await store.save_assistant(answer("a", 3))
+    with caplog.at_level(logging.ERROR, logger="lean.store"), pytest.raises(sqlite3.IntegrityError):
+        await store.flush()
+    assert "chat:a:2" in caplog.text
+    await store.flush()  # the failure was reported once
+    await store.save_assistant(answer("a", 4))
+    await store.flush()
+    assert [m.turn for m in await store.messages("a")] == [1, 3, 4]
+
+
+async def test_several_failures_reported_together(store: Store) -> None:
+    for turn in (1, 2, 3):
+        await store.save_assistant(answer("a", turn, status="bogus"))
+    with pytest.raises(sqlite3.IntegrityError) as info:
+        await store.flush()
+    assert "2 more saves failed" in str(info.value.__notes__)
+
+
+async def test_failing_begin_turn_raises_and_does_not_use_the_turn(store: Store) -> None:
+    with pytest.raises(sqlite3.IntegrityError):
+        await store.begin_turn(conversation_id="a", scene="chat", user_content=None)  # type: ignore[arg-type]
+    assert await ask(store, "a") == 1
+    await store.flush()
+
+
+async def test_unencodable_tool_call_fails_the_caller(store: Store) -> None:
+    with pytest.raises(TypeError):
+        await store.save_assistant(answer("a", 1, tool_calls=[{"result": object()}]))
+    await store.flush()
+
+
+async def test_cancelled_begin_turn_does_not_break_the_writer(store: Store) -> None:
+    task = asyncio.create_task(ask(store, "a"))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await ask(store, "a") in (1, 2)
+    await store.flush()
+
+
+# -- the loop stays free ----------------------------------------------------------------------
+
+
+async def test_loop_keeps_ticking_while_rows_are_written(store: Store) -> None:
+    gaps: list[float] = []
+    stop = asyncio.Event()
+
+    async def tick() -> None:
+        last = time.perf_counter()
+        while not stop.is_set():
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0.01)
+    big = "x" * 2000
+    for turn in range(1, 5001):
+        await store.save_assistant(answer("a", turn, big))
+        if turn % 500 == 0:
+            await asyncio.sleep(0)  # as a server does between requests
+    reading = asyncio.create_task(store.messages("a", limit=5000))
+    await store.flush()
+    assert all(m.conversation_id == "a" for m in await reading)  # read beside the writes
+    stop.set()
+    await ticker
+    assert len(gaps) > 3
+    assert max(gaps) < 0.25
+
+
+# -- the file ---------------------------------------------------------------------------------
+
+
+async def test_reopen_keeps_data_and_schema(tmp_path: Path) -> None:
+    for _ in range(2):
+        s = Store(db(tmp_path))
+        await s.open()
+        await ask(s, "a")
+        await s.close()
+    s = Store(db(tmp_path))
+    await s.open()
+    assert [m.turn for m in await s.messages("a")] == [1, 2]
+    await s.close()
+    with sqlite3.connect(db(tmp_path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+
+
+async def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    with sqlite3.connect(db(tmp_path)) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    s = Store(db(tmp_path))
+    with pytest.raises(RuntimeError, match="schema version"):
+        await s.open()
+    with pytest.raises(StoreClosed):
+        await ask(s, "a")
+
+
+class QuickBusyStore(Store):
+    """Gives up on a locked file after 20 ms instead of 5 s, to make a whole batch fail."""
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        conn = super()._connect_writer()
+        conn.execute("PRAGMA busy_timeout = 20")
+        return conn
+
+
+async def test_failed_transaction_fails_its_batch_and_the_writer_recovers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = QuickBusyStore(db(tmp_path))
+    await s.open()
+    assert await ask(s, "a") == 1
+    other = sqlite3.connect(db(tmp_path), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    with caplog.at_level(logging.ERROR, logger="lean.store"):
+        await s.save_assistant(answer("a", 1))
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            await ask(s, "a")
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            await s.flush()
+    assert "batch" in caplog.text
+    assert [m.role for m in await s.messages("a")] == ["user"]  # reads still work
+    other.execute("ROLLBACK")
+    other.close()
+    await s.save_assistant(answer("a", 1))
+    assert await ask(s, "a") == 2
+    await s.flush()
+    assert [(m.turn, m.role) for m in await s.messages("a")] == [
+        (1, "user"),
+        (1, "assistant"),
+        (2, "user"),
+    ]
+    await s.close()
