@@ -6,13 +6,14 @@ import asyncio
 import hmac
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from lean import handlers
+from lean import handlers, scene_handlers, ws
 from lean.config import Config
 from lean.errors import (
+    BadRequest,
     Internal,
     LeanError,
     NotFound,
@@ -20,9 +21,8 @@ from lean.errors import (
     Unauthorized,
     openai_error_body,
 )
-from lean.handlers import config_key, streams_key, upstream_key
-from lean.limits import Streams
-from lean.upstream import Upstream
+from lean.handlers import services_key
+from lean.run import Services
 
 log = logging.getLogger("lean")
 
@@ -48,9 +48,13 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        error: LeanError = NotFound(f"{request.method} {request.path}: {exc.reason}")
+        kind = NotFound if exc.status == 404 else BadRequest
+        error: LeanError = kind(f"{request.method} {request.path}: {exc.reason}")
         error.status = exc.status
-        return error_response(error)
+        response = error_response(error)
+        if "Allow" in exc.headers:  # a 405 must say which methods are allowed
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except (asyncio.CancelledError, ConnectionError):
         raise
     except Exception:
@@ -86,7 +90,7 @@ def auth_middleware(tokens: tuple[bytes, ...]) -> Callable[..., Awaitable[web.St
 
 @web.middleware
 async def draining_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.app[streams_key].draining and request.path not in PUBLIC_PATHS:
+    if request.app[services_key].streams.draining and request.path not in PUBLIC_PATHS:
         raise ShuttingDown("lean is shutting down", retry_after=1)
     return await handler(request)
 
@@ -97,20 +101,28 @@ def create_app(config: Config) -> web.Application:
         middlewares.append(auth_middleware(tuple(t.reveal().encode() for t in config.auth.tokens)))
     middlewares.append(draining_middleware)
     app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=middlewares)
-    app[config_key] = config
-    app[upstream_key] = Upstream(config)
-    app[streams_key] = Streams(config.limits.max_streams)
+    services = Services(config)
+    app[services_key] = services
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_get("/v1/models", handlers.models)
+    app.router.add_post("/v1/scenes/{scene}/stream", scene_handlers.stream_scene)
+    app.router.add_get("/v1/scenes/{scene}/stream", scene_handlers.stream_scene)
+    app.router.add_post("/v1/runs/{run_id}/cancel", scene_handlers.cancel_run)
+    app.router.add_get(
+        "/v1/conversations/{conversation_id}/messages", scene_handlers.conversation_messages
+    )
+    app.router.add_get("/v1/ws", ws.websocket)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
 
-    async def upstream_ctx(app: web.Application) -> object:
-        await app[upstream_key].start()
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        await services.upstream.start()
+        await services.store.open()
         yield
-        await app[upstream_key].close()
+        await services.upstream.close()
+        await services.store.close()  # every pending write is flushed
 
-    app.cleanup_ctx.append(upstream_ctx)  # type: ignore[arg-type]
+    app.cleanup_ctx.append(lifetime)
     return app
 
 
@@ -142,7 +154,7 @@ class Server:
 
     async def stop(self) -> None:
         """Drain: /readyz fails, no new connections, running streams get `drain_timeout`."""
-        streams = self.app[streams_key]
+        streams = self.app[services_key].streams
         streams.draining = True
         for site in list(self._runner.sites):
             await site.stop()

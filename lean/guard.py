@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from lean.errors import LeanError, SlowClient, UpstreamTimeout
 
@@ -37,11 +38,12 @@ class Guard:
         slow_client_timeout: float,
         ping: Callable[[], Awaitable[None]] | None = None,
         on_slow_client: Callable[[], None] | None = None,
+        task: asyncio.Task[Any] | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
+        task = task or asyncio.current_task()
         if task is None:
-            raise RuntimeError("Guard must be created inside the stream's task")
+            raise RuntimeError("Guard needs the stream's task")
         self.task = task
         self.ping_interval = ping_interval
         self.slow_client_timeout = slow_client_timeout
@@ -84,7 +86,7 @@ class Guard:
 
     def take(self) -> LeanError | None:
         """Called on `CancelledError`: the reason if this guard caused it (and absorb it)."""
-        reason = self.reason
+        reason, self.reason = self.reason, None
         if reason is not None and self.task.cancelling():
             self.task.uncancel()
         return reason
@@ -110,11 +112,7 @@ class Guard:
             now = self._loop.time()
             if self.phase == WRITING:
                 if now - self.since >= self.slow_client_timeout:
-                    self.evicted = True
-                    self.interrupt(SlowClient("the client stopped reading"))
-                    if self._on_slow_client is not None:
-                        self._on_slow_client()
-                    return
+                    self._evict()
                 continue
             if self.phase == WAITING and now - self.since >= self.upstream_limit:
                 self.interrupt(
@@ -122,6 +120,16 @@ class Guard:
                 )
             if self._ping is not None and now - self.last_write >= self.ping_interval:
                 await self._send_ping()
+
+    def _evict(self) -> None:
+        # The watch goes on without heartbeats: a run that finishes without its client
+        # (on_disconnect = finish) still needs its upstream silence limit.
+        self.evicted = True
+        self._ping = None
+        self.phase = IDLE
+        self.interrupt(SlowClient("the client stopped reading"))
+        if self._on_slow_client is not None:
+            self._on_slow_client()
 
     async def _send_ping(self) -> None:
         assert self._ping is not None
@@ -132,10 +140,7 @@ class Guard:
             async with asyncio.timeout(self.slow_client_timeout):
                 await self._ping()
         except (TimeoutError, ConnectionError):
-            self.evicted = True
-            self.interrupt(SlowClient("the client stopped reading"))
-            if self._on_slow_client is not None:
-                self._on_slow_client()
+            self._evict()
             return
         self.last_write = self._loop.time()
         if self.phase == WRITING and self.since == stamp:

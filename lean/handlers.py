@@ -22,7 +22,6 @@ from aiohttp import web
 from lean.config import Config, ModelConfig
 from lean.errors import LeanError, NotFound, PayloadTooLarge, openai_error_body
 from lean.guard import Guard
-from lean.limits import Streams
 from lean.openai_compat import (
     ChunkFramer,
     completion_body,
@@ -32,7 +31,7 @@ from lean.openai_compat import (
     parse_request,
 )
 from lean.relay import Relay
-from lean.upstream import Upstream
+from lean.run import Services
 
 log = logging.getLogger("lean.access")
 
@@ -44,16 +43,14 @@ SSE_HEADERS = {
 }
 PING = b": ping\n\n"
 
-config_key = web.AppKey("config", Config)
-upstream_key = web.AppKey("upstream", Upstream)
-streams_key = web.AppKey("streams", Streams)
+services_key = web.AppKey("services", Services)
 
 
 async def read_body(request: web.Request) -> bytes:
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app[config_key].server.max_body_bytes
+        limit = request.app[services_key].config.server.max_body_bytes
         raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes") from None
 
 
@@ -82,10 +79,10 @@ def new_guard(config: Config, response: web.StreamResponse | None, request: web.
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    config = request.app[config_key]
+    config = request.app[services_key].config
     chat, body = parse_request(await read_body(request))
     model = find_model(config, chat.model)
-    request.app[streams_key].check()
+    request.app[services_key].streams.check()
     include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
     if chat.stream:
         return await _stream(request, model, body, include_usage)
@@ -94,13 +91,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def _complete(request: web.Request, model: ModelConfig, body: dict[str, Any]) -> web.Response:
     app = request.app
-    guard = new_guard(app[config_key], None, request)
-    streams = app[streams_key]
+    guard = new_guard(app[services_key].config, None, request)
+    streams = app[services_key].streams
     streams.add(guard)
     started = time.monotonic()
     status = "error"
     try:
-        relay = Relay(app[upstream_key], model, body, guard)
+        relay = Relay(app[services_key].upstream, model, body, guard)
         async with aclosing(relay.pieces()) as pieces:
             answer = [piece async for piece in pieces]
         status = "complete"
@@ -124,10 +121,10 @@ async def _stream(
     request: web.Request, model: ModelConfig, body: dict[str, Any], include_usage: bool
 ) -> web.StreamResponse:
     app = request.app
-    config = app[config_key]
+    config = app[services_key].config
     response = web.StreamResponse(headers=SSE_HEADERS)
     guard = new_guard(config, response, request)
-    streams = app[streams_key]
+    streams = app[services_key].streams
     try:
         streams.add(guard)
     except LeanError:
@@ -139,7 +136,7 @@ async def _stream(
     framer = ChunkFramer(completion_id=new_id(), model=model.alias, include_usage=include_usage)
     try:
         await response.prepare(request)
-        relay = Relay(app[upstream_key], model, body, guard)
+        relay = Relay(app[services_key].upstream, model, body, guard)
         async with aclosing(relay.pieces()) as pieces:
             async for piece in pieces:
                 frame = framer.frame(piece)
@@ -185,7 +182,7 @@ def _log_run(model: ModelConfig, status: str, started: float, *, stream: bool) -
 
 
 async def models(request: web.Request) -> web.Response:
-    aliases = list(request.app[config_key].models)
+    aliases = list(request.app[services_key].config.models)
     return web.Response(body=models_body(aliases), content_type="application/json")
 
 
@@ -194,6 +191,6 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    if request.app[streams_key].draining:
+    if request.app[services_key].streams.draining:
         return web.json_response({"status": "draining"}, status=503)
     return web.json_response({"status": "ready"})

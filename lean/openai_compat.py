@@ -106,8 +106,9 @@ class ChunkFramer:
             return self._delta(b'{"tool_calls":[%b]}' % self._tool_call(piece))
         if isinstance(piece, Finish):
             return self._delta(b"{}", _encode(piece.reason))
-        self.usage = piece
-        return None
+        if isinstance(piece, Usage):
+            self.usage = piece
+        return None  # usage goes out at the end; signatures never do
 
     def _tool_call(self, piece: ToolCall) -> bytes:
         call: dict[str, Any] = {"index": piece.index}
@@ -167,7 +168,7 @@ def completion_body(pieces: list[Piece], *, completion_id: str, model: str) -> b
             call["function"]["arguments"] += piece.arguments
         elif isinstance(piece, Finish):
             finish = piece.reason
-        else:
+        elif isinstance(piece, Usage):
             usage = piece
     message: dict[str, Any] = {"role": "assistant", "content": "".join(text) or None}
     if reasoning:

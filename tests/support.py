@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -14,6 +18,15 @@ from lean.config import Config, parse_config
 
 # A provider key that must never leave lean: tests grep responses and logs for it.
 SECRET = "sk-test-SECRET-do-not-leak-0123456789"
+
+
+_SCRATCH = Path(tempfile.mkdtemp(prefix="lean-tests-"))
+atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
+
+
+def _scratch() -> Path:
+    """A fresh directory per config, removed when the test session ends."""
+    return Path(tempfile.mkdtemp(dir=_SCRATCH))
 
 
 def _section(name: str, defaults: dict[str, str], overrides: str) -> str:
@@ -31,6 +44,7 @@ def lean_config(
     stream: bool = True,
     server: str = "",
     limits: str = "",
+    store: str = "",
     provider: str = "",
     model: str = "",
     extra: str = "",
@@ -44,6 +58,7 @@ def lean_config(
     text = "\n".join(
         [
             _section("server", {"host": "127.0.0.1", "drain_timeout": "0.5"}, server),
+            _section("store", {"path": str(_scratch() / "lean.db")}, store),
             _section("limits", {"slow_client_timeout": "5"}, limits),
             _section(
                 "provider.up",

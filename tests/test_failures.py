@@ -14,7 +14,7 @@ import time
 import aiohttp
 import pytest
 
-from lean.handlers import streams_key
+from lean.handlers import services_key
 from tests.fakes import (
     DONE,
     FakeOpenAI,
@@ -59,7 +59,7 @@ async def test_client_leaving_mid_stream_closes_the_upstream_within_1s() -> None
         assert dropped - left < 1.0
         assert fake.requests[0].finished is None
         await asyncio.sleep(0.05)
-        assert len(lean.app[streams_key]) == 0
+        assert len(lean.app[services_key].streams) == 0
 
 
 async def test_client_leaving_a_non_stream_request_closes_the_upstream_within_1s() -> None:
@@ -102,7 +102,7 @@ async def test_a_client_that_never_reads_is_cut_and_its_upstream_closed() -> Non
             assert dropped - fake.requests[0].started < 4.5
             assert fake.requests[0].finished is None  # the upstream never got to send it all
             await asyncio.sleep(0.05)
-            assert len(lean.app[streams_key]) == 0
+            assert len(lean.app[services_key].streams) == 0
             writer.close()
 
 

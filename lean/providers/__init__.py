@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from lean.providers import openai
+from lean.providers import anthropic, gemini, openai
 
-_ADAPTERS: dict[str, ModuleType] = {"openai": openai}
+_ADAPTERS: dict[str, ModuleType] = {"openai": openai, "anthropic": anthropic, "gemini": gemini}
 
 
 def register(kind: str, module: ModuleType) -> None:

@@ -41,7 +41,15 @@ class Usage(msgspec.Struct, frozen=True):
     completion_tokens: int = 0
 
 
-Piece = Text | Reasoning | ToolCall | Finish | Usage
+class Signature(msgspec.Struct, frozen=True):
+    """An opaque token the provider attaches to its reasoning (Anthropic's thinking-block
+    signature, Gemini's `thoughtSignature`). Never shown to a user; consumers skip it."""
+
+    value: str
+    kind: str = "anthropic"
+
+
+Piece = Text | Reasoning | ToolCall | Finish | Usage | Signature
 
 # Pieces a user sees: once one has gone to a client, a failure can no longer fall back.
 VISIBLE = (Text, Reasoning, ToolCall)

@@ -1,0 +1,330 @@
+"""A scene run: one task from `start` to `done` or `error`, whatever the transport.
+
+A run owns its event order (`events.RunEvents`), the answer it assembles, and
+how it ends. It writes each event straight to its transport's `Sink` (one
+encode, one write; the write blocks when the client stops reading, which stops
+the upstream read: TCP backpressure end to end, one event held per run).
+
+How a run ends, and the status saved with the assistant message:
+- `done`                                      -> complete
+- the client cancels, or leaves with `on_disconnect = cancel` -> cancelled
+- lean shuts down before the answer ended     -> incomplete (text kept)
+- any other failure                           -> incomplete with text, else error
+With `on_disconnect = finish`, a client that leaves (or is cut as too slow) only
+detaches the sink: the run goes on to the end so the saved answer is whole.
+
+A run runs in its own task so that leaving (the handler's cancellation) never
+lands inside the upstream read; the handler waits for it through `shield`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from contextlib import aclosing
+from typing import Any, Protocol
+
+from lean import events
+from lean.config import Config, ModelConfig, SceneConfig
+from lean.errors import BadRequest, Cancelled, Internal, LeanError, ShuttingDown, SlowClient
+from lean.guard import Guard
+from lean.limits import Streams
+from lean.providers.base import Finish, Piece, Reasoning, Text, ToolCall, Usage
+from lean.relay import Relay
+from lean.store import MessageRecord, Store, utc_now
+from lean.upstream import Upstream
+
+log = logging.getLogger("lean.run")
+
+
+class Sink(Protocol):
+    """Where a run's events go: one transport's framing and writes."""
+
+    async def send(self, name: str, seq: int, payload: bytes) -> None: ...
+
+    async def ping(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class ClientGone(Exception):
+    """The sink's peer went away; the run ends with `reason` (nothing more is sent)."""
+
+    def __init__(self, reason: LeanError) -> None:
+        super().__init__(reason.message)
+        self.reason = reason
+
+
+class Services:
+    """What every request and run shares: built once per app."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.upstream = Upstream(config)
+        self.store = Store(config.store.path)
+        self.streams = Streams(config.limits.max_streams)
+        self.runs = Runs()
+
+
+def new_run_id() -> str:
+    return "run_" + uuid.uuid4().hex[:20]
+
+
+class Run:
+    def __init__(
+        self,
+        services: Services,
+        *,
+        run_id: str,
+        scene: SceneConfig,
+        model: ModelConfig,
+        conversation_id: str,
+        turn: int,
+        body: dict[str, Any],
+        sink: Sink | None,
+    ) -> None:
+        self.services = services
+        self.run_id = run_id
+        self.scene = scene
+        self.model = model
+        self.conversation_id = conversation_id
+        self.turn = turn
+        self.message_id = f"{scene.name}:{conversation_id}:{turn}"
+        self.body = body
+        self.sink = sink
+        self.status = "running"
+        self.order = events.RunEvents()
+        self._text: list[str] = []
+        self._reasoning: list[str] = []
+        self._calls: dict[int, dict[str, Any]] = {}
+        self._finish = "stop"
+        self._usage = Usage()
+        self._error: LeanError | None = None
+        self._started = time.monotonic()
+        self._first_token_ms: float | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.guard: Guard | None = None
+
+    def start(self) -> None:
+        """Admit and start the run (synchronously: no other run can slip in between)."""
+        config = self.services.config
+        self.services.streams.check()
+        if self.services.runs.get(self.run_id) is not None:
+            raise BadRequest(f"run id '{self.run_id}' is already running")
+        self.task = asyncio.create_task(self._execute(), name=self.run_id)
+        self.guard = Guard(
+            ping_interval=config.server.ping_interval,
+            slow_client_timeout=config.limits.slow_client_timeout,
+            ping=self._ping,
+            on_slow_client=self._abort_sink,
+            task=self.task,
+        )
+        self.services.streams.add(self.guard)
+        self.services.runs.add(self)
+
+    def cancel(self, reason: LeanError | None = None) -> None:
+        if self.guard is not None:
+            self.guard.interrupt(reason or Cancelled("the run was cancelled"))
+
+    def client_left(self) -> None:
+        """The transport's peer is gone: detach (`finish`) or cancel (`cancel`)."""
+        self.sink = None
+        if self.scene.on_disconnect == "cancel":
+            self.cancel(Cancelled("the client left"))
+
+    async def _ping(self) -> None:
+        if self.sink is not None:
+            await self.sink.ping()
+
+    def _abort_sink(self) -> None:
+        if self.sink is not None:
+            self.sink.abort()
+
+    async def _execute(self) -> None:
+        assert self.guard is not None
+        guard = self.guard
+        final: events.Event | None = None
+        try:
+            await self._emit(self._start_event())
+            relay = Relay(self.services.upstream, self.model, self.body, guard)
+            async with aclosing(relay.pieces()) as pieces:
+                async for piece in pieces:
+                    await self._piece(piece)
+            self.status = "complete"
+            final = events.Done(
+                message_id=self.message_id,
+                finish_reason=self._finish,
+                usage=events.Usage(self._usage.prompt_tokens, self._usage.completion_tokens),
+                text="".join(self._text),
+                fallback=relay.fallback,
+            )
+        except asyncio.CancelledError:
+            reason = guard.take()
+            if reason is None:
+                self.status = "cancelled"
+                raise
+            final = self._fail(reason)
+        except ClientGone as gone:
+            final = self._fail(gone.reason)
+        except LeanError as exc:
+            final = self._fail(exc)
+        except Exception:
+            log.exception("run %s failed", self.run_id)
+            final = self._fail(Internal("internal error; see lean's log"))
+        finally:
+            await guard.close()
+            self.services.streams.discard(guard)
+            self.services.runs.discard(self)
+            # Saved before the last event goes out: a client that starts its next turn on
+            # `done` finds this answer in the conversation's history.
+            await self._save()
+        if final is not None:
+            await self._emit_final(final)
+
+    def _start_event(self) -> events.Start:
+        return events.Start(
+            run_id=self.run_id,
+            message_id=self.message_id,
+            scene=self.scene.name,
+            model=self.model.alias,
+            conversation_id=self.conversation_id,
+        )
+
+    async def _emit_final(self, event: events.Event) -> None:
+        """The last event, after the guard is gone: bounded by the slow-client limit."""
+        try:
+            async with asyncio.timeout(self.services.config.limits.slow_client_timeout):
+                if self.order.seq == 0:  # interrupted before its first step
+                    await self._emit(self._start_event())
+                await self._emit(event)
+        except TimeoutError:
+            self._abort_sink()
+        except ClientGone:
+            pass
+
+    async def _piece(self, piece: Piece) -> None:
+        if isinstance(piece, Text):
+            self._first_token()
+            self._text.append(piece.text)
+            await self._emit(events.Delta(message_id=self.message_id, text=piece.text))
+        elif isinstance(piece, Reasoning):
+            self._first_token()
+            self._reasoning.append(piece.text)
+            await self._emit(
+                events.Delta(message_id=self.message_id, text=piece.text, part="thinking")
+            )
+        elif isinstance(piece, ToolCall):
+            call = self._calls.setdefault(
+                piece.index, {"id": piece.id or "", "name": piece.name or "", "arguments": ""}
+            )
+            call["arguments"] += piece.arguments
+        elif isinstance(piece, Finish):
+            self._finish = piece.reason
+        elif isinstance(piece, Usage):
+            self._usage = piece
+
+    def _first_token(self) -> None:
+        if self._first_token_ms is None:
+            self._first_token_ms = (time.monotonic() - self._started) * 1000
+
+    async def _emit(self, event: events.Event) -> None:
+        seq = self.order.check(event)
+        sink = self.sink
+        if sink is None:
+            return
+        assert self.guard is not None
+        guard = self.guard
+        guard.writing()
+        try:
+            await sink.send(events.event_name(event), seq, events.encode(event))
+        except ConnectionError:
+            self._lost_client(Cancelled("the client left"))
+        except asyncio.CancelledError:
+            if not isinstance(guard.reason, SlowClient):
+                raise
+            self._lost_client(guard.take() or SlowClient("the client stopped reading"))
+        guard.wrote()
+
+    def _lost_client(self, reason: LeanError) -> None:
+        self.sink = None
+        if self.scene.on_disconnect != "finish":
+            raise ClientGone(reason)
+
+    def _fail(self, error: LeanError) -> events.Error | None:
+        """Record how the run failed; the `error` event to send, if any."""
+        self._error = error
+        if isinstance(error, Cancelled):
+            self.status = "cancelled"
+        elif isinstance(error, ShuttingDown) or self._text:
+            self.status = "incomplete"
+        else:
+            self.status = "error"
+        if isinstance(error, SlowClient):
+            self.sink = None
+        return events.Error(
+            message_id=self.message_id,
+            code=error.code,
+            message=error.message,
+            retryable=error.retryable,
+        )
+
+    async def _save(self) -> None:
+        record = MessageRecord(
+            message_id=self.message_id,
+            conversation_id=self.conversation_id,
+            role="assistant",
+            content="".join(self._text),
+            status=self.status if self.status != "running" else "incomplete",
+            created_at=utc_now(),
+            turn=self.turn,
+            scene=self.scene.name,
+            model=self.model.alias,
+            reasoning="".join(self._reasoning),
+            tool_calls=[self._calls[i] for i in sorted(self._calls)],
+            finish_reason=self._finish if self.status == "complete" else None,
+            error_code=self._error.code if self._error else None,
+            prompt_tokens=self._usage.prompt_tokens,
+            completion_tokens=self._usage.completion_tokens,
+            first_token_ms=self._first_token_ms,
+            duration_ms=(time.monotonic() - self._started) * 1000,
+        )
+        try:
+            await self.services.store.save_assistant(record)
+            await self.services.store.flush()
+        except Exception:
+            log.exception("run %s: saving the answer failed", self.run_id)
+        log.info(
+            "run scene=%s model=%s status=%s first_token_ms=%s duration_ms=%.0f "
+            "prompt_tokens=%d completion_tokens=%d",
+            self.scene.name,
+            self.model.alias,
+            record.status,
+            "-" if self._first_token_ms is None else f"{self._first_token_ms:.0f}",
+            record.duration_ms or 0,
+            self._usage.prompt_tokens,
+            self._usage.completion_tokens,
+        )
+
+
+class Runs:
+    """Running scene runs by id, for cancel and tool-result requests."""
+
+    def __init__(self) -> None:
+        self._runs: dict[str, Run] = {}
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def get(self, run_id: str) -> Run | None:
+        return self._runs.get(run_id)
+
+    def add(self, run: Run) -> None:
+        if run.run_id in self._runs:
+            raise RuntimeError(f"run id {run.run_id} is already running")
+        self._runs[run.run_id] = run
+
+    def discard(self, run: Run) -> None:
+        if self._runs.get(run.run_id) is run:
+            del self._runs[run.run_id]

@@ -1,0 +1,120 @@
+"""Scene runs over HTTP: SSE (POST and EventSource GET) and NDJSON; cancel; history.
+
+Everything a request can get wrong is checked before the response starts (HTTP
+status + error body); from `start` on, the run's events carry the outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+from aiohttp import web
+
+from lean import events, scenes
+from lean.errors import BadRequest, NotFound
+from lean.handlers import SSE_HEADERS, find_model, read_body, services_key
+from lean.run import Run, new_run_id
+
+NDJSON = "application/x-ndjson"
+NDJSON_HEADERS = {
+    "Content-Type": "application/x-ndjson; charset=utf-8",
+    "Cache-Control": "no-cache, no-transform",
+    "X-Accel-Buffering": "no",
+}
+
+
+class _HttpSink:
+    def __init__(self, request: web.Request, response: web.StreamResponse) -> None:
+        self._request = request
+        self._response = response
+
+    def abort(self) -> None:
+        if self._request.transport is not None:
+            self._request.transport.abort()
+
+
+class SSESink(_HttpSink):
+    async def send(self, name: str, seq: int, payload: bytes) -> None:
+        await self._response.write(events.sse_frame(name, seq, payload))
+
+    async def ping(self) -> None:
+        await self._response.write(events.SSE_PING)
+
+
+class NDJSONSink(_HttpSink):
+    async def send(self, name: str, seq: int, payload: bytes) -> None:
+        await self._response.write(events.ndjson_frame(payload))
+
+    async def ping(self) -> None:
+        await self._response.write(events.NDJSON_PING)
+
+
+async def stream_scene(request: web.Request) -> web.StreamResponse:
+    """`POST` (JSON body) or `GET` (query, for EventSource) `/v1/scenes/{scene}/stream`."""
+    services = request.app[services_key]
+    scene = scenes.find_scene(services.config, request.match_info["scene"])
+    if request.method == "GET":
+        if "Last-Event-ID" in request.headers:
+            # An EventSource reconnecting after its stream ended: a new run would be a
+            # second, billed answer. 204 tells EventSource to stop reconnecting.
+            return web.Response(status=204)
+        scene_request = scenes.parse_query(request.query)
+    else:
+        scene_request = scenes.parse_body(await read_body(request))
+    user_content = scenes.render(scene, scene_request)
+    model = find_model(services.config, scene.model)
+    services.streams.check()
+
+    ndjson = request.method == "POST" and NDJSON in request.headers.get("Accept", "")
+    cid = scene_request.conversation_id or scenes.new_conversation_id()
+    history = await services.store.history(cid, scene.history_turns)
+    turn = await services.store.begin_turn(
+        conversation_id=cid, scene=scene.name, user_content=user_content
+    )
+    response = web.StreamResponse(headers=NDJSON_HEADERS if ndjson else SSE_HEADERS)
+    sink = NDJSONSink(request, response) if ndjson else SSESink(request, response)
+    run = Run(
+        services,
+        run_id=new_run_id(),
+        scene=scene,
+        model=model,
+        conversation_id=cid,
+        turn=turn,
+        body=scenes.chat_body(scene, history, user_content),
+        sink=sink,
+    )
+    await response.prepare(request)
+    run.start()
+    assert run.task is not None
+    try:
+        await asyncio.shield(run.task)
+    except asyncio.CancelledError:
+        run.client_left()  # aiohttp cancelled us: the client is gone
+        raise
+    return response
+
+
+async def cancel_run(request: web.Request) -> web.Response:
+    run_id = request.match_info["run_id"]
+    run = request.app[services_key].runs.get(run_id)
+    if run is None:
+        raise NotFound(f"run '{run_id}' is not running")
+    run.cancel()
+    return web.json_response({"runId": run_id, "status": "cancelling"}, status=202)
+
+
+async def conversation_messages(request: web.Request) -> web.Response:
+    cid = request.match_info["conversation_id"]
+    store = request.app[services_key].store
+    try:
+        limit = int(request.query.get("limit", "1000"))
+    except ValueError:
+        raise BadRequest("limit must be an integer") from None
+    if not 1 <= limit <= 10_000:
+        raise BadRequest("limit must be between 1 and 10000")
+    if not await store.conversation_exists(cid):
+        raise NotFound(f"conversation '{cid}' does not exist")
+    messages = await store.messages(cid, limit=limit)
+    body = msgspec.json.encode({"conversationId": cid, "messages": messages})
+    return web.Response(body=body, content_type="application/json")

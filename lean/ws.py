@@ -1,0 +1,175 @@
+"""`GET /v1/ws`: one WebSocket, several concurrent runs (protocol.md §3).
+
+Client frames are `run`, `cancel` and `tool_result`; server frames are the
+events of §2 with `runId` added. Each run writes its own frames (aiohttp writes
+a frame in one piece, so runs never interleave inside a frame); a client that
+stops reading blocks those writes and each run's guard cuts it as on SSE. A bad
+frame gets an `error` frame for its run (or with `runId` null) and the socket
+stays open. Compression is off: permessage-deflate costs ~100 KB per socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import msgspec
+from aiohttp import WSMsgType, web
+
+from lean import events, scenes
+from lean.errors import BadRequest, LeanError, NotFound, Overloaded
+from lean.handlers import find_model, services_key
+from lean.run import Run, Services
+
+log = logging.getLogger("lean.ws")
+
+
+class _Frame(msgspec.Struct, tag_field="type", rename="camel", forbid_unknown_fields=True):
+    run_id: str
+
+
+class RunFrame(_Frame, tag="run"):
+    scene: str
+    inputs: dict[str, scenes.Scalar] = {}
+    message: str = ""
+    conversation_id: str | None = None
+
+
+class CancelFrame(_Frame, tag="cancel"):
+    pass
+
+
+class ToolResultFrame(_Frame, tag="tool_result"):
+    tool_call_id: str
+    result: Any = None
+
+
+_decode = msgspec.json.Decoder(RunFrame | CancelFrame | ToolResultFrame).decode
+_decode_loose = msgspec.json.Decoder(dict[str, Any]).decode
+
+
+class WSSink:
+    def __init__(self, ws: web.WebSocketResponse, request: web.Request, run_id: str) -> None:
+        self._ws = ws
+        self._request = request
+        self._run_id = run_id
+
+    async def send(self, name: str, seq: int, payload: bytes) -> None:
+        if self._ws.closed:
+            raise ConnectionResetError("the WebSocket is closed")
+        await self._ws.send_frame(events.ws_frame(self._run_id, payload), WSMsgType.TEXT)
+
+    async def ping(self) -> None:
+        """aiohttp's own heartbeat pings the socket."""
+
+    def abort(self) -> None:
+        if self._request.transport is not None:
+            self._request.transport.abort()
+
+
+class Socket:
+    def __init__(self, services: Services, ws: web.WebSocketResponse, request: web.Request):
+        self.services = services
+        self.ws = ws
+        self.request = request
+        self.runs: dict[str, Run] = {}
+
+    async def error(self, run_id: str | None, error: LeanError) -> None:
+        payload = events.encode(
+            events.Error(
+                message_id="", code=error.code, message=error.message, retryable=error.retryable
+            )
+        )
+        if not self.ws.closed:
+            await self.ws.send_frame(events.ws_frame(run_id, payload), WSMsgType.TEXT)
+
+    async def handle(self, data: str | bytes) -> None:
+        try:
+            frame = _decode(data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            await self.error(_run_id_of(data), BadRequest(f"invalid frame: {exc}"))
+            return
+        try:
+            if isinstance(frame, RunFrame):
+                await self._run(frame)
+            elif isinstance(frame, CancelFrame):
+                self._find(frame.run_id).cancel()
+            else:
+                self._find(frame.run_id)
+                raise BadRequest(f"run '{frame.run_id}' is not waiting for a tool result")
+        except LeanError as exc:
+            await self.error(frame.run_id, exc)
+
+    def _find(self, run_id: str) -> Run:
+        run = self.runs.get(run_id)
+        if run is None:
+            raise NotFound(f"run '{run_id}' is not running on this socket")
+        return run
+
+    async def _run(self, frame: RunFrame) -> None:
+        services = self.services
+        limit = services.config.limits.max_runs_per_socket
+        if frame.run_id in self.runs or services.runs.get(frame.run_id) is not None:
+            raise BadRequest(f"run id '{frame.run_id}' is already running")
+        if len(self.runs) >= limit:
+            raise Overloaded(f"this socket already carries its limit of {limit} runs")
+        scene = scenes.find_scene(services.config, frame.scene)
+        request = scenes.SceneRequest(
+            inputs=frame.inputs, message=frame.message, conversation_id=frame.conversation_id
+        )
+        user_content = scenes.render(scene, scenes.validated(request))
+        model = find_model(services.config, scene.model)
+        services.streams.check()
+        cid = request.conversation_id or scenes.new_conversation_id()
+        history = await services.store.history(cid, scene.history_turns)
+        turn = await services.store.begin_turn(
+            conversation_id=cid, scene=scene.name, user_content=user_content
+        )
+        run = Run(
+            services,
+            run_id=frame.run_id,
+            scene=scene,
+            model=model,
+            conversation_id=cid,
+            turn=turn,
+            body=scenes.chat_body(scene, history, user_content),
+            sink=WSSink(self.ws, self.request, frame.run_id),
+        )
+        run.start()
+        assert run.task is not None
+        self.runs[frame.run_id] = run
+        run.task.add_done_callback(lambda _: self.runs.pop(frame.run_id, None))
+
+    def close(self) -> None:
+        for run in list(self.runs.values()):
+            run.client_left()
+
+
+def _run_id_of(data: str | bytes) -> str | None:
+    try:
+        run_id = _decode_loose(data).get("runId")
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+    return run_id if isinstance(run_id, str) else None
+
+
+async def websocket(request: web.Request) -> web.WebSocketResponse:
+    services = request.app[services_key]
+    config = services.config
+    ws = web.WebSocketResponse(
+        compress=False,
+        heartbeat=config.server.ping_interval,
+        max_msg_size=config.server.max_body_bytes,
+    )
+    await ws.prepare(request)
+    socket = Socket(services, ws, request)
+    try:
+        async for message in ws:
+            if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                await socket.handle(message.data)
+    except asyncio.CancelledError:
+        raise
+    finally:
+        socket.close()
+    return ws
