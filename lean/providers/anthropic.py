@@ -249,24 +249,39 @@ def _tool_choice(choice: Any) -> dict[str, Any] | None:
 # --- answers -----------------------------------------------------------------------------
 
 
+_ERRORS = {
+    "overloaded_error": Overloaded,
+    "rate_limit_error": RateLimited,
+    "timeout_error": UpstreamTimeout,
+}
+
+
 def _error(error: _Error) -> LeanError:
     message = f"upstream error: {error.message or error.type or 'unknown'}"
-    if error.type == "overloaded_error":
-        return Overloaded(message)
-    if error.type == "rate_limit_error":
-        return RateLimited(message)
-    if error.type == "timeout_error":
-        return UpstreamTimeout(message)
+    if error.type in _ERRORS:
+        return _ERRORS[error.type](message)
     return UpstreamError(message, retryable=error.type == "api_error")
 
 
-def _prompt_tokens(usage: _Usage) -> int:
+def _prompt_tokens(u: _Usage) -> int:
     # OpenAI's prompt_tokens include cached tokens; Anthropic's input_tokens exclude them.
-    return (
-        (usage.input_tokens or 0)
-        + (usage.cache_creation_input_tokens or 0)
-        + (usage.cache_read_input_tokens or 0)
-    )
+    cached = (u.cache_creation_input_tokens or 0) + (u.cache_read_input_tokens or 0)
+    return (u.input_tokens or 0) + cached
+
+
+def _pieces(block: _Block, call: int, *, empty: str) -> list[Piece]:
+    """What a whole content block (or a block's start) carries; `call` numbers a tool_use."""
+    if block.type == "text":
+        return [Text(block.text)] if block.text else []
+    if block.type == "thinking":
+        pieces: list[Piece] = [Reasoning(block.thinking)] if block.thinking else []
+        return [*pieces, Signature(block.signature)] if block.signature else pieces
+    if block.type == "redacted_thinking":
+        return [Signature(block.data, "anthropic_redacted")] if block.data else []
+    if block.type == "tool_use":
+        arguments = _encode(block.input).decode() if block.input else empty
+        return [ToolCall(call, arguments, block.id or "", block.name or "")]
+    return []  # server tool blocks and later additions carry nothing lean shows
 
 
 class StreamTranslator:
@@ -297,9 +312,8 @@ class StreamTranslator:
                 self._empty_args.discard(call)
                 return [ToolCall(call, "{}")]  # a call without arguments: still valid JSON
             return []
-        if kind == "message_start" and event.message is not None:
-            if event.message.usage is not None:
-                self._usage(event.message.usage)
+        if kind == "message_start" and event.message and event.message.usage:
+            self._usage(event.message.usage)
             return []
         if kind == "message_delta":
             if event.usage is not None:
@@ -324,22 +338,11 @@ class StreamTranslator:
 
     def _start(self, index: int, block: _Block) -> list[Piece]:
         if block.type == "tool_use":
-            call = self._calls
+            self._tool_blocks[index] = self._calls
+            if not block.input:  # streamed calls start with {} and send their input as deltas
+                self._empty_args.add(self._calls)
             self._calls += 1
-            self._tool_blocks[index] = call
-            pieces: list[Piece] = [ToolCall(call, "", block.id or "", block.name or "")]
-            if block.input:  # streamed calls start with {} and send their input as deltas
-                pieces.append(ToolCall(call, _encode(block.input).decode()))
-            else:
-                self._empty_args.add(call)
-            return pieces
-        if block.type == "text" and block.text:
-            return [Text(block.text)]
-        if block.type == "thinking" and block.thinking:
-            return [Reasoning(block.thinking)]
-        if block.type == "redacted_thinking" and block.data:
-            return [Signature(block.data, "anthropic_redacted")]
-        return []
+        return _pieces(block, self._calls - 1, empty="")
 
     def _delta(self, index: int, delta: _Block) -> list[Piece]:
         kind = delta.type
@@ -377,19 +380,8 @@ def parse_completion(body: bytes) -> list[Piece]:
     pieces: list[Piece] = []
     calls = 0
     for block in answer.content:
-        if block.type == "text" and block.text:
-            pieces.append(Text(block.text))
-        elif block.type == "thinking":
-            if block.thinking:
-                pieces.append(Reasoning(block.thinking))
-            if block.signature:
-                pieces.append(Signature(block.signature))
-        elif block.type == "redacted_thinking" and block.data:
-            pieces.append(Signature(block.data, "anthropic_redacted"))
-        elif block.type == "tool_use":
-            arguments = _encode(block.input if block.input is not None else {}).decode()
-            pieces.append(ToolCall(calls, arguments, block.id or "", block.name or ""))
-            calls += 1
+        pieces.extend(_pieces(block, calls, empty="{}"))
+        calls += block.type == "tool_use"
     reason = answer.stop_reason or ("tool_use" if calls else "end_turn")
     pieces.append(Finish(FINISH.get(reason, "stop")))
     if answer.usage is not None:

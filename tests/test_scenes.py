@@ -1,0 +1,417 @@
+"""Scene runs over SSE (POST and EventSource GET) and NDJSON, cancel, and saved answers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from datetime import timedelta
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp_sse_client import client as sse_client
+
+from lean.app import Server
+from tests.fakes import FakeOpenAI, Stall, Stream, text_stream
+from tests.support import lean_config, running
+
+TEXT = "Alpha beta gamma delta epsilon zeta eta theta."
+SCENES = """
+[scene.chat]
+model = default
+system = Be brief.
+template = {message}
+history_turns = 2
+
+[scene.summary]
+model = default
+template = Summarise in {words} words: {message}
+
+[scene.keep]
+model = default
+template = {message}
+on_disconnect = finish
+"""
+
+
+def config(fake: FakeOpenAI, **more: str) -> Any:
+    return lean_config(fake.base_url, extra=SCENES, **more)
+
+
+def slow(text: str = TEXT, delay: float = 0.05, **more: Any) -> Stream:
+    stream = text_stream(text, **more)
+    stream.delay = delay
+    return stream
+
+
+def parse_sse(raw: str) -> list[tuple[str, int, dict[str, Any]]]:
+    """(event, id, data) per SSE event; comments (pings) skipped."""
+    out = []
+    for block in raw.split("\n\n"):
+        fields = dict(
+            line.split(": ", 1) for line in block.split("\n") if line and not line.startswith(":")
+        )
+        if fields:
+            out.append((fields["event"], int(fields["id"]), json.loads(fields["data"])))
+    return out
+
+
+async def post_sse(
+    lean: Server, scene: str, body: dict[str, Any]
+) -> list[tuple[str, int, dict[str, Any]]]:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{lean.url}/v1/scenes/{scene}/stream", json=body) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/event-stream")
+            return parse_sse(await resp.text())
+
+
+async def saved(lean: Server, cid: str) -> list[dict[str, Any]]:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{lean.url}/v1/conversations/{cid}/messages") as resp:
+            assert resp.status == 200
+            body = await resp.json()
+    assert body["conversationId"] == cid
+    messages: list[dict[str, Any]] = body["messages"]
+    return messages
+
+
+async def saved_answer(lean: Server, cid: str) -> list[dict[str, Any]]:
+    """The conversation once its last answer is saved (polled: the store has no change feed)."""
+    async with asyncio.timeout(5):
+        while True:
+            rows = await saved(lean, cid)
+            if rows[-1]["role"] == "assistant":
+                return rows
+            await asyncio.sleep(0.02)
+
+
+def assert_run_shape(evs: list[tuple[str, int, dict[str, Any]]], last: str) -> dict[str, Any]:
+    names = [e[0] for e in evs]
+    assert names[0] == "start" and names[-1] == last
+    assert names.count("start") == 1 and names.count("done") + names.count("error") == 1
+    assert [e[1] for e in evs] == list(range(1, len(evs) + 1))  # SSE ids are the sequence
+    assert all(data["type"] == name for name, _, data in evs)
+    start = evs[0][2]
+    assert {data["messageId"] for _, _, data in evs} == {start["messageId"]}
+    return start
+
+
+# --- SSE ---------------------------------------------------------------------------------------
+
+
+async def test_sse_run_order_ids_and_text() -> None:
+    async with FakeOpenAI() as fake, running(config(fake)) as lean:
+        fake.push(text_stream(TEXT))
+        evs = await post_sse(lean, "chat", {"message": "Hello", "conversationId": "conv-1"})
+    start = assert_run_shape(evs, "done")
+    assert start["messageId"] == "chat:conv-1:1"
+    assert start["scene"] == "chat" and start["model"] == "default"
+    assert start["conversationId"] == "conv-1" and start["runId"].startswith("run_")
+    deltas = [d for name, _, d in evs if name == "delta"]
+    done = evs[-1][2]
+    assert "".join(d["text"] for d in deltas) == done["text"] == TEXT
+    assert done["finishReason"] == "stop" and done["fallback"] is False
+    assert done["usage"]["completionTokens"] > 0 and done["usage"]["promptTokens"] > 0
+    sent = fake.requests[0].body
+    assert sent["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello"},
+    ]
+    assert sent["stream_options"] == {"include_usage": True}  # lean asks for usage itself
+
+
+async def test_thinking_arrives_as_its_own_part_never_in_content() -> None:
+    async with FakeOpenAI() as fake, running(config(fake)) as lean:
+        fake.push(text_stream(TEXT, reasoning="Let me think."))
+        evs = await post_sse(lean, "chat", {"message": "Hi"})
+    thinking = "".join(d["text"] for n, _, d in evs if n == "delta" and d["part"] == "thinking")
+    content = "".join(d["text"] for n, _, d in evs if n == "delta" and d["part"] == "content")
+    assert thinking == "Let me think."
+    assert content == TEXT == evs[-1][2]["text"]
+
+
+async def test_template_inputs_and_a_missing_input_is_a_400_before_the_upstream() -> None:
+    async with FakeOpenAI() as fake, running(config(fake)) as lean:
+        async with aiohttp.ClientSession() as http:
+            url = f"{lean.url}/v1/scenes/summary/stream"
+            async with http.post(url, json={"message": "My day."}) as resp:
+                assert resp.status == 400
+                error = (await resp.json())["error"]
+            assert "words" in error["message"] and error["code"] == "bad_request"
+            assert fake.requests == []
+            payload = {"message": "My day.", "inputs": {"words": 12}}
+            async with http.post(url, json=payload) as resp:
+                await resp.read()
+    assert fake.requests[0].body["messages"][-1]["content"] == "Summarise in 12 words: My day."
+
+
+@pytest.mark.parametrize(
+    ("scene", "body", "status", "named"),
+    [
+        ("nope", {"message": "x"}, 404, "nope"),
+        ("chat", {"message": 3}, 400, "$.message"),
+        ("chat", {"message": "x", "inputs": []}, 400, "$.inputs"),
+        ("chat", {"message": "x", "extra": 1}, 400, "extra"),
+        ("chat", {"message": "x", "conversationId": "a:b"}, 400, "conversationId"),
+        ("chat", {}, 400, "message"),
+    ],
+)
+async def test_bad_scene_requests(scene: str, body: Any, status: int, named: str) -> None:
+    async with FakeOpenAI() as fake, running(config(fake)) as lean:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{lean.url}/v1/scenes/{scene}/stream", json=body) as resp:
+                assert resp.status == status
+                error = (await resp.json())["error"]
+    assert named in error["message"]
+    assert fake.requests == []
+
+
+async def test_history_turns_go_to_the_model_and_turns_count_up() -> None:
+    async with FakeOpenAI() as fake, running(config(fake)) as lean:
+        for i in range(3):
+            fake.push(text_stream(f"Answer {i}."))
+            evs = await post_sse(lean, "chat", {"message": f"Question {i}", "conversationId": "h"})
+            assert evs[0][2]["messageId"] == f"chat:h:{i + 1}"
+        third = fake.requests[2].body["messages"]
+        rows = await saved(lean, "h")
+    assert third == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Question 0"},
+        {"role": "assistant", "content": "Answer 0."},
+        {"role": "user", "content": "Question 1"},
+        {"role": "assistant", "content": "Answer 1."},
+        {"role": "user", "content": "Question 2"},
+    ]
+    assert [(r["role"], r["content"], r["status"]) for r in rows] == [
+        ("user", "Question 0", "complete"),
+        ("assistant", "Answer 0.", "complete"),
+        ("user", "Question 1", "complete"),
+        ("assistant", "Answer 1.", "complete"),
+        ("user", "Question 2", "complete"),
+        ("assistant", "Answer 2.", "complete"),
+    ]
+    assistant = rows[-1]
+    assert assistant["messageId"] == "chat:h:3" and assistant["scene"] == "chat"
+    assert assistant["model"] == "default" and assistant["finishReason"] == "stop"
+    assert assistant["completionTokens"] > 0 and assistant["firstTokenMs"] >= 0
+
+
+async def test_a_run_without_conversation_gets_a_fresh_one() -> None:
+    async with FakeOpenAI() as fake, running(config(fake)) as lean:
+        first = await post_sse(lean, "chat", {"message": "a"})
+        second = await post_sse(lean, "chat", {"message": "b"})
+    a, b = first[0][2]["conversationId"], second[0][2]["conversationId"]
+    assert a != b and first[0][2]["messageId"] == f"chat:{a}:1"
+
+
+async def test_unknown_conversation_is_a_404() -> None:
+    async with running(lean_config(extra=SCENES)) as lean, aiohttp.ClientSession() as http:
+        async with http.get(f"{lean.url}/v1/conversations/none/messages") as resp:
+            assert resp.status == 404
+
+
+# --- failure, cancel, disconnect -----------------------------------------------------------------
+
+
+async def test_failure_after_content_is_an_error_event_and_saves_incomplete() -> None:
+    async with FakeOpenAI() as fake, running(config(fake)) as lean:
+        stream = text_stream(TEXT)
+        stream.cut_after = 3  # role chunk + two words
+        fake.push(stream)
+        evs = await post_sse(lean, "chat", {"message": "x", "conversationId": "f"})
+        rows = await saved(lean, "f")
+    assert_run_shape(evs, "error")
+    error = evs[-1][2]
+    assert error["code"] == "upstream_error" and error["retryable"] is True
+    assert rows[-1]["status"] == "incomplete" and rows[-1]["content"] == "Alpha beta "
+    assert rows[-1]["errorCode"] == "upstream_error"
+
+
+async def test_failure_before_content_falls_back_and_says_so() -> None:
+    from tests.fakes import Reply, completion
+
+    async with FakeOpenAI() as fake, running(config(fake)) as lean:
+        fake.push(Reply(status=500, body={"error": {"message": "x"}}), Reply(body=completion(TEXT)))
+        evs = await post_sse(lean, "chat", {"message": "x"})
+    assert_run_shape(evs, "done")
+    assert evs[-1][2]["text"] == TEXT and evs[-1][2]["fallback"] is True
+
+
+async def test_cancel_endpoint_ends_the_run_closes_the_upstream_and_saves_cancelled() -> None:
+    async with FakeOpenAI() as fake, running(config(fake)) as lean:
+        fake.push(slow(" ".join(["word"] * 200)))
+        async with aiohttp.ClientSession() as http:
+            url = f"{lean.url}/v1/scenes/chat/stream"
+            async with http.post(url, json={"message": "x", "conversationId": "k"}) as resp:
+                first = await resp.content.readuntil(b"\n\n")
+                run_id = json.loads(first.split(b"data: ", 1)[1])["runId"]
+                await resp.content.readuntil(b"\n\n")  # one delta
+                async with http.post(f"{lean.url}/v1/runs/{run_id}/cancel") as cancel:
+                    assert cancel.status == 202
+                asked = time.monotonic()
+                rest = (await resp.read()).decode()
+            async with http.post(f"{lean.url}/v1/runs/{run_id}/cancel") as again:
+                assert again.status == 404
+        dropped = await fake.wait_disconnect(0, timeout=3)
+        rows = await saved(lean, "k")
+    assert dropped - asked < 1.0
+    last = parse_sse(rest)[-1]
+    assert last[0] == "error" and last[2]["code"] == "cancelled"
+    assert rows[-1]["status"] == "cancelled" and rows[-1]["content"].startswith("word")
+
+
+async def test_client_leaving_closes_the_upstream_and_saves_cancelled() -> None:
+    async with FakeOpenAI() as fake, running(config(fake)) as lean:
+        fake.push(slow(" ".join(["word"] * 200)))
+        async with aiohttp.ClientSession() as http:
+            resp = await http.post(
+                f"{lean.url}/v1/scenes/chat/stream", json={"message": "x", "conversationId": "d"}
+            )
+            for _ in range(3):
+                await resp.content.readuntil(b"\n\n")
+            left = time.monotonic()
+            resp.close()
+        dropped = await fake.wait_disconnect(0, timeout=3)
+        assert dropped - left < 1.0
+        rows = await saved_answer(lean, "d")
+    assert rows[-1]["status"] == "cancelled"
+
+
+async def test_on_disconnect_finish_keeps_generating_and_saves_the_whole_answer() -> None:
+    words = " ".join(f"w{i}" for i in range(30))
+    async with FakeOpenAI() as fake, running(config(fake)) as lean:
+        fake.push(slow(words, delay=0.02))
+        async with aiohttp.ClientSession() as http:
+            resp = await http.post(
+                f"{lean.url}/v1/scenes/keep/stream", json={"message": "x", "conversationId": "fin"}
+            )
+            await resp.content.readuntil(b"\n\n")
+            resp.close()
+        rows = await saved_answer(lean, "fin")
+        assert fake.requests[0].disconnected is None and fake.requests[0].finished is not None
+    assert rows[-1]["status"] == "complete" and rows[-1]["content"] == words
+
+
+async def test_shutdown_cuts_a_run_saves_it_incomplete_and_tells_the_client() -> None:
+    async with FakeOpenAI() as fake:
+        lean = Server(config(fake, server="drain_timeout = 0.3"), port=0)
+        await lean.start()
+        try:
+            fake.push(slow(" ".join(["word"] * 200)))
+            async with aiohttp.ClientSession() as http:
+                url = f"{lean.url}/v1/scenes/chat/stream"
+                async with http.post(url, json={"message": "x", "conversationId": "s"}) as resp:
+                    for _ in range(3):
+                        await resp.content.readuntil(b"\n\n")
+                    stopping = asyncio.create_task(lean.stop())
+                    rest = (await resp.read()).decode()
+                await stopping
+        finally:
+            await lean.stop()
+        # The store was flushed and closed on the way out: read the row from the file.
+        from lean.store import Store
+
+        store = Store(lean.config.store.path)
+        await store.open()
+        try:
+            rows = await store.messages("s")
+        finally:
+            await store.close()
+    last = parse_sse(rest)[-1]
+    assert last[0] == "error" and last[2]["code"] == "shutting_down"
+    assert rows[-1].status == "incomplete" and rows[-1].content.startswith("word")
+
+
+# --- NDJSON ---------------------------------------------------------------------------------------
+
+
+async def test_ndjson_same_events_one_object_per_line() -> None:
+    async with FakeOpenAI() as fake, running(config(fake)) as lean:
+        fake.push(text_stream(TEXT))
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                f"{lean.url}/v1/scenes/chat/stream",
+                json={"message": "x"},
+                headers={"Accept": "application/x-ndjson"},
+            ) as resp:
+                assert resp.headers["Content-Type"].startswith("application/x-ndjson")
+                assert resp.headers["X-Accel-Buffering"] == "no"
+                lines = (await resp.text()).split("\n")
+    assert lines[-1] == ""
+    objs = [json.loads(line) for line in lines[:-1]]
+    types = [o["type"] for o in objs]
+    assert types[0] == "start" and types[-1] == "done" and set(types[1:-1]) == {"delta"}
+    assert "".join(o["text"] for o in objs if o["type"] == "delta") == objs[-1]["text"] == TEXT
+
+
+async def test_ndjson_heartbeat_is_a_ping_object() -> None:
+    async with FakeOpenAI() as fake, running(config(fake, server="ping_interval = 0.2")) as lean:
+        fake.push(Stream(events=text_stream(TEXT).events, first_byte_delay=0.8))
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                f"{lean.url}/v1/scenes/chat/stream",
+                json={"message": "x"},
+                headers={"Accept": "application/x-ndjson"},
+            ) as resp:
+                lines = (await resp.text()).split("\n")[:-1]
+    types = [json.loads(line)["type"] for line in lines]
+    assert "ping" in types[: types.index("delta")]
+    assert types[-1] == "done"
+
+
+async def test_sse_heartbeat_from_byte_zero() -> None:
+    async with FakeOpenAI() as fake, running(config(fake, server="ping_interval = 0.2")) as lean:
+        fake.push(Stall(seconds=10))
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                f"{lean.url}/v1/scenes/chat/stream", json={"message": "x"}
+            ) as resp:
+                start = await resp.content.readuntil(b"\n\n")
+                ping = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 2)
+    assert start.startswith(b"event: start")
+    assert ping == b": ping\n\n"
+
+
+# --- EventSource (GET) ------------------------------------------------------------------------
+
+
+async def test_eventsource_get_with_query_inputs() -> None:
+    async with FakeOpenAI() as fake, running(config(fake)) as lean:
+        fake.push(text_stream(TEXT))
+        url = f"{lean.url}/v1/scenes/summary/stream?inputs.words=5&message=Today&conversationId=es"
+        seen = []
+        async with aiohttp.ClientSession() as http:
+            async with sse_client.EventSource(
+                url, session=http, reconnection_time=timedelta(milliseconds=50)
+            ) as source:
+                async for event in source:
+                    seen.append((event.type, event.last_event_id, json.loads(event.data)))
+                    if event.type in ("done", "error"):
+                        break
+                # EventSource reconnects after the end; lean answers 204, never a second run.
+                with pytest.raises(ConnectionAbortedError):
+                    async for _ in source:
+                        pass
+    assert seen[0][0] == "start" and seen[-1][0] == "done"
+    assert [int(e[1]) for e in seen] == list(range(1, len(seen) + 1))
+    assert seen[-1][2]["text"] == TEXT
+    assert fake.requests[0].body["messages"][-1]["content"] == "Summarise in 5 words: Today"
+    assert len(fake.requests) == 1
+
+
+async def test_get_with_access_token_when_auth_is_on() -> None:
+    env = {"LEAN_TOKENS": "tok-1"}
+    async with FakeOpenAI() as fake, running(config(fake, environ=env)) as lean:
+        async with aiohttp.ClientSession() as http:
+            url = f"{lean.url}/v1/scenes/chat/stream?message=hi"
+            async with http.get(url) as resp:
+                assert resp.status == 401
+            async with http.get(url + "&access_token=tok-1") as resp:
+                assert resp.status == 200
+                assert parse_sse(await resp.text())[-1][0] == "done"
+            async with http.post(
+                f"{lean.url}/v1/scenes/chat/stream?access_token=tok-1", json={"message": "x"}
+            ) as resp:
+                assert resp.status == 401  # a token in the URL only for GET (EventSource)
