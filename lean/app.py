@@ -22,7 +22,7 @@ from lean.errors import (
     openai_error_body,
 )
 from lean.handlers import services_key
-from lean.run import Services
+from lean.services import Services
 
 log = logging.getLogger("lean")
 
@@ -116,11 +116,9 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/readyz", handlers.readyz)
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
-        await services.upstream.start()
-        await services.store.open()
+        await services.start()
         yield
-        await services.upstream.close()
-        await services.store.close()  # every pending write is flushed
+        await services.close()
 
     app.cleanup_ctx.append(lifetime)
     return app
@@ -160,7 +158,7 @@ class Server:
             await site.stop()
         if not await streams.drain(self.config.server.drain_timeout):
             log.warning("drain timeout: ending %d streams", len(streams))
-            streams.interrupt_all(ShuttingDown("lean is shutting down"))
+            streams.interrupt_all(ShuttingDown("lean is shutting down", retry_after=1))
             await streams.drain(2.0)
         await self._runner.cleanup()
 

@@ -84,6 +84,10 @@ class SlowClient(LeanError):
     status, code, openai_type = 408, "slow_client", "timeout_error"
 
 
+class ToolTimeout(LeanError):
+    status, code, openai_type = 408, "tool_timeout", "timeout_error"
+
+
 class Internal(LeanError):
     pass
 

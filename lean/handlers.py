@@ -31,7 +31,7 @@ from lean.openai_compat import (
     parse_request,
 )
 from lean.relay import Relay
-from lean.run import Services
+from lean.services import Services
 
 log = logging.getLogger("lean.access")
 
@@ -97,7 +97,8 @@ async def _complete(request: web.Request, model: ModelConfig, body: dict[str, An
     started = time.monotonic()
     status = "error"
     try:
-        relay = Relay(app[services_key].upstream, model, body, guard)
+        services = app[services_key]
+        relay = Relay(services.upstream, services.config, model, body, guard)
         async with aclosing(relay.pieces()) as pieces:
             answer = [piece async for piece in pieces]
         status = "complete"
@@ -136,7 +137,8 @@ async def _stream(
     framer = ChunkFramer(completion_id=new_id(), model=model.alias, include_usage=include_usage)
     try:
         await response.prepare(request)
-        relay = Relay(app[services_key].upstream, model, body, guard)
+        services = app[services_key]
+        relay = Relay(services.upstream, services.config, model, body, guard)
         async with aclosing(relay.pieces()) as pieces:
             async for piece in pieces:
                 frame = framer.frame(piece)

@@ -1,21 +1,32 @@
-"""One answer from one model alias, streamed, with fallback before the commit point.
+"""One answer from a model alias, streamed, with retries and failover before the commit point.
 
 The commit point is the first visible piece (text, reasoning or a tool call)
-handed to the caller. Before it, a failed streaming attempt (connect error,
-HTTP error, unparseable or truncated stream, silence) is retried once on the
-provider's non-streaming path, so the client still gets the whole answer. After
-it, a failure is raised to the caller, who ends the stream with a typed error:
-an answer is never finished on a provider's behalf.
+handed to the caller. Before it, a failed attempt (connect error, HTTP error,
+an unparseable or truncated stream, an in-band error after the preamble,
+silence) is not the client's problem; after it, a failure is raised to the
+caller, who ends the stream with a typed error: an answer is never finished on
+a provider's behalf.
+
+The plan for each alias, in order (`[model.X] fallback = a, b`):
+1. the streaming path, tried `1 + retries` times while the failure is retryable
+   (connect error, 429, 5xx, overloaded, timeout), waiting between tries with
+   exponential backoff and full jitter, or the upstream's `Retry-After` when it
+   is at most `MAX_RETRY_AFTER`;
+2. the provider's non-streaming path, once (a provider with `stream = false`
+   starts here);
+3. then the next alias. The last failure is raised when every alias failed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
-from lean.config import ModelConfig
+from lean.config import Config, ModelConfig
 from lean.errors import LeanError
 from lean.guard import Guard
 from lean.providers.base import VISIBLE, Piece
@@ -23,41 +34,94 @@ from lean.upstream import Upstream
 
 log = logging.getLogger("lean.relay")
 
+BACKOFF_BASE = 0.2  # seconds: the first retry waits up to this, then doubling
+BACKOFF_CAP = 4.0
+# A longer Retry-After is not waited out: the client would rather have the next alias.
+MAX_RETRY_AFTER = 10.0
+
+
+def backoff(attempt: int, error: LeanError) -> float | None:
+    """Seconds to wait before retry `attempt` (1-based), or None to stop retrying."""
+    if error.retry_after is not None:
+        return error.retry_after if error.retry_after <= MAX_RETRY_AFTER else None
+    return random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1)))
+
 
 class Relay:
     def __init__(
-        self, upstream: Upstream, model: ModelConfig, body: dict[str, Any], guard: Guard
+        self,
+        upstream: Upstream,
+        config: Config,
+        model: ModelConfig,
+        body: dict[str, Any],
+        guard: Guard,
     ) -> None:
         self._upstream = upstream
-        self._model = model
+        self._models = [model, *(config.models[alias] for alias in model.fallback)]
         self._body = body
         self._guard = guard
         self.committed = False
-        self.fallback = False  # the answer came from the non-streaming path
+        self.fallback = False  # the answer came from a non-streaming path
+        self.answered_by = model.alias
+        self.attempts = 0
 
     async def pieces(self) -> AsyncGenerator[Piece, None]:
-        if self._upstream.provider(self._model).stream:
+        last: LeanError | None = None
+        for model in self._models:
+            self.answered_by = model.alias
+            if self._upstream.provider(model).stream:
+                for attempt in range(1 + model.retries):
+                    if attempt:
+                        assert last is not None
+                        wait = backoff(attempt, last)
+                        if wait is None:
+                            break
+                        self._guard.wrote()  # heartbeats go on while lean waits
+                        await asyncio.sleep(wait)
+                    try:
+                        async with aclosing(self._stream(model)) as stream:
+                            async for piece in stream:
+                                yield piece
+                        return
+                    except LeanError as exc:
+                        if self.committed:
+                            raise
+                        last = exc
+                        self._log(model, "stream", exc)
+                        if not exc.retryable:
+                            break
             try:
-                async with aclosing(
-                    self._upstream.stream(self._model, self._body, self._guard)
-                ) as stream:
-                    async for piece in stream:
-                        if not self.committed and isinstance(piece, VISIBLE):
-                            self.committed = True
-                        yield piece
-                return
+                pieces = await self._complete(model)
             except LeanError as exc:
-                if self.committed:
-                    raise
-                log.warning(
-                    "stream failed before any content, using the non-streaming path "
-                    "model=%s code=%s error=%s",
-                    self._model.alias,
-                    exc.code,
-                    exc.message,
-                )
-        self.fallback = True
-        for piece in await self._upstream.complete(self._model, self._body, self._guard):
-            if isinstance(piece, VISIBLE):
-                self.committed = True
-            yield piece
+                last = exc
+                self._log(model, "non-stream", exc)
+                continue
+            self.fallback = True
+            for piece in pieces:
+                if isinstance(piece, VISIBLE):
+                    self.committed = True
+                yield piece
+            return
+        assert last is not None
+        raise last
+
+    async def _stream(self, model: ModelConfig) -> AsyncGenerator[Piece, None]:
+        self.attempts += 1
+        async with aclosing(self._upstream.stream(model, self._body, self._guard)) as stream:
+            async for piece in stream:
+                if not self.committed and isinstance(piece, VISIBLE):
+                    self.committed = True
+                yield piece
+
+    async def _complete(self, model: ModelConfig) -> list[Piece]:
+        self.attempts += 1
+        return await self._upstream.complete(model, self._body, self._guard)
+
+    def _log(self, model: ModelConfig, path: str, error: LeanError) -> None:
+        log.warning(
+            "attempt failed before any content model=%s path=%s code=%s error=%s",
+            model.alias,
+            path,
+            error.code,
+            error.message,
+        )

@@ -27,14 +27,15 @@ from contextlib import aclosing
 from typing import Any, Protocol
 
 from lean import events
-from lean.config import Config, ModelConfig, SceneConfig
+from lean.config import ModelConfig, SceneConfig
 from lean.errors import BadRequest, Cancelled, Internal, LeanError, ShuttingDown, SlowClient
 from lean.guard import Guard
-from lean.limits import Streams
 from lean.providers.base import Finish, Piece, Reasoning, Text, ToolCall, Usage
 from lean.relay import Relay
-from lean.store import MessageRecord, Store, utc_now
-from lean.upstream import Upstream
+from lean.services import Services
+from lean.store import MessageRecord, utc_now
+from lean.tool_round import Call, ToolRound
+from lean.tools import openai_tools
 
 log = logging.getLogger("lean.run")
 
@@ -55,17 +56,6 @@ class ClientGone(Exception):
     def __init__(self, reason: LeanError) -> None:
         super().__init__(reason.message)
         self.reason = reason
-
-
-class Services:
-    """What every request and run shares: built once per app."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.upstream = Upstream(config)
-        self.store = Store(config.store.path)
-        self.streams = Streams(config.limits.max_streams)
-        self.runs = Runs()
 
 
 def new_run_id() -> str:
@@ -98,7 +88,18 @@ class Run:
         self.order = events.RunEvents()
         self._text: list[str] = []
         self._reasoning: list[str] = []
-        self._calls: dict[int, dict[str, Any]] = {}
+        self._calls: list[Call] = []  # every round's, for the saved message
+        self._round: dict[int, Call] = {}  # the current model call's, by index
+        self._round_text: list[str] = []
+        self.tools = ToolRound(
+            message_id=self.message_id,
+            scene=scene,
+            tools=services.tools,
+            client_timeout=services.config.limits.client_tool_timeout,
+            emit=self._emit,
+        )
+        if scene.tools:
+            body["tools"] = openai_tools([services.config.tools[name] for name in scene.tools])
         self._finish = "stop"
         self._usage = Usage()
         self._error: LeanError | None = None
@@ -148,17 +149,28 @@ class Run:
         final: events.Event | None = None
         try:
             await self._emit(self._start_event())
-            relay = Relay(self.services.upstream, self.model, self.body, guard)
-            async with aclosing(relay.pieces()) as pieces:
-                async for piece in pieces:
-                    await self._piece(piece)
+            fallback = False
+            for round_number in range(self.scene.max_tool_rounds + 1):
+                if round_number and round_number == self.scene.max_tool_rounds:
+                    self.body["tool_choice"] = "none"  # the last round must answer in words
+                relay = Relay(
+                    self.services.upstream, self.services.config, self.model, self.body, guard
+                )
+                self._round, self._round_text = {}, []
+                async with aclosing(relay.pieces()) as pieces:
+                    async for piece in pieces:
+                        await self._piece(piece)
+                fallback = fallback or relay.fallback
+                if not self._round:
+                    break
+                await self._tool_round(list(self._round.values()))
             self.status = "complete"
             final = events.Done(
                 message_id=self.message_id,
                 finish_reason=self._finish,
                 usage=events.Usage(self._usage.prompt_tokens, self._usage.completion_tokens),
                 text="".join(self._text),
-                fallback=relay.fallback,
+                fallback=fallback,
             )
         except asyncio.CancelledError:
             reason = guard.take()
@@ -208,6 +220,7 @@ class Run:
         if isinstance(piece, Text):
             self._first_token()
             self._text.append(piece.text)
+            self._round_text.append(piece.text)
             await self._emit(events.Delta(message_id=self.message_id, text=piece.text))
         elif isinstance(piece, Reasoning):
             self._first_token()
@@ -216,14 +229,30 @@ class Run:
                 events.Delta(message_id=self.message_id, text=piece.text, part="thinking")
             )
         elif isinstance(piece, ToolCall):
-            call = self._calls.setdefault(
-                piece.index, {"id": piece.id or "", "name": piece.name or "", "arguments": ""}
-            )
-            call["arguments"] += piece.arguments
+            call = self._round.get(piece.index)
+            if call is None:
+                call = self._round[piece.index] = Call(piece.index, piece.id, piece.name)
+            call.arguments += piece.arguments
         elif isinstance(piece, Finish):
             self._finish = piece.reason
         elif isinstance(piece, Usage):
             self._usage = piece
+
+    async def _tool_round(self, calls: list[Call]) -> None:
+        """Run the calls the model asked for and give the model their results."""
+        self._calls.extend(calls)
+        await self.tools.run(calls)
+        messages = self.body["messages"] = list(self.body["messages"])
+        messages.append(
+            {
+                "role": "assistant",
+                "content": "".join(self._round_text) or None,
+                "tool_calls": [call.openai() for call in calls],
+            }
+        )
+        messages.extend(
+            {"role": "tool", "tool_call_id": call.id, "content": call.result} for call in calls
+        )
 
     def _first_token(self) -> None:
         if self._first_token_ms is None:
@@ -282,7 +311,7 @@ class Run:
             scene=self.scene.name,
             model=self.model.alias,
             reasoning="".join(self._reasoning),
-            tool_calls=[self._calls[i] for i in sorted(self._calls)],
+            tool_calls=[call.saved() for call in self._calls],
             finish_reason=self._finish if self.status == "complete" else None,
             error_code=self._error.code if self._error else None,
             prompt_tokens=self._usage.prompt_tokens,
@@ -306,25 +335,3 @@ class Run:
             self._usage.prompt_tokens,
             self._usage.completion_tokens,
         )
-
-
-class Runs:
-    """Running scene runs by id, for cancel and tool-result requests."""
-
-    def __init__(self) -> None:
-        self._runs: dict[str, Run] = {}
-
-    def __len__(self) -> int:
-        return len(self._runs)
-
-    def get(self, run_id: str) -> Run | None:
-        return self._runs.get(run_id)
-
-    def add(self, run: Run) -> None:
-        if run.run_id in self._runs:
-            raise RuntimeError(f"run id {run.run_id} is already running")
-        self._runs[run.run_id] = run
-
-    def discard(self, run: Run) -> None:
-        if self._runs.get(run.run_id) is run:
-            del self._runs[run.run_id]

@@ -20,7 +20,8 @@ from aiohttp import WSMsgType, web
 from lean import events, scenes
 from lean.errors import BadRequest, LeanError, NotFound, Overloaded
 from lean.handlers import find_model, services_key
-from lean.run import Run, Services
+from lean.run import Run
+from lean.services import Services
 
 log = logging.getLogger("lean.ws")
 

@@ -166,7 +166,9 @@ async def test_stream_reasoning_is_reasoning_content_never_content(
     assert text_of(chunks) == DEFAULT_TEXT
     assert "think" not in text_of(chunks)
     first_reasoning = next(
-        i for i, c in enumerate(chunks) if (c.choices[0].delta.model_extra or {}).get("reasoning_content")
+        i
+        for i, c in enumerate(chunks)
+        if (c.choices[0].delta.model_extra or {}).get("reasoning_content")
     )
     first_text = next(i for i, c in enumerate(chunks) if c.choices[0].delta.content)
     assert first_reasoning < first_text

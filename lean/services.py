@@ -1,0 +1,56 @@
+"""What every request and run shares, built once per app, and the registry of running runs."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lean.config import Config
+from lean.limits import Streams
+from lean.store import Store
+from lean.tools import Tools
+from lean.upstream import Upstream
+
+if TYPE_CHECKING:
+    from lean.run import Run
+
+
+class Runs:
+    """Running scene runs by id, for cancel and tool-result requests."""
+
+    def __init__(self) -> None:
+        self._runs: dict[str, Run] = {}
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def get(self, run_id: str) -> Run | None:
+        return self._runs.get(run_id)
+
+    def add(self, run: Run) -> None:
+        if run.run_id in self._runs:
+            raise RuntimeError(f"run id {run.run_id} is already running")
+        self._runs[run.run_id] = run
+
+    def discard(self, run: Run) -> None:
+        if self._runs.get(run.run_id) is run:
+            del self._runs[run.run_id]
+
+
+class Services:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.upstream = Upstream(config)
+        self.store = Store(config.store.path)
+        self.streams = Streams(config.limits.max_streams)
+        self.tools = Tools(config.tools)  # imports python tools: a bad path stops start-up
+        self.runs = Runs()
+
+    async def start(self) -> None:
+        await self.upstream.start()
+        await self.tools.start()
+        await self.store.open()
+
+    async def close(self) -> None:
+        await self.upstream.close()
+        await self.tools.close()
+        await self.store.close()  # every pending write is flushed

@@ -1,0 +1,126 @@
+"""Server-side tools declared in the config: `kind = python` and `kind = http`.
+
+A tool never crashes a run: whatever goes wrong (bad arguments, an exception,
+a timeout, an HTTP error, an answer over its size bound) becomes an `isError`
+result the model sees. Python tools are imported once at start-up, so a wrong
+import path stops lean there (exit 2) rather than at the first call. HTTP tools
+POST the arguments to their URL; the host must be one the tool allows,
+redirects are not followed, and the answer is read up to `max_response_bytes`.
+`kind = client` tools are answered by the client (`lean.run`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import msgspec
+import yarl
+
+from lean.config import ConfigError, ToolConfig
+
+_encode = msgspec.json.Encoder().encode
+_decode_args = msgspec.json.Decoder(dict[str, Any]).decode
+
+
+def openai_tools(tools: list[ToolConfig]) -> list[dict[str, Any]]:
+    """The `tools` parameter of a Chat Completions request."""
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": tool.name,
+                "description": tool.description,
+                "parameters": tool.parameters,
+            },
+        }
+        for tool in tools
+    ]
+
+
+def _import(tool: ToolConfig) -> Callable[..., Any]:
+    module_name, _, attr = tool.function.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(
+            f"tool.{tool.name}", "function", "an importable module:function", tool.function
+        ) from exc
+    if not callable(function):
+        raise ConfigError(f"tool.{tool.name}", "function", "a callable", tool.function)
+    return function  # type: ignore[no-any-return]
+
+
+def as_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    try:
+        return _encode(value).decode()
+    except TypeError:
+        return str(value)
+
+
+class Tools:
+    def __init__(self, tools: dict[str, ToolConfig]) -> None:
+        self.config = tools
+        self._functions = {
+            name: _import(tool) for name, tool in tools.items() if tool.kind == "python"
+        }
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        if any(tool.kind == "http" for tool in self.config.values()):
+            self._session = aiohttp.ClientSession(trust_env=False)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def run(self, tool: ToolConfig, arguments: str) -> tuple[str, bool]:
+        """(result, is_error) for one call; never raises but on cancellation."""
+        try:
+            args = _decode_args(arguments or "{}")
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            return f"invalid arguments: {exc}", True
+        try:
+            async with asyncio.timeout(tool.timeout):
+                if tool.kind == "python":
+                    return as_text(await self._python(tool, args)), False
+                return await self._http(tool, args)
+        except TimeoutError:
+            return f"tool '{tool.name}' timed out after {tool.timeout:g} s", True
+        except Exception as exc:
+            return f"tool '{tool.name}' failed: {type(exc).__name__}: {exc}", True
+
+    async def _python(self, tool: ToolConfig, args: dict[str, Any]) -> Any:
+        function = self._functions[tool.name]
+        if inspect.iscoroutinefunction(function):
+            return await function(**args)
+        # A sync tool may block: it runs on a thread so the loop keeps streaming.
+        return await asyncio.to_thread(function, **args)
+
+    async def _http(self, tool: ToolConfig, args: dict[str, Any]) -> tuple[str, bool]:
+        assert self._session is not None
+        host = yarl.URL(tool.url).host or ""
+        if host not in tool.allowed_hosts:
+            return f"tool '{tool.name}': host {host} is not allowed", True
+        async with self._session.post(
+            tool.url,
+            data=_encode(args),
+            headers={"Content-Type": "application/json"},
+            allow_redirects=False,
+        ) as resp:
+            body = await resp.content.read(tool.max_response_bytes + 1)
+            if len(body) > tool.max_response_bytes:
+                return (
+                    f"tool '{tool.name}' answered more than {tool.max_response_bytes} bytes",
+                    True,
+                )
+            text = body.decode("utf-8", "replace")
+            if resp.status >= 300:
+                return f"tool '{tool.name}' answered HTTP {resp.status}: {text[:500]}", True
+            return text, False
