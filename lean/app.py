@@ -108,6 +108,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_post("/v1/scenes/{scene}/stream", scene_handlers.stream_scene)
     app.router.add_get("/v1/scenes/{scene}/stream", scene_handlers.stream_scene)
     app.router.add_post("/v1/runs/{run_id}/cancel", scene_handlers.cancel_run)
+    app.router.add_post("/v1/runs/{run_id}/tool-results", scene_handlers.tool_result)
     app.router.add_get(
         "/v1/conversations/{conversation_id}/messages", scene_handlers.conversation_messages
     )

@@ -10,14 +10,18 @@ from collections.abc import Sequence
 
 from lean import __version__
 from lean.config import Config, ConfigError, load_config
+from lean.tools import Tools
 
 
 def _load(path: str) -> Config | None:
+    """The config, with its python tools importable; None (and one line) when not."""
     try:
-        return load_config(path)
+        config = load_config(path)
+        Tools(config.tools)
     except ConfigError as exc:
         print(f"lean: {exc}", file=sys.stderr)
         return None
+    return config
 
 
 def _setup_logging() -> None:

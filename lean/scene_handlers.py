@@ -7,6 +7,7 @@ status + error body); from `start` on, the run's events carry the outcome.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -102,6 +103,30 @@ async def cancel_run(request: web.Request) -> web.Response:
         raise NotFound(f"run '{run_id}' is not running")
     run.cancel()
     return web.json_response({"runId": run_id, "status": "cancelling"}, status=202)
+
+
+class ToolResult(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
+    tool_call_id: str
+    result: Any = None
+
+
+_decode_tool_result = msgspec.json.Decoder(ToolResult).decode
+
+
+async def tool_result(request: web.Request) -> web.Response:
+    """Answers a `waiting` event: `{"toolCallId", "result"}`."""
+    run_id = request.match_info["run_id"]
+    try:
+        answer = _decode_tool_result(await read_body(request))
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise BadRequest(f"invalid request: {exc}") from None
+    run = request.app[services_key].runs.get(run_id)
+    if run is None:
+        raise NotFound(f"run '{run_id}' is not running")
+    run.tools.answer(answer.tool_call_id, answer.result)
+    return web.json_response(
+        {"runId": run_id, "toolCallId": answer.tool_call_id, "status": "accepted"}
+    )
 
 
 async def conversation_messages(request: web.Request) -> web.Response:

@@ -97,8 +97,7 @@ class Socket:
             elif isinstance(frame, CancelFrame):
                 self._find(frame.run_id).cancel()
             else:
-                self._find(frame.run_id)
-                raise BadRequest(f"run '{frame.run_id}' is not waiting for a tool result")
+                self._find(frame.run_id).tools.answer(frame.tool_call_id, frame.result)
         except LeanError as exc:
             await self.error(frame.run_id, exc)
 
