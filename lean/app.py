@@ -115,6 +115,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/v1/ws", ws.websocket)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
+    app.router.add_get("/metrics", handlers.metrics)
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         await services.start()
@@ -173,10 +174,17 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    from lean.systemd import Notifier  # sd_notify: a no-op without $NOTIFY_SOCKET
+
+    notifier = Notifier()
+    notifier.ready(f"listening on {server.url}")  # after the signal handlers: stoppable
+    notifier.start_watchdog()
     try:
         await stop.wait()
     finally:
+        notifier.stopping(f"draining for up to {config.server.drain_timeout:g} s")
         log.info("lean stopping: draining for up to %g s", config.server.drain_timeout)
         await server.stop()
+        await notifier.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

@@ -26,8 +26,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from lean.errors import LeanError, SlowClient, UpstreamTimeout
+from lean.metrics import Metrics
 
 IDLE, WAITING, WRITING = 0, 1, 2
+# A write that took longer than this waited for the client: counted as backpressure.
+BACKPRESSURE_WAIT = 0.005
 
 
 class Guard:
@@ -39,7 +42,9 @@ class Guard:
         ping: Callable[[], Awaitable[None]] | None = None,
         on_slow_client: Callable[[], None] | None = None,
         task: asyncio.Task[Any] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
         self._loop = asyncio.get_running_loop()
         task = task or asyncio.current_task()
         if task is None:
@@ -75,8 +80,11 @@ class Guard:
         self.since = self._loop.time()
 
     def wrote(self) -> None:
+        now = self._loop.time()
+        if self.phase == WRITING and now - self.since > BACKPRESSURE_WAIT:
+            self._metrics.backpressure_waits += 1
         self.phase = IDLE
-        self.last_write = self.since = self._loop.time()
+        self.last_write = self.since = now
 
     def interrupt(self, reason: LeanError) -> None:
         """End the stream with `reason`; the first reason wins."""
@@ -125,6 +133,7 @@ class Guard:
         # The watch goes on without heartbeats: a run that finishes without its client
         # (on_disconnect = finish) still needs its upstream silence limit.
         self.evicted = True
+        self._metrics.evictions += 1
         self._ping = None
         self.phase = IDLE
         self.interrupt(SlowClient("the client stopped reading"))

@@ -61,7 +61,9 @@ def find_model(config: Config, alias: str) -> ModelConfig:
     return model
 
 
-def new_guard(config: Config, response: web.StreamResponse | None, request: web.Request) -> Guard:
+def new_guard(
+    services: Services, response: web.StreamResponse | None, request: web.Request
+) -> Guard:
     def abort() -> None:
         if request.transport is not None:
             request.transport.abort()
@@ -71,47 +73,84 @@ def new_guard(config: Config, response: web.StreamResponse | None, request: web.
         await response.write(PING)
 
     return Guard(
-        ping_interval=config.server.ping_interval,
-        slow_client_timeout=config.limits.slow_client_timeout,
+        ping_interval=services.config.server.ping_interval,
+        slow_client_timeout=services.config.limits.slow_client_timeout,
         ping=ping if response is not None else None,
         on_slow_client=abort,
+        metrics=services.metrics,
     )
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    config = request.app[services_key].config
+    services = request.app[services_key]
     chat, body = parse_request(await read_body(request))
-    model = find_model(config, chat.model)
-    request.app[services_key].streams.check()
-    include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+    model = find_model(services.config, chat.model)
+    services.streams.check()
     if chat.stream:
-        return await _stream(request, model, body, include_usage)
-    return await _complete(request, model, body)
+        include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+        return await _stream(request, services, model, body, include_usage)
+    return await _complete(request, services, model, body)
 
 
-async def _complete(request: web.Request, model: ModelConfig, body: dict[str, Any]) -> web.Response:
-    app = request.app
-    guard = new_guard(app[services_key].config, None, request)
-    streams = app[services_key].streams
-    streams.add(guard)
-    started = time.monotonic()
-    status = "error"
+class _Outcome:
+    """How one chat completion ended: one log line and the metrics, never per chunk."""
+
+    def __init__(self, model: ModelConfig, stream: bool) -> None:
+        self.model = model
+        self.stream = stream
+        self.started = time.monotonic()
+        self.first_token: float | None = None
+        self.frames = 0
+        self.status = "error"
+        self.code = ""
+
+    def failed(self, error: LeanError, committed: bool) -> None:
+        self.code = error.code
+        self.status = (
+            "cancelled" if error.code == "cancelled" else ("incomplete" if committed else "error")
+        )
+
+    def end(self, services: Services) -> None:
+        ttft = None if self.first_token is None else self.first_token - self.started
+        services.metrics.run_ended("chat.completions", "", self.status, self.frames, ttft)
+        log.info(
+            "run endpoint=chat.completions model=%s stream=%s status=%s%s "
+            "first_token_ms=%s duration_ms=%.0f",
+            self.model.alias,
+            "true" if self.stream else "false",
+            self.status,
+            f" code={self.code}" if self.code else "",
+            "-" if ttft is None else f"{ttft * 1000:.0f}",
+            (time.monotonic() - self.started) * 1000,
+        )
+
+
+async def _complete(
+    request: web.Request, services: Services, model: ModelConfig, body: dict[str, Any]
+) -> web.Response:
+    guard = new_guard(services, None, request)
+    services.streams.add(guard)
+    outcome = _Outcome(model, stream=False)
+    relay = Relay(services, model, body, guard)
     try:
-        services = app[services_key]
-        relay = Relay(services.upstream, services.config, model, body, guard)
         async with aclosing(relay.pieces()) as pieces:
             answer = [piece async for piece in pieces]
-        status = "complete"
+        outcome.status = "complete"
+        outcome.first_token = time.monotonic()
     except asyncio.CancelledError:
         reason = guard.take()
         if reason is None:
-            status = "cancelled"
+            outcome.status = "cancelled"
             raise
+        outcome.failed(reason, False)
         raise reason from None
+    except LeanError as exc:
+        outcome.failed(exc, False)
+        raise
     finally:
         await guard.close()
-        streams.discard(guard)
-        _log_run(model, status, started, stream=False)
+        services.streams.discard(guard)
+        outcome.end(services)
     return web.Response(
         body=completion_body(answer, completion_id=new_id(), model=model.alias),
         content_type="application/json",
@@ -119,68 +158,60 @@ async def _complete(request: web.Request, model: ModelConfig, body: dict[str, An
 
 
 async def _stream(
-    request: web.Request, model: ModelConfig, body: dict[str, Any], include_usage: bool
+    request: web.Request,
+    services: Services,
+    model: ModelConfig,
+    body: dict[str, Any],
+    include_usage: bool,
 ) -> web.StreamResponse:
-    app = request.app
-    config = app[services_key].config
     response = web.StreamResponse(headers=SSE_HEADERS)
-    guard = new_guard(config, response, request)
-    streams = app[services_key].streams
+    guard = new_guard(services, response, request)
     try:
-        streams.add(guard)
+        services.streams.add(guard)
     except LeanError:
         await guard.close()
         raise
-    started = time.monotonic()
-    status = "error"
+    outcome = _Outcome(model, stream=True)
     error: LeanError | None = None
     framer = ChunkFramer(completion_id=new_id(), model=model.alias, include_usage=include_usage)
+    relay = Relay(services, model, body, guard)
     try:
         await response.prepare(request)
-        services = app[services_key]
-        relay = Relay(services.upstream, services.config, model, body, guard)
         async with aclosing(relay.pieces()) as pieces:
             async for piece in pieces:
                 frame = framer.frame(piece)
                 if frame is not None:
+                    if outcome.first_token is None:
+                        outcome.first_token = time.monotonic()
                     guard.writing()
                     await response.write(frame)
                     guard.wrote()
+                    outcome.frames += 1
         guard.writing()
         await response.write(framer.end())
         guard.wrote()
-        status = "complete"
+        outcome.status = "complete"
     except asyncio.CancelledError:
         error = guard.take()
         if error is None:
-            status = "cancelled"  # the client left; aclosing closed the upstream
+            outcome.status = "cancelled"  # the client left; aclosing closed the upstream
             raise
     except LeanError as exc:
         error = exc
     except ConnectionError:
-        status = "cancelled"
+        outcome.status = "cancelled"
     finally:
         await guard.close()
-        streams.discard(guard)
+        services.streams.discard(guard)
         if error is not None:
-            status = error.code
-        _log_run(model, status, started, stream=True)
+            outcome.failed(error, relay.committed)
+        outcome.end(services)
     if error is not None and not guard.evicted:
         # After the first byte an error travels in band: one `data: {"error": ...}` line.
         with contextlib.suppress(ConnectionError, TimeoutError):
-            async with asyncio.timeout(config.limits.slow_client_timeout):
+            async with asyncio.timeout(services.config.limits.slow_client_timeout):
                 await response.write(error_frame(openai_error_body(error)))
     return response
-
-
-def _log_run(model: ModelConfig, status: str, started: float, *, stream: bool) -> None:
-    log.info(
-        "run endpoint=chat.completions model=%s stream=%s status=%s duration_ms=%.0f",
-        model.alias,
-        "true" if stream else "false",
-        status,
-        (time.monotonic() - started) * 1000,
-    )
 
 
 async def models(request: web.Request) -> web.Response:
@@ -190,6 +221,23 @@ async def models(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    services = request.app[services_key]
+    body = services.metrics.render(
+        [
+            ("lean_active_streams", "Streams and runs in progress.", len(services.streams)),
+            ("lean_active_scene_runs", "Scene runs in progress.", len(services.runs)),
+            ("lean_draining", "1 while lean shuts down.", 1 if services.streams.draining else 0),
+        ]
+    )
+    return web.Response(
+        body=body,
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"X-Content-Type-Options": "nosniff"},
+    )
 
 
 async def readyz(request: web.Request) -> web.Response:

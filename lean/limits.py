@@ -12,13 +12,14 @@ import asyncio
 
 from lean.errors import LeanError, Overloaded, ShuttingDown
 from lean.guard import Guard
+from lean.metrics import Metrics
 
 
 class Streams:
-    def __init__(self, max_streams: int) -> None:
+    def __init__(self, max_streams: int, metrics: Metrics) -> None:
         self.max_streams = max_streams
         self.draining = False
-        self.rejected = 0
+        self._metrics = metrics
         self._active: set[Guard] = set()
         self._empty = asyncio.Event()
         self._empty.set()
@@ -29,9 +30,10 @@ class Streams:
     def check(self) -> None:
         """Raise unless one more stream may start now."""
         if self.draining:
+            self._metrics.rejections[("shutting_down",)] += 1
             raise ShuttingDown("lean is shutting down", retry_after=1)
         if len(self._active) >= self.max_streams:
-            self.rejected += 1
+            self._metrics.rejections[("overloaded",)] += 1
             raise Overloaded(
                 f"lean is relaying its limit of {self.max_streams} streams; retry shortly",
                 retry_after=1,

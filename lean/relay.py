@@ -26,11 +26,11 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
-from lean.config import Config, ModelConfig
+from lean.config import ModelConfig
 from lean.errors import LeanError
 from lean.guard import Guard
 from lean.providers.base import VISIBLE, Piece
-from lean.upstream import Upstream
+from lean.services import Services
 
 log = logging.getLogger("lean.relay")
 
@@ -49,15 +49,11 @@ def backoff(attempt: int, error: LeanError) -> float | None:
 
 class Relay:
     def __init__(
-        self,
-        upstream: Upstream,
-        config: Config,
-        model: ModelConfig,
-        body: dict[str, Any],
-        guard: Guard,
+        self, services: Services, model: ModelConfig, body: dict[str, Any], guard: Guard
     ) -> None:
-        self._upstream = upstream
-        self._models = [model, *(config.models[alias] for alias in model.fallback)]
+        self._upstream = services.upstream
+        self._metrics = services.metrics
+        self._models = [model, *(services.config.models[alias] for alias in model.fallback)]
         self._body = body
         self._guard = guard
         self.committed = False
@@ -84,6 +80,7 @@ class Relay:
                                 yield piece
                         return
                     except LeanError as exc:
+                        self._count(model, exc)
                         if self.committed:
                             raise
                         last = exc
@@ -93,10 +90,12 @@ class Relay:
             try:
                 pieces = await self._complete(model)
             except LeanError as exc:
+                self._count(model, exc)
                 last = exc
                 self._log(model, "non-stream", exc)
                 continue
             self.fallback = True
+            self._metrics.fallbacks += 1
             for piece in pieces:
                 if isinstance(piece, VISIBLE):
                     self.committed = True
@@ -116,6 +115,9 @@ class Relay:
     async def _complete(self, model: ModelConfig) -> list[Piece]:
         self.attempts += 1
         return await self._upstream.complete(model, self._body, self._guard)
+
+    def _count(self, model: ModelConfig, error: LeanError) -> None:
+        self._metrics.upstream_errors[(model.provider, error.code)] += 1
 
     def _log(self, model: ModelConfig, path: str, error: LeanError) -> None:
         log.warning(

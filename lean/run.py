@@ -121,6 +121,7 @@ class Run:
             ping=self._ping,
             on_slow_client=self._abort_sink,
             task=self.task,
+            metrics=self.services.metrics,
         )
         self.services.streams.add(self.guard)
         self.services.runs.add(self)
@@ -153,9 +154,7 @@ class Run:
             for round_number in range(self.scene.max_tool_rounds + 1):
                 if round_number and round_number == self.scene.max_tool_rounds:
                     self.body["tool_choice"] = "none"  # the last round must answer in words
-                relay = Relay(
-                    self.services.upstream, self.services.config, self.model, self.body, guard
-                )
+                relay = Relay(self.services, self.model, self.body, guard)
                 self._round, self._round_text = {}, []
                 async with aclosing(relay.pieces()) as pieces:
                     async for piece in pieces:
@@ -318,6 +317,13 @@ class Run:
             completion_tokens=self._usage.completion_tokens,
             first_token_ms=self._first_token_ms,
             duration_ms=(time.monotonic() - self._started) * 1000,
+        )
+        self.services.metrics.run_ended(
+            "scene",
+            self.scene.name,
+            record.status,
+            self.order.seq,
+            None if self._first_token_ms is None else self._first_token_ms / 1000,
         )
         try:
             await self.services.store.save_assistant(record)

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from lean.config import Config
 from lean.limits import Streams
+from lean.metrics import Metrics
 from lean.store import Store
 from lean.tools import Tools
 from lean.upstream import Upstream
@@ -41,7 +42,8 @@ class Services:
         self.config = config
         self.upstream = Upstream(config)
         self.store = Store(config.store.path)
-        self.streams = Streams(config.limits.max_streams)
+        self.metrics = Metrics()
+        self.streams = Streams(config.limits.max_streams, self.metrics)
         self.tools = Tools(config.tools)  # imports python tools: a bad path stops start-up
         self.runs = Runs()
 

@@ -441,7 +441,7 @@ async def test_sigterm_drains_then_ends_a_long_stream_with_shutting_down(
         assert ended - sent >= 0.4  # the stream had its drain_timeout (0.5 s) first
         assert await lean.exit_code(timeout=5) == 0
         assert time.monotonic() - sent < 5
-        await lean.wait_log("status=shutting_down")
+        await lean.wait_log("code=shutting_down")
 
 
 # --- response headers, heartbeats, routes -------------------------------------------------
