@@ -177,6 +177,8 @@ def _image_source(url: str) -> dict[str, str]:
 
 def _object(arguments: Any) -> dict[str, Any]:
     """OpenAI tool-call arguments (a JSON string) as the object Anthropic requires."""
+    if not isinstance(arguments, str):
+        return arguments if isinstance(arguments, dict) else {}
     try:
         value = json.loads(arguments or "{}")
     except ValueError:
@@ -337,12 +339,13 @@ class StreamTranslator:
             self._completion = usage.output_tokens
 
     def _start(self, index: int, block: _Block) -> list[Piece]:
+        call = self._calls
         if block.type == "tool_use":
-            self._tool_blocks[index] = self._calls
-            if not block.input:  # streamed calls start with {} and send their input as deltas
-                self._empty_args.add(self._calls)
             self._calls += 1
-        return _pieces(block, self._calls - 1, empty="")
+            self._tool_blocks[index] = call
+            if not block.input:  # streamed calls start with {} and send their input as deltas
+                self._empty_args.add(call)
+        return _pieces(block, call, empty="")
 
     def _delta(self, index: int, delta: _Block) -> list[Piece]:
         kind = delta.type

@@ -176,7 +176,9 @@ def _parts(content: Any) -> list[dict[str, Any]]:
     return parts
 
 
-def _json(text: str) -> Any:
+def _json(text: Any) -> Any:
+    if not isinstance(text, str):
+        return text
     try:
         return json.loads(text)
     except ValueError:
