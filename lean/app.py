@@ -8,7 +8,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 
 from lean import handlers, scene_handlers, ws
 from lean.config import Config
@@ -162,6 +162,8 @@ class Server:
             log.warning("drain timeout: ending %d streams", len(streams))
             streams.interrupt_all(ShuttingDown("lean is shutting down", retry_after=1))
             await streams.drain(2.0)
+        for socket in list(self.app[services_key].sockets):
+            await socket.close(code=WSCloseCode.GOING_AWAY, message=b"lean is shutting down")
         await self._runner.cleanup()
 
 

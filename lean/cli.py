@@ -1,14 +1,14 @@
-"""`lean serve`, `lean check-config`: the command line."""
+"""`lean serve`, `lean check-config`, `lean chat`: the command line."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
+import os
 import sys
 from collections.abc import Sequence
 
-from lean import __version__
+from lean import __version__, logs
 from lean.config import Config, ConfigError, load_config
 from lean.tools import Tools
 
@@ -22,15 +22,6 @@ def _load(path: str) -> Config | None:
         print(f"lean: {exc}", file=sys.stderr)
         return None
     return config
-
-
-def _setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="time=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
-    )
-    logging.getLogger("aiohttp").setLevel(logging.WARNING)
 
 
 def _run(config: Config) -> int:
@@ -56,7 +47,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--config", default="config.ini", help="path of config.ini")
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("path", nargs="?", default="config.ini")
+    talk = commands.add_parser("chat", help="chat with a scene from the terminal")
+    talk.add_argument("--url", default="http://127.0.0.1:8080", help="lean's address")
+    talk.add_argument("--scene", default="chat", help="the scene to run")
+    talk.add_argument("--ws", action="store_true", help="one WebSocket instead of SSE per run")
+    talk.add_argument("--token", default=os.environ.get("LEAN_TOKEN"), help="default: $LEAN_TOKEN")
+    talk.add_argument("--show-ids", action="store_true", help="conversation id to stderr")
+    talk.add_argument("message", nargs="?", help="send one message and exit (else: stdin)")
     args = parser.parse_args(argv)
+
+    if args.command == "chat":
+        from lean.chat import Options, chat
+
+        return chat(Options(args.url, args.scene, args.ws, args.token, args.show_ids, args.message))
 
     if args.command == "check-config":
         config = _load(args.path)
@@ -70,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = _load(args.config)
     if config is None:
         return 2
-    _setup_logging()
+    logs.setup(config.server.log_format)
     return _run(config)
 
 

@@ -114,14 +114,19 @@ class _Outcome:
         ttft = None if self.first_token is None else self.first_token - self.started
         services.metrics.run_ended("chat.completions", "", self.status, self.frames, ttft)
         log.info(
-            "run endpoint=chat.completions model=%s stream=%s status=%s%s "
-            "first_token_ms=%s duration_ms=%.0f",
-            self.model.alias,
-            "true" if self.stream else "false",
-            self.status,
-            f" code={self.code}" if self.code else "",
-            "-" if ttft is None else f"{ttft * 1000:.0f}",
-            (time.monotonic() - self.started) * 1000,
+            "run",
+            extra={
+                "fields": {
+                    "endpoint": "chat.completions",
+                    "model": self.model.alias,
+                    "stream": self.stream,
+                    "status": self.status,
+                    "code": self.code or None,
+                    "first_token_ms": None if ttft is None else round(ttft * 1000),
+                    "duration_ms": round((time.monotonic() - self.started) * 1000),
+                    "chunks": self.frames,
+                }
+            },
         )
 
 

@@ -83,6 +83,7 @@ class Run:
         self.turn = turn
         self.message_id = f"{scene.name}:{conversation_id}:{turn}"
         self.body = body
+        self._prompt = body["messages"][-1].get("content")  # logged only with log_prompts
         self.sink = sink
         self.status = "running"
         self.order = events.RunEvents()
@@ -108,11 +109,15 @@ class Run:
         self.task: asyncio.Task[None] | None = None
         self.guard: Guard | None = None
 
-    def start(self) -> None:
-        """Admit and start the run (synchronously: no other run can slip in between)."""
+    def start(self, *, register: bool = True) -> None:
+        """Admit and start the run (synchronously: no other run can slip in between).
+
+        `register` puts it in the app's registry, for `/v1/runs/{runId}/...` requests;
+        a WebSocket's runs are named by its client and belong to that socket only.
+        """
         config = self.services.config
         self.services.streams.check()
-        if self.services.runs.get(self.run_id) is not None:
+        if register and self.services.runs.get(self.run_id) is not None:
             raise BadRequest(f"run id '{self.run_id}' is already running")
         self.task = asyncio.create_task(self._execute(), name=self.run_id)
         self.guard = Guard(
@@ -124,7 +129,8 @@ class Run:
             metrics=self.services.metrics,
         )
         self.services.streams.add(self.guard)
-        self.services.runs.add(self)
+        if register:
+            self.services.runs.add(self)
 
     def cancel(self, reason: LeanError | None = None) -> None:
         if self.guard is not None:
@@ -152,7 +158,7 @@ class Run:
             await self._emit(self._start_event())
             fallback = False
             for round_number in range(self.scene.max_tool_rounds + 1):
-                if round_number and round_number == self.scene.max_tool_rounds:
+                if self.scene.tools and round_number == self.scene.max_tool_rounds:
                     self.body["tool_choice"] = "none"  # the last round must answer in words
                 relay = Relay(self.services, self.model, self.body, guard)
                 self._round, self._round_text = {}, []
@@ -330,14 +336,19 @@ class Run:
             await self.services.store.flush()
         except Exception:
             log.exception("run %s: saving the answer failed", self.run_id)
-        log.info(
-            "run scene=%s model=%s status=%s first_token_ms=%s duration_ms=%.0f "
-            "prompt_tokens=%d completion_tokens=%d",
-            self.scene.name,
-            self.model.alias,
-            record.status,
-            "-" if self._first_token_ms is None else f"{self._first_token_ms:.0f}",
-            record.duration_ms or 0,
-            self._usage.prompt_tokens,
-            self._usage.completion_tokens,
-        )
+        fields: dict[str, Any] = {
+            "endpoint": "scene",
+            "scene": self.scene.name,
+            "model": self.model.alias,
+            "run_id": self.run_id,
+            "status": record.status,
+            "code": record.error_code,
+            "first_token_ms": None if self._first_token_ms is None else round(self._first_token_ms),
+            "duration_ms": round(record.duration_ms or 0),
+            "prompt_tokens": self._usage.prompt_tokens,
+            "completion_tokens": self._usage.completion_tokens,
+            "tool_calls": len(self._calls) or None,
+        }
+        if self.services.config.server.log_prompts:
+            fields["prompt"] = self._prompt
+        log.info("run", extra={"fields": fields})

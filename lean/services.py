@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from aiohttp import web
+
 from lean.config import Config
 from lean.limits import Streams
 from lean.metrics import Metrics
@@ -46,6 +48,7 @@ class Services:
         self.streams = Streams(config.limits.max_streams, self.metrics)
         self.tools = Tools(config.tools)  # imports python tools: a bad path stops start-up
         self.runs = Runs()
+        self.sockets: set[web.WebSocketResponse] = set()  # closed with 1001 on shutdown
 
     async def start(self) -> None:
         await self.upstream.start()

@@ -110,7 +110,7 @@ class Socket:
     async def _run(self, frame: RunFrame) -> None:
         services = self.services
         limit = services.config.limits.max_runs_per_socket
-        if frame.run_id in self.runs or services.runs.get(frame.run_id) is not None:
+        if frame.run_id in self.runs:
             raise BadRequest(f"run id '{frame.run_id}' is already running")
         if len(self.runs) >= limit:
             raise Overloaded(f"this socket already carries its limit of {limit} runs")
@@ -136,7 +136,7 @@ class Socket:
             body=scenes.chat_body(scene, history, user_content),
             sink=WSSink(self.ws, self.request, frame.run_id),
         )
-        run.start()
+        run.start(register=False)
         assert run.task is not None
         self.runs[frame.run_id] = run
         run.task.add_done_callback(lambda _: self.runs.pop(frame.run_id, None))
@@ -164,6 +164,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     )
     await ws.prepare(request)
     socket = Socket(services, ws, request)
+    services.sockets.add(ws)
     try:
         async for message in ws:
             if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
@@ -171,5 +172,6 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     except asyncio.CancelledError:
         raise
     finally:
+        services.sockets.discard(ws)
         socket.close()
     return ws
