@@ -60,12 +60,21 @@ class Guard:
         self.since = self._loop.time()
         self.last_write = self.since
         self.upstream_limit = 0.0
-        self._resolution = 5.0
+        self._resolution = self._resolution_for(slow_client_timeout, 5.0)
         self._watch = self._loop.create_task(self._run())
-        self._set_resolution(slow_client_timeout)
+
+    def _resolution_for(self, limit: float, current: float) -> float:
+        return min(current, max(0.05, min(limit, self.ping_interval) / 4))
 
     def _set_resolution(self, limit: float) -> None:
-        self._resolution = min(self._resolution, max(0.05, min(limit, self.ping_interval) / 4))
+        resolution = self._resolution_for(limit, self._resolution)
+        if resolution < self._resolution:
+            # The watch sleeps on the old interval: restart it on the new one. This
+            # happens at most a couple of times per stream (first byte, then silence).
+            self._resolution = resolution
+            if not self._watch.done():
+                self._watch.cancel()
+                self._watch = self._loop.create_task(self._run())
 
     # The hot path: plain attribute writes, no timers.
     def waiting(self, limit: float) -> None:

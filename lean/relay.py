@@ -65,6 +65,7 @@ class Relay:
         last: LeanError | None = None
         for model in self._models:
             self.answered_by = model.alias
+            throttled = False  # this alias asked for a pause longer than lean waits
             if self._upstream.provider(model).stream:
                 for attempt in range(1 + model.retries):
                     if attempt:
@@ -84,9 +85,12 @@ class Relay:
                         if self.committed:
                             raise
                         last = exc
+                        throttled = (exc.retry_after or 0) > MAX_RETRY_AFTER
                         self._log(model, "stream", exc)
                         if not exc.retryable:
                             break
+            if throttled:
+                continue  # the provider asked for a long pause: do not call it again now
             try:
                 pieces = await self._complete(model)
             except LeanError as exc:

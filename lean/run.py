@@ -166,8 +166,8 @@ class Run:
                     async for piece in pieces:
                         await self._piece(piece)
                 fallback = fallback or relay.fallback
-                if not self._round:
-                    break
+                if not self._round or round_number == self.scene.max_tool_rounds:
+                    break  # a model that ignores tool_choice "none" gets no extra round
                 await self._tool_round(list(self._round.values()))
             self.status = "complete"
             final = events.Done(

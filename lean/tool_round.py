@@ -131,6 +131,11 @@ class ToolRound:
                 left, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
             if not done:
+                for future in left:
+                    call = pending[future]
+                    call.is_error = True
+                    call.result = f"the client did not answer within {self._client_timeout:g} s"
+                    call.duration_ms = (time.monotonic() - started) * 1000
                 names = ", ".join(sorted({pending[f].name for f in left}))
                 raise ToolTimeout(
                     f"the client did not answer {names} within {self._client_timeout:g} s"

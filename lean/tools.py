@@ -22,6 +22,7 @@ import msgspec
 import yarl
 
 from lean.config import ConfigError, ToolConfig
+from lean.upstream import read_at_most
 
 _encode = msgspec.json.Encoder().encode
 _decode_args = msgspec.json.Decoder(dict[str, Any]).decode
@@ -114,7 +115,7 @@ class Tools:
             headers={"Content-Type": "application/json"},
             allow_redirects=False,
         ) as resp:
-            body = await resp.content.read(tool.max_response_bytes + 1)
+            body = await read_at_most(resp.content, tool.max_response_bytes)
             if len(body) > tool.max_response_bytes:
                 return (
                     f"tool '{tool.name}' answered more than {tool.max_response_bytes} bytes",

@@ -52,6 +52,22 @@ class _ErrorEnvelope(msgspec.Struct):
 _decode_error = msgspec.json.Decoder(_ErrorEnvelope).decode
 
 
+async def read_at_most(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """The body up to `limit + 1` bytes (so the caller can tell it was too long).
+
+    `StreamReader.read(n)` returns what is buffered, not n bytes: loop until EOF.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = await content.read(limit + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
 def _retry_after(headers: Any) -> float | None:
     value = headers.get("Retry-After")
     if value is None:
@@ -150,7 +166,7 @@ class Upstream:
                 if resp.status != 200:
                     raise error_from_response(
                         resp.status,
-                        await resp.content.read(MAX_ERROR_BYTES),
+                        await read_at_most(resp.content, MAX_ERROR_BYTES),
                         resp.headers,
                         provider.name,
                     )
@@ -201,11 +217,11 @@ class Upstream:
                 if resp.status != 200:
                     raise error_from_response(
                         resp.status,
-                        await resp.content.read(MAX_ERROR_BYTES),
+                        await read_at_most(resp.content, MAX_ERROR_BYTES),
                         resp.headers,
                         provider.name,
                     )
-                body_bytes = await resp.content.read(MAX_ANSWER_BYTES + 1)
+                body_bytes = await read_at_most(resp.content, MAX_ANSWER_BYTES)
                 if len(body_bytes) > MAX_ANSWER_BYTES:
                     raise UpstreamError(f"upstream {provider.name} answer exceeds 16 MiB")
                 return list(wire.parse_completion(body_bytes))
