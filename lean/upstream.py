@@ -35,6 +35,10 @@ from lean.sse import SSEParser, SSEProtocolError
 
 # An error body is read only to find its message; more than this is not an error message.
 MAX_ERROR_BYTES = 64 * 1024
+# One read from an upstream stream. A read's events are parsed at once and held until
+# the client takes them, so this bounds what a stalled client makes lean hold (with
+# aiohttp's own buffer, which pauses the socket at 2 x 64 KiB).
+READ_BYTES = 64 * 1024
 # A whole non-streaming answer; a long one is ~100 KB, this leaves room for big tool calls.
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
 
@@ -175,7 +179,7 @@ class Upstream:
                     for piece in wire.parse_completion(await resp.read()):
                         yield piece
                     return
-                async for data in resp.content.iter_any():
+                async for data in resp.content.iter_chunked(READ_BYTES):
                     for message in parser.feed(data):
                         for piece in translator.feed(message):
                             yield piece

@@ -79,6 +79,7 @@ class Recorded:
     started: float  # time.monotonic() when the handler began
     disconnected: float | None = None  # when the client was noticed leaving early
     finished: float | None = None  # when the response completed normally
+    events_sent: int = 0  # stream events fully written (a stalled reader stops this count)
 
 
 # --- behaviours ------------------------------------------------------------------------
@@ -495,6 +496,7 @@ class FakeOpenAI:
                 else:
                     await resp.write(event)
                 sent += 1
+                rec.events_sent = sent
             if sent == s.stall_after:
                 await asyncio.sleep(STALL_LIMIT)
                 _abort(request)

@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import time
+import tracemalloc
 
 import aiohttp
 import pytest
@@ -101,9 +102,47 @@ async def test_a_client_that_never_reads_is_cut_and_its_upstream_closed() -> Non
             dropped = await fake.wait_disconnect(0, timeout=5)
             assert dropped - fake.requests[0].started < 4.5
             assert fake.requests[0].finished is None  # the upstream never got to send it all
+            # What went out is what the kernel buffers of the loopback sockets hold, not
+            # the 20 MB answer: lean stopped reading the upstream.
+            assert fake.requests[0].events_sent < len(events) * 0.75
             await asyncio.sleep(0.05)
             assert len(lean.app[services_key].streams) == 0
             writer.close()
+
+
+async def test_what_lean_holds_for_a_client_that_never_reads_is_bounded() -> None:
+    """Python memory (tracemalloc: lean's heap, not kernel socket buffers) stays flat."""
+    chunk = sse({"choices": [{"index": 0, "delta": {"content": "y" * 4000}}]})
+    async with FakeOpenAI() as fake:
+        config = lean_config(fake.base_url, limits="slow_client_timeout = 3")
+        async with running(config) as lean:
+            fake.push(Stream(events=[chunk] * 5000 + [DONE]))  # 20 MB
+            tracemalloc.start()
+            try:
+                base = tracemalloc.get_traced_memory()[0]
+                _, writer = await asyncio.open_connection("127.0.0.1", lean.port)
+                body = json.dumps(chat_body()).encode()
+                writer.write(
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
+                    % (len(body), body)
+                )
+                record = await fake.wait_request(0)
+                sent = -1
+                async with asyncio.timeout(2.5):
+                    while record.events_sent != sent:  # until backpressure stops the upstream
+                        sent = record.events_sent
+                        await asyncio.sleep(0.2)
+                held = tracemalloc.get_traced_memory()[1] - base
+            finally:
+                tracemalloc.stop()
+            writer.close()
+            await fake.wait_disconnect(0, timeout=5)
+    assert 0 < sent < 5000
+    # Measured ~1.5 MB on both loops: aiohttp's buffer of the upstream response (~0.7 MB),
+    # one 64 KiB read and its parsed events (lean.upstream.READ_BYTES), write buffers, and
+    # this test's own raw client and fake. Not the 20 MB answer.
+    assert held < 3_000_000
 
 
 # --- overload ---------------------------------------------------------------------------------
