@@ -110,22 +110,26 @@ def auth_config(**more: Any) -> Config:
     return demo_config(extra=AUTH, environ={"LEAN_TOKENS": "t1"}, **more)
 
 
-@MODES
 async def test_one_message_prints_the_whole_answer_and_exits_0(
-    session: aiohttp.ClientSession, mode: tuple[str, ...]
+    session: aiohttp.ClientSession,
 ) -> None:
     async with running(auth_config()) as server:
-        code, out, err = await one_shot(
-            server, *mode, "--show-ids", "hello there", env={"LEAN_TOKEN": "t1"}
+        # SSE and WebSocket side by side (one lean, two processes): the same answer.
+        results = await asyncio.gather(
+            *(
+                one_shot(server, *mode, "--show-ids", f"hello {name}", env={"LEAN_TOKEN": "t1"})
+                for name, mode in (("sse", ()), ("ws", ("--ws",)))
+            )
         )
-        assert code == 0, err
-        (cid,) = conversation_ids(err)
-        assert err == f"conversation: {cid}\n"
-        user, answer = await rows(session, server, cid)
-    assert (user["content"], answer["status"]) == ("hello there", "complete")
-    assert out == answer["content"] + "\n"
-    assert out.startswith(INTRO) and 'You said: "hello there".' in out
-    assert "\x1b[" not in out  # stdout is a pipe here: no escapes
+        for name, (code, out, err) in zip(("sse", "ws"), results, strict=True):
+            assert code == 0, (name, err)
+            (cid,) = conversation_ids(err)
+            assert err == f"conversation: {cid}\n"
+            user, answer = await rows(session, server, cid)
+            assert (user["content"], answer["status"]) == (f"hello {name}", "complete")
+            assert out == answer["content"] + "\n"
+            assert out.startswith(INTRO) and f'You said: "hello {name}".' in out
+            assert "\x1b[" not in out  # stdout is a pipe here: no escapes
 
 
 @MODES
@@ -236,12 +240,15 @@ async def test_thinking_is_dimmed_on_a_terminal_only() -> None:
             master, terminal = pty.openpty()
             try:
                 async with lean_chat(server, "hi", stdout=terminal) as proc:
-                    os.close(terminal)
+                    os.close(terminal)  # the child holds the only writer now
+                    terminal = -1
                     code, _, err = await finish(proc)
                 assert (code, err) == (0, "")
                 shown = _read_all(master)
             finally:
                 os.close(master)
+                if terminal >= 0:
+                    os.close(terminal)
     dim = "".join(f"\x1b[2m{word}\x1b[0m" for word in ("Let ", "me ", "think."))
     assert shown == dim + "\r\nThe answer.\r\n"  # the terminal turns \n into \r\n
 
