@@ -162,8 +162,17 @@ class Server:
             log.warning("drain timeout: ending %d streams", len(streams))
             streams.interrupt_all(ShuttingDown("lean is shutting down", retry_after=1))
             await streams.drain(2.0)
-        for socket in list(self.app[services_key].sockets):
-            await socket.close(code=WSCloseCode.GOING_AWAY, message=b"lean is shutting down")
+        # Concurrently and bounded: a client that stopped reading must not hold the stop.
+        await asyncio.gather(
+            *(
+                asyncio.wait_for(
+                    socket.close(code=WSCloseCode.GOING_AWAY, message=b"lean is shutting down"),
+                    2.0,
+                )
+                for socket in list(self.app[services_key].sockets)
+            ),
+            return_exceptions=True,
+        )
         await self._runner.cleanup()
 
 

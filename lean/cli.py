@@ -32,8 +32,12 @@ def _run(config: Config) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
         asyncio.run(serve(config))
         return 0
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(config))
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(serve(config))
+    except ConfigError as exc:  # found while starting: the store, say
+        print(f"lean: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

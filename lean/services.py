@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from lean.config import Config
+from lean.config import Config, ConfigError
 from lean.limits import Streams
 from lean.metrics import Metrics
 from lean.store import Store
@@ -51,9 +52,14 @@ class Services:
         self.sockets: set[web.WebSocketResponse] = set()  # closed with 1001 on shutdown
 
     async def start(self) -> None:
+        try:
+            await self.store.open()
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(
+                "store", "path", f"a writable SQLite file ({exc})", self.config.store.path
+            ) from None
         await self.upstream.start()
         await self.tools.start()
-        await self.store.open()
 
     async def close(self) -> None:
         await self.upstream.close()

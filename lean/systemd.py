@@ -11,8 +11,11 @@ newline-separated `KEY=VALUE` assignments, one datagram per message:
 
 Guarantees: without `$NOTIFY_SOCKET` every method is a no-op costing one attribute check;
 sends never block (non-blocking socket, tiny datagrams) and never raise into the server:
-a failure is logged once and the next message is tried again. No dependency: this is the
-whole protocol lean needs.
+a failure is logged once and the next message is tried again. The price: a datagram
+refused because the receiver's queue is full is lost. systemd drains its socket at once,
+so in practice this is a test harness that does not read; a lost ping is covered by the
+next one (two per WatchdogSec). libsystemd's sd_notify blocks instead; lean's event loop
+must not. No dependency: this is the whole protocol lean needs.
 """
 
 from __future__ import annotations
