@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from datetime import timedelta
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 from aiohttp_sse_client import client as sse_client
 
 from lean.app import Server
-from tests.fakes import FakeOpenAI, Stall, Stream, text_stream
+from tests.fakes import DONE, FakeOpenAI, Stall, Stream, sse, text_stream
 from tests.support import lean_config, running
 
 TEXT = "Alpha beta gamma delta epsilon zeta eta theta."
@@ -415,3 +416,83 @@ async def test_get_with_access_token_when_auth_is_on() -> None:
                 f"{lean.url}/v1/scenes/chat/stream?access_token=tok-1", json={"message": "x"}
             ) as resp:
                 assert resp.status == 401  # a token in the URL only for GET (EventSource)
+
+
+# --- limits on every transport ------------------------------------------------------------------
+
+BIG = sse({"choices": [{"index": 0, "delta": {"content": "z" * 4000}}]})
+
+
+def raw_post(path: str, body: dict[str, Any]) -> bytes:
+    data = json.dumps(body).encode()
+    return (
+        b"POST %b HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%b" % (path.encode(), len(data), data)
+    )
+
+
+def masked_text_frame(payload: bytes) -> bytes:
+    """A client-to-server WebSocket text frame (RFC 6455 §5.2), masked as clients must."""
+    mask = os.urandom(4)
+    size = len(payload)
+    head = (
+        bytes([0x81, 0x80 | size]) if size < 126 else bytes([0x81, 0xFE, *size.to_bytes(2, "big")])
+    )
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+@pytest.mark.parametrize("transport", ["sse", "ndjson", "ws"])
+async def test_a_client_that_stops_reading_is_cut_on_every_transport(transport: str) -> None:
+    async with FakeOpenAI() as fake:
+        cfg = config(fake, limits="slow_client_timeout = 0.5")
+        async with running(cfg) as lean:
+            fake.push(Stream(events=[BIG] * 5000 + [DONE]))  # ~20 MB
+            _, writer = await asyncio.open_connection("127.0.0.1", lean.port)
+            body = {"message": "x", "conversationId": f"slow-{transport}"}
+            if transport == "ws":
+                writer.write(
+                    b"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                    b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+                )
+                frame = {"type": "run", "runId": "r1", "scene": "chat", **body}
+                writer.write(masked_text_frame(json.dumps(frame).encode()))
+            else:
+                request = raw_post("/v1/scenes/chat/stream", body)
+                if transport == "ndjson":
+                    request = request.replace(
+                        b"Host: x\r\n", b"Host: x\r\nAccept: application/x-ndjson\r\n"
+                    )
+                writer.write(request)
+            await writer.drain()
+            # The client reads nothing: lean stops reading upstream, then cuts the client.
+            await fake.wait_disconnect(0, timeout=6)
+            assert fake.requests[0].finished is None
+            assert fake.requests[0].events_sent < 5000
+            rows = await saved_answer(lean, f"slow-{transport}")
+            writer.close()
+    assert rows[-1]["status"] == "incomplete"
+    assert rows[-1]["errorCode"] == "slow_client"
+    assert rows[-1]["content"].startswith("zzz")
+
+
+async def test_admission_applies_to_scene_runs_on_every_transport() -> None:
+    async with FakeOpenAI() as fake, running(config(fake, limits="max_streams = 1")) as lean:
+        fake.push(Stall(seconds=10))
+        async with aiohttp.ClientSession() as http:
+            url = f"{lean.url}/v1/scenes/chat/stream"
+            held = await http.post(url, json={"message": "x"})
+            assert held.status == 200
+            async with http.post(url, json={"message": "y"}) as refused:
+                assert refused.status == 503
+                assert refused.headers["Retry-After"] == "1"
+                assert (await refused.json())["error"]["code"] == "overloaded"
+            async with http.get(url + "?message=z") as refused_get:
+                assert refused_get.status == 503
+            async with http.ws_connect(f"{lean.url}/v1/ws") as ws:
+                await ws.send_json({"type": "run", "runId": "w1", "scene": "chat", "message": "w"})
+                frame = await asyncio.wait_for(ws.receive_json(), 5)
+            assert frame["type"] == "error" and frame["runId"] == "w1"
+            assert frame["code"] == "overloaded" and frame["retryable"] is True
+            held.close()
+        assert len(fake.requests) == 1
