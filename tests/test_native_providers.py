@@ -507,3 +507,91 @@ async def test_openai_kind_is_unchanged_by_the_native_adapters() -> None:
         fake.push(Reply(body=completion(TEXT)))
         answer = await chat_whole(lean, chat_body(stream=False))
     assert answer["choices"][0]["message"]["content"] == TEXT
+
+
+# --- the same scene conversation with a tool, through each provider ---------------------------
+
+TOOL_SCENE = """
+[tool.add]
+kind = python
+function = tests.toolbox:add
+description = Add two numbers
+parameters = {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}
+
+[scene.calc]
+model = default
+template = {message}
+tools = add
+"""
+
+
+def _round_one(kind: str) -> Stream:
+    if kind == "anthropic":
+        return anthropic_tool_stream([("toolu_1", "add", '{"a": 2, "b": 3}')])
+    if kind == "gemini":
+        return gemini_tool_stream([("add", {"a": 2, "b": 3})])
+    from tests.fakes import tool_call_stream
+
+    return tool_call_stream([("call_1", "add", '{"a": 2, "b": 3}')])
+
+
+def _round_two(kind: str) -> Stream:
+    answer = "The sum is 5."
+    if kind == "anthropic":
+        return anthropic_text_stream(answer)
+    if kind == "gemini":
+        return gemini_text_stream(answer)
+    return text_stream(answer)
+
+
+def _tool_result_sent(kind: str, body: dict[str, Any]) -> Any:
+    """Where each provider's second request carries the tool's result."""
+    if kind == "anthropic":
+        block = body["messages"][-1]["content"][0]
+        assert block["type"] == "tool_result" and block["tool_use_id"] == "toolu_1"
+        return block["content"]
+    if kind == "gemini":
+        part = body["contents"][-1]["parts"][0]["functionResponse"]
+        assert part["name"] == "add"
+        return part["response"]["result"]
+    message = body["messages"][-1]
+    assert message["role"] == "tool" and message["tool_call_id"] == "call_1"
+    return message["content"]
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic", "gemini"])
+async def test_a_scene_with_a_tool_gives_the_same_events_through_each_provider(kind: str) -> None:
+    fake: Fake | FakeOpenAI = (
+        FakeAnthropic()
+        if kind == "anthropic"
+        else FakeGemini()
+        if kind == "gemini"
+        else FakeOpenAI()
+    )
+    async with fake:
+        provider = f"kind = {kind}\nbase_url = {fake.base_url}"
+        async with running(lean_config(provider=provider, extra=TOOL_SCENE)) as lean:
+            fake.push(_round_one(kind), _round_two(kind))
+            async with aiohttp.ClientSession() as http:
+                async with http.post(
+                    f"{lean.url}/v1/scenes/calc/stream", json={"message": "2 + 3?"}
+                ) as resp:
+                    raw = await resp.text()
+    events = [json.loads(line[6:]) for line in raw.split("\n") if line.startswith("data: ")]
+    types = [e["type"] for e in events]
+    assert types[:3] == ["start", "tool_start", "tool_end"]
+    assert types[-1] == "done" and set(types[3:-1]) == {"delta"}
+    tool_start, tool_end, done = events[1], events[2], events[-1]
+    assert tool_start["name"] == "add" and json.loads(tool_start["arguments"]) == {"a": 2, "b": 3}
+    assert tool_end["toolCallId"] == tool_start["toolCallId"]
+    assert json.loads(tool_end["result"]) == {"sum": 5} and tool_end["isError"] is False
+    assert done["text"] == "The sum is 5." and done["finishReason"] == "stop"
+    first, second = fake.requests[0].body, fake.requests[1].body
+    sent = _tool_result_sent(kind, second)
+    assert (json.loads(sent) if isinstance(sent, str) else sent) == {"sum": 5}
+    declared = {
+        "anthropic": lambda: first["tools"][0]["name"],
+        "gemini": lambda: first["tools"][0]["functionDeclarations"][0]["name"],
+        "openai": lambda: first["tools"][0]["function"]["name"],
+    }[kind]()
+    assert declared == "add"
