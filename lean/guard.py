@@ -143,6 +143,8 @@ class Guard:
         # (on_disconnect = finish) still needs its upstream silence limit.
         self.evicted = True
         self._metrics.evictions += 1
+        if self.phase == WRITING:  # the write that never finished waited too
+            self._metrics.backpressure_waits += 1
         self._ping = None
         self.phase = IDLE
         self.interrupt(SlowClient("the client stopped reading"))

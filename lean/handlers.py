@@ -95,9 +95,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 class _Outcome:
     """How one chat completion ended: one log line and the metrics, never per chunk."""
 
-    def __init__(self, model: ModelConfig, stream: bool) -> None:
+    def __init__(
+        self, services: Services, model: ModelConfig, body: dict[str, Any], *, stream: bool
+    ) -> None:
         self.model = model
         self.stream = stream
+        messages = body.get("messages") or [{}]
+        self.prompt = messages[-1].get("content") if services.config.server.log_prompts else None
         self.started = time.monotonic()
         self.first_token: float | None = None
         self.frames = 0
@@ -125,6 +129,7 @@ class _Outcome:
                     "first_token_ms": None if ttft is None else round(ttft * 1000),
                     "duration_ms": round((time.monotonic() - self.started) * 1000),
                     "chunks": self.frames,
+                    "prompt": self.prompt,
                 }
             },
         )
@@ -135,7 +140,7 @@ async def _complete(
 ) -> web.Response:
     guard = new_guard(services, None, request)
     services.streams.add(guard)
-    outcome = _Outcome(model, stream=False)
+    outcome = _Outcome(services, model, body, stream=False)
     relay = Relay(services, model, body, guard)
     try:
         async with aclosing(relay.pieces()) as pieces:
@@ -176,7 +181,7 @@ async def _stream(
     except LeanError:
         await guard.close()
         raise
-    outcome = _Outcome(model, stream=True)
+    outcome = _Outcome(services, model, body, stream=True)
     error: LeanError | None = None
     framer = ChunkFramer(completion_id=new_id(), model=model.alias, include_usage=include_usage)
     relay = Relay(services, model, body, guard)

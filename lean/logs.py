@@ -19,7 +19,8 @@ _encode = msgspec.json.Encoder().encode
 
 def _logfmt_value(value: Any) -> str:
     text = value if isinstance(value, str) else _encode(value).decode()
-    if text and not any(c in text for c in ' ="\\\n'):
+    # Quoted (and so escaped) unless plainly safe: a prompt must not forge or garble lines.
+    if text and not any(c in ' ="\\' or c < " " or c == "\x7f" for c in text):
         return text
     return _encode(text).decode()
 
@@ -54,6 +55,7 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         fields.update(getattr(record, "fields", {}))
+        fields = {k: v for k, v in fields.items() if v is not None}
         if record.exc_info:
             fields["error"] = self.formatException(record.exc_info)
         return _encode(fields).decode()
