@@ -95,6 +95,7 @@ class LimitsConfig(msgspec.Struct, frozen=True, kw_only=True):
     slow_client_timeout: float = 30.0
     max_runs_per_socket: int = 16
     client_tool_timeout: float = 300.0
+    send_buffer_bytes: int = 131072  # SO_SNDBUF of a streaming client's socket; 0: the kernel's
 
 
 class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -277,6 +278,7 @@ _KEYS: dict[str, dict[str, _Parser]] = {
         "slow_client_timeout": _POSITIVE,
         "max_runs_per_socket": _COUNT,
         "client_tool_timeout": _POSITIVE,
+        "send_buffer_bytes": _int(0),
     },
     "provider": {
         "kind": _choice(*get_args(ProviderKind)),

@@ -75,9 +75,14 @@ class Relay:
                             break
                         self._guard.wrote()  # heartbeats go on while lean waits
                         await asyncio.sleep(wait)
+                    self.attempts += 1
                     try:
-                        async with aclosing(self._stream(model)) as stream:
+                        async with aclosing(
+                            self._upstream.stream(model, self._body, self._guard)
+                        ) as stream:
                             async for piece in stream:
+                                if not self.committed and isinstance(piece, VISIBLE):
+                                    self.committed = True
                                 yield piece
                         return
                     except LeanError as exc:
@@ -107,14 +112,6 @@ class Relay:
             return
         assert last is not None
         raise last
-
-    async def _stream(self, model: ModelConfig) -> AsyncGenerator[Piece, None]:
-        self.attempts += 1
-        async with aclosing(self._upstream.stream(model, self._body, self._guard)) as stream:
-            async for piece in stream:
-                if not self.committed and isinstance(piece, VISIBLE):
-                    self.committed = True
-                yield piece
 
     async def _complete(self, model: ModelConfig) -> list[Piece]:
         self.attempts += 1

@@ -170,6 +170,7 @@ class Run:
                     break  # a model that ignores tool_choice "none" gets no extra round
                 await self._tool_round(list(self._round.values()))
             self.status = "complete"
+            self._text = ["".join(self._text)]  # one copy of the answer, shared with the save
             final = events.Done(
                 message_id=self.message_id,
                 finish_reason=self._finish,

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from lean import events, scenes
 from lean.errors import BadRequest, NotFound
-from lean.handlers import SSE_HEADERS, find_model, read_body, services_key
+from lean.handlers import SSE_HEADERS, bound_send_buffer, find_model, read_body, services_key
 from lean.run import Run, new_run_id
 
 NDJSON = "application/x-ndjson"
@@ -85,6 +85,7 @@ async def stream_scene(request: web.Request) -> web.StreamResponse:
         body=scenes.chat_body(scene, history, user_content),
         sink=sink,
     )
+    bound_send_buffer(request, services.config.limits.send_buffer_bytes)
     await response.prepare(request)
     run.start()
     assert run.task is not None

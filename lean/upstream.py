@@ -35,9 +35,9 @@ from lean.sse import SSEParser, SSEProtocolError
 
 # An error body is read only to find its message; more than this is not an error message.
 MAX_ERROR_BYTES = 64 * 1024
-# One read from an upstream stream. A read's events are parsed at once and held until
-# the client takes them, so this bounds what a stalled client makes lean hold (with
-# aiohttp's own buffer, which pauses the socket at 2 x 64 KiB).
+# Upstream bytes are parsed this much at a time. A slice's events are parsed at once and
+# held until the client takes them, so this bounds what a stalled client makes lean hold
+# beyond aiohttp's own buffer (which pauses the socket past 2 x 64 KiB).
 READ_BYTES = 64 * 1024
 # A whole non-streaming answer; a long one is ~100 KB, this leaves room for big tool calls.
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
@@ -179,10 +179,13 @@ class Upstream:
                     for piece in wire.parse_completion(await resp.read()):
                         yield piece
                     return
-                async for data in resp.content.iter_chunked(READ_BYTES):
-                    for message in parser.feed(data):
-                        for piece in translator.feed(message):
-                            yield piece
+                async for data in resp.content.iter_any():
+                    # Parsed a slice at a time: what a stalled client makes lean hold
+                    # stays within READ_BYTES of parsed events.
+                    for start in range(0, len(data), READ_BYTES):
+                        for message in parser.feed(data[start : start + READ_BYTES]):
+                            for piece in translator.feed(message):
+                                yield piece
                     guard.waiting(provider.read_timeout)
                 parser.close()
                 translator.close()

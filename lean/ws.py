@@ -19,7 +19,7 @@ from aiohttp import WSMsgType, web
 
 from lean import events, scenes
 from lean.errors import BadRequest, LeanError, NotFound, Overloaded
-from lean.handlers import find_model, services_key
+from lean.handlers import bound_send_buffer, find_model, services_key
 from lean.run import Run
 from lean.services import Services
 
@@ -162,6 +162,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         heartbeat=config.server.ping_interval,
         max_msg_size=config.server.max_body_bytes,
     )
+    bound_send_buffer(request, config.limits.send_buffer_bytes)
     await ws.prepare(request)
     socket = Socket(services, ws, request)
     services.sockets.add(ws)

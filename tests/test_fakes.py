@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -327,15 +328,30 @@ async def test_client_leaving_a_silent_fake_is_noticed_within_1s(
     assert rec.finished is None
 
 
-async def test_client_leaving_a_fast_stream_is_noticed(
-    fake: FakeOpenAI, session: aiohttp.ClientSession
-) -> None:
-    """No delays: the fake is busy writing (4 MB queued) when the client goes."""
-    events = [sse({"pad": "x" * 1000, "i": i}) for i in range(4000)]
+async def test_client_leaving_a_fast_stream_is_noticed(fake: FakeOpenAI) -> None:
+    """No delays: the fake is busy writing when the client goes.
+
+    The client's receive buffer is kept small (Linux 6.8+ lets a loopback socket
+    autotune to 32 MB, which would swallow the whole answer), and the answer is
+    larger than what the fake's send buffer (4 MB at most) can hold.
+    """
+    events = [sse({"pad": "x" * 1000, "i": i}) for i in range(12000)]
     fake.push(Stream(events))
-    async with session.post(fake.base_url + "/chat/completions", json=STREAM_CHAT) as resp:
-        assert await resp.content.readuntil(b"\n\n") == events[0]
-        left = time.monotonic()
+    port = int(fake.base_url.split(":")[2].split("/")[0])
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    body = json.dumps(STREAM_CHAT).encode()
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+    )
+    await reader.readuntil(b"\r\n\r\n")  # headers
+    await reader.readuntil(b"\n\n")  # the first event
+    writer.close()
+    left = time.monotonic()
     at = await fake.wait_disconnect(timeout=2)
     assert at - left < 1.0
     assert fake.requests[0].finished is None

@@ -15,15 +15,15 @@ import msgspec
 from lean.sse import SSEMessage
 
 
-class Text(msgspec.Struct, frozen=True):
+class Text(msgspec.Struct, frozen=True, gc=False):
     text: str
 
 
-class Reasoning(msgspec.Struct, frozen=True):
+class Reasoning(msgspec.Struct, frozen=True, gc=False):
     text: str
 
 
-class ToolCall(msgspec.Struct, frozen=True):
+class ToolCall(msgspec.Struct, frozen=True, gc=False):
     """One fragment of a tool call; `id` and `name` come on a call's first fragment."""
 
     index: int
@@ -32,16 +32,16 @@ class ToolCall(msgspec.Struct, frozen=True):
     name: str | None = None
 
 
-class Finish(msgspec.Struct, frozen=True):
+class Finish(msgspec.Struct, frozen=True, gc=False):
     reason: str
 
 
-class Usage(msgspec.Struct, frozen=True):
+class Usage(msgspec.Struct, frozen=True, gc=False):
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
 
-class Signature(msgspec.Struct, frozen=True):
+class Signature(msgspec.Struct, frozen=True, gc=False):
     """An opaque token the provider attaches to its reasoning (Anthropic's thinking-block
     signature, Gemini's `thoughtSignature`). Never shown to a user; consumers skip it."""
 
