@@ -28,10 +28,19 @@ from typing import Any, Protocol
 
 from lean import events
 from lean.config import ModelConfig, SceneConfig
-from lean.errors import BadRequest, Cancelled, Internal, LeanError, ShuttingDown, SlowClient
+from lean.errors import (
+    BadRequest,
+    Cancelled,
+    Internal,
+    LeanError,
+    NotFound,
+    ShuttingDown,
+    SlowClient,
+)
 from lean.guard import Guard
 from lean.providers.base import Finish, Piece, Reasoning, Text, ToolCall, Usage
 from lean.relay import Relay
+from lean.scenes import SceneRequest, chat_body, new_conversation_id, render
 from lean.services import Services
 from lean.store import MessageRecord, utc_now
 from lean.tool_round import Call, ToolRound
@@ -353,3 +362,43 @@ class Run:
         if self.services.config.server.log_prompts:
             fields["prompt"] = self._prompt
         log.info("run", extra={"fields": fields})
+
+
+async def new_run(
+    services: Services,
+    scene: SceneConfig,
+    request: SceneRequest,
+    *,
+    run_id: str,
+    sink: Sink,
+) -> Run:
+    """A run of `scene` for `request`, its turn saved, ready to `start()`.
+
+    Everything a request can get wrong raises here, before anything is sent: an unknown
+    model, a missing template input, admission. A new conversation has no history and
+    starts at turn 1 without asking the store first.
+    """
+    user_content = render(scene, request)
+    model = services.config.models.get(scene.model)
+    if model is None:
+        raise NotFound(f"model '{scene.model}' does not exist")
+    services.streams.check()
+    cid = request.conversation_id
+    history: list[tuple[str, str]] = []
+    if cid is None:
+        cid = new_conversation_id()
+    elif scene.history_turns:
+        history = await services.store.history(cid, scene.history_turns)
+    turn = await services.store.begin_turn(
+        conversation_id=cid, scene=scene.name, user_content=user_content
+    )
+    return Run(
+        services,
+        run_id=run_id,
+        scene=scene,
+        model=model,
+        conversation_id=cid,
+        turn=turn,
+        body=chat_body(scene, history, user_content),
+        sink=sink,
+    )

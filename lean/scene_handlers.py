@@ -14,8 +14,8 @@ from aiohttp import web
 
 from lean import events, scenes
 from lean.errors import BadRequest, NotFound
-from lean.handlers import SSE_HEADERS, bound_send_buffer, find_model, read_body, services_key
-from lean.run import Run, new_run_id
+from lean.handlers import SSE_HEADERS, bound_send_buffer, read_body, services_key
+from lean.run import new_run, new_run_id
 
 NDJSON = "application/x-ndjson"
 NDJSON_HEADERS = {
@@ -63,28 +63,10 @@ async def stream_scene(request: web.Request) -> web.StreamResponse:
         scene_request = scenes.parse_query(request.query)
     else:
         scene_request = scenes.parse_body(await read_body(request))
-    user_content = scenes.render(scene, scene_request)
-    model = find_model(services.config, scene.model)
-    services.streams.check()
-
     ndjson = request.method == "POST" and NDJSON in request.headers.get("Accept", "")
-    cid = scene_request.conversation_id or scenes.new_conversation_id()
-    history = await services.store.history(cid, scene.history_turns)
-    turn = await services.store.begin_turn(
-        conversation_id=cid, scene=scene.name, user_content=user_content
-    )
     response = web.StreamResponse(headers=NDJSON_HEADERS if ndjson else SSE_HEADERS)
     sink = NDJSONSink(request, response) if ndjson else SSESink(request, response)
-    run = Run(
-        services,
-        run_id=new_run_id(),
-        scene=scene,
-        model=model,
-        conversation_id=cid,
-        turn=turn,
-        body=scenes.chat_body(scene, history, user_content),
-        sink=sink,
-    )
+    run = await new_run(services, scene, scene_request, run_id=new_run_id(), sink=sink)
     bound_send_buffer(request, services.config.limits.send_buffer_bytes)
     await response.prepare(request)
     run.start()

@@ -19,8 +19,8 @@ from aiohttp import WSMsgType, web
 
 from lean import events, scenes
 from lean.errors import BadRequest, LeanError, NotFound, Overloaded
-from lean.handlers import bound_send_buffer, find_model, services_key
-from lean.run import Run
+from lean.handlers import bound_send_buffer, services_key
+from lean.run import Run, new_run
 from lean.services import Services
 
 log = logging.getLogger("lean.ws")
@@ -118,23 +118,9 @@ class Socket:
         request = scenes.SceneRequest(
             inputs=frame.inputs, message=frame.message, conversation_id=frame.conversation_id
         )
-        user_content = scenes.render(scene, scenes.validated(request))
-        model = find_model(services.config, scene.model)
-        services.streams.check()
-        cid = request.conversation_id or scenes.new_conversation_id()
-        history = await services.store.history(cid, scene.history_turns)
-        turn = await services.store.begin_turn(
-            conversation_id=cid, scene=scene.name, user_content=user_content
-        )
-        run = Run(
-            services,
-            run_id=frame.run_id,
-            scene=scene,
-            model=model,
-            conversation_id=cid,
-            turn=turn,
-            body=scenes.chat_body(scene, history, user_content),
-            sink=WSSink(self.ws, self.request, frame.run_id),
+        sink = WSSink(self.ws, self.request, frame.run_id)
+        run = await new_run(
+            services, scene, scenes.validated(request), run_id=frame.run_id, sink=sink
         )
         run.start(register=False)
         assert run.task is not None
