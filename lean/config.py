@@ -86,7 +86,7 @@ class AuthConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class StoreConfig(msgspec.Struct, frozen=True, kw_only=True):
-    path: str = "lean.db"  # absolute once loaded (or ":memory:")
+    path: str = "lean.db"  # absolute once loaded
 
 
 class LimitsConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -462,11 +462,12 @@ def _auth(values: dict[str, Any], environ: Mapping[str, str]) -> AuthConfig:
 
 def _store(values: dict[str, Any], config_path: str) -> StoreConfig:
     path = values.get("path", "lean.db")
-    if not path:
-        raise ConfigError("store", "path", "a file path, e.g. lean.db")
-    if path != ":memory:":  # SQLite's in-memory database, not a file
-        base = os.path.dirname(os.path.abspath(config_path))
-        path = os.path.join(base, os.path.expanduser(path))  # join keeps an absolute path
+    if not path or path == ":memory:":
+        # The store is a file in WAL mode, read and written on two connections: an
+        # in-memory database can be neither (and answers must outlive a restart).
+        raise ConfigError("store", "path", "a file path, e.g. lean.db", path or None)
+    base = os.path.dirname(os.path.abspath(config_path))
+    path = os.path.join(base, os.path.expanduser(path))  # join keeps an absolute path
     return StoreConfig(path=path)
 
 

@@ -61,7 +61,8 @@ class Relay:
         self.answered_by = model.alias
         self.attempts = 0
 
-    async def pieces(self) -> AsyncGenerator[Piece, None]:
+    async def pieces(self) -> AsyncGenerator[list[Piece], None]:
+        """The answer, in the batches its upstream reads delivered."""
         last: LeanError | None = None
         for model in self._models:
             self.answered_by = model.alias
@@ -80,10 +81,12 @@ class Relay:
                         async with aclosing(
                             self._upstream.stream(model, self._body, self._guard)
                         ) as stream:
-                            async for piece in stream:
-                                if not self.committed and isinstance(piece, VISIBLE):
+                            async for batch in stream:
+                                if not self.committed and any(
+                                    isinstance(piece, VISIBLE) for piece in batch
+                                ):
                                     self.committed = True
-                                yield piece
+                                yield batch
                         return
                     except LeanError as exc:
                         self._count(model, exc)
@@ -105,10 +108,8 @@ class Relay:
                 continue
             self.fallback = True
             self._metrics.fallbacks += 1
-            for piece in pieces:
-                if isinstance(piece, VISIBLE):
-                    self.committed = True
-                yield piece
+            self.committed = any(isinstance(piece, VISIBLE) for piece in pieces)
+            yield pieces
             return
         assert last is not None
         raise last

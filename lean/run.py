@@ -172,8 +172,9 @@ class Run:
                 relay = Relay(self.services, self.model, self.body, guard)
                 self._round, self._round_text = {}, []
                 async with aclosing(relay.pieces()) as pieces:
-                    async for piece in pieces:
-                        await self._piece(piece)
+                    async for batch in pieces:
+                        for piece in batch:
+                            await self._piece(piece)
                 fallback = fallback or relay.fallback
                 if not self._round or round_number == self.scene.max_tool_rounds:
                     break  # a model that ignores tool_choice "none" gets no extra round
@@ -385,13 +386,17 @@ async def new_run(
     services.streams.check()
     cid = request.conversation_id
     history: list[tuple[str, str]] = []
-    if cid is None:
+    if cid is None:  # a new conversation: no history to read, and its turn is 1
         cid = new_conversation_id()
-    elif scene.history_turns:
-        history = await services.store.history(cid, scene.history_turns)
-    turn = await services.store.begin_turn(
-        conversation_id=cid, scene=scene.name, user_content=user_content
-    )
+        turn = await services.store.begin_first_turn(
+            conversation_id=cid, scene=scene.name, user_content=user_content
+        )
+    else:
+        if scene.history_turns:
+            history = await services.store.history(cid, scene.history_turns)
+        turn = await services.store.begin_turn(
+            conversation_id=cid, scene=scene.name, user_content=user_content
+        )
     return Run(
         services,
         run_id=run_id,

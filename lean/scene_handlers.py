@@ -14,7 +14,7 @@ from aiohttp import web
 
 from lean import events, scenes
 from lean.errors import BadRequest, NotFound
-from lean.handlers import SSE_HEADERS, bound_send_buffer, read_body, services_key
+from lean.handlers import SSE_HEADERS, bound_send_buffer, read_body, reset, services_key
 from lean.run import new_run, new_run_id
 
 NDJSON = "application/x-ndjson"
@@ -31,8 +31,7 @@ class _HttpSink:
         self._response = response
 
     def abort(self) -> None:
-        if self._request.transport is not None:
-            self._request.transport.abort()
+        reset(self._request)
 
 
 class SSESink(_HttpSink):

@@ -200,6 +200,15 @@ class Store:
         await self._put((_TURN, args, turn))
         return await turn
 
+    async def begin_first_turn(self, *, conversation_id: str, scene: str, user_content: str) -> int:
+        """`begin_turn` for a conversation lean has just named: its turn is 1, so the caller
+        does not wait for the commit (a failure is logged, and surfaces at the next flush)."""
+        loop = self._check_open()
+        turn: asyncio.Future[int] = loop.create_future()
+        turn.add_done_callback(_log_failure)
+        await self._put((_TURN, (conversation_id, scene, user_content, utc_now()), turn))
+        return 1
+
     async def save_assistant(self, record: MessageRecord) -> None:
         self._check_open()
         # Encoded here, so a tool call that is not JSON fails the caller, not a later flush.
@@ -444,3 +453,8 @@ def _settle_all(settled: _Settled) -> None:
             fut.set_exception(exc)
         else:
             fut.set_result(result)
+
+
+def _log_failure(future: asyncio.Future[int]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        _log.error("saving a conversation's first message failed: %s", future.exception())

@@ -150,12 +150,15 @@ class Upstream:
 
     async def stream(
         self, model: ModelConfig, body: dict[str, Any], guard: Guard
-    ) -> AsyncGenerator[Piece, None]:
-        """The answer's pieces as they arrive. Leaving early closes the upstream connection."""
+    ) -> AsyncGenerator[list[Piece], None]:
+        """The answer's pieces as they arrive, a batch per read (one client write each).
+
+        Leaving early closes the upstream connection.
+        """
         provider = self.provider(model)
         if provider.kind == "demo":
             async for piece in self._demo(provider, body, guard):
-                yield piece
+                yield [piece]
             return
         wire = adapter(provider.kind)
         request = wire.build_request(provider, model, body, stream=True)
@@ -176,16 +179,24 @@ class Upstream:
                     )
                 if resp.content_type == "application/json":
                     # A server that ignored "stream": the whole answer in one body.
-                    for piece in wire.parse_completion(await resp.read()):
-                        yield piece
+                    yield list(wire.parse_completion(await resp.read()))
                     return
                 async for data in resp.content.iter_any():
                     # Parsed a slice at a time: what a stalled client makes lean hold
                     # stays within READ_BYTES of parsed events.
                     for start in range(0, len(data), READ_BYTES):
+                        batch: list[Piece] = []
+                        failed: LeanError | None = None
                         for message in parser.feed(data[start : start + READ_BYTES]):
-                            for piece in translator.feed(message):
-                                yield piece
+                            try:
+                                batch += translator.feed(message)
+                            except LeanError as exc:  # what came before it goes out first
+                                failed = exc
+                                break
+                        if batch:
+                            yield batch
+                        if failed is not None:
+                            raise failed
                     guard.waiting(provider.read_timeout)
                 parser.close()
                 translator.close()

@@ -19,7 +19,7 @@ from aiohttp import WSMsgType, web
 
 from lean import events, scenes
 from lean.errors import BadRequest, LeanError, NotFound, Overloaded
-from lean.handlers import bound_send_buffer, services_key
+from lean.handlers import bound_send_buffer, reset, services_key
 from lean.run import Run, new_run
 from lean.services import Services
 
@@ -65,8 +65,7 @@ class WSSink:
         """aiohttp's own heartbeat pings the socket."""
 
     def abort(self) -> None:
-        if self._request.transport is not None:
-            self._request.transport.abort()
+        reset(self._request)
 
 
 class Socket:

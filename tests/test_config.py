@@ -606,8 +606,8 @@ def test_store_path_defaults_next_to_the_config(tmp_path: Path) -> None:
     assert load_config(path, environ={}).store.path == str(tmp_path / "lean.db")
 
 
-def test_absolute_and_memory_store_paths(tmp_path: Path) -> None:
+def test_absolute_store_path_and_no_memory_store(tmp_path: Path) -> None:
     assert parse(f"[store]\npath = {tmp_path}/x.db\n").store.path == f"{tmp_path}/x.db"
-    assert parse("[store]\npath = :memory:\n").store.path == ":memory:"
+    assert_error(error("[store]\npath = :memory:\n"), "store", "path", "a file path")
     assert parse().store.path == os.path.join(os.getcwd(), "lean.db")
     assert_error(error("[store]\npath =\n"), "store", "path", "a file path")
