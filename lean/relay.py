@@ -58,14 +58,11 @@ class Relay:
         self._guard = guard
         self.committed = False
         self.fallback = False  # the answer came from a non-streaming path
-        self.answered_by = model.alias
-        self.attempts = 0
 
     async def pieces(self) -> AsyncGenerator[list[Piece], None]:
         """The answer, in the batches its upstream reads delivered."""
         last: LeanError | None = None
         for model in self._models:
-            self.answered_by = model.alias
             throttled = False  # this alias asked for a pause longer than lean waits
             if self._upstream.provider(model).stream:
                 for attempt in range(1 + model.retries):
@@ -76,7 +73,6 @@ class Relay:
                             break
                         self._guard.wrote()  # heartbeats go on while lean waits
                         await asyncio.sleep(wait)
-                    self.attempts += 1
                     try:
                         async with aclosing(
                             self._upstream.stream(model, self._body, self._guard)
@@ -100,7 +96,7 @@ class Relay:
             if throttled:
                 continue  # the provider asked for a long pause: do not call it again now
             try:
-                pieces = await self._complete(model)
+                pieces = await self._upstream.complete(model, self._body, self._guard)
             except LeanError as exc:
                 self._count(model, exc)
                 last = exc
@@ -113,10 +109,6 @@ class Relay:
             return
         assert last is not None
         raise last
-
-    async def _complete(self, model: ModelConfig) -> list[Piece]:
-        self.attempts += 1
-        return await self._upstream.complete(model, self._body, self._guard)
 
     def _count(self, model: ModelConfig, error: LeanError) -> None:
         self._metrics.upstream_errors[(model.provider, error.code)] += 1
