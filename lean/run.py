@@ -38,11 +38,11 @@ from lean.errors import (
     SlowClient,
 )
 from lean.guard import Guard
+from lean.messages import MessageRecord, utc_now
 from lean.providers.base import Finish, Piece, Reasoning, Text, ToolCall, Usage
 from lean.relay import Relay
 from lean.scenes import SceneRequest, chat_body, new_conversation_id, render
 from lean.services import Services
-from lean.store import MessageRecord, utc_now
 from lean.tool_round import Call, ToolRound
 from lean.tools import openai_tools
 

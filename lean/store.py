@@ -27,97 +27,31 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-import msgspec
+from lean.messages import (
+    INSERT_MESSAGE,
+    SCHEMA,
+    SCHEMA_VERSION,
+    SELECT_EXISTS,
+    SELECT_HISTORY,
+    SELECT_MESSAGES,
+    MessageRecord,
+    begin_turn,
+    history,
+    records,
+    row,
+    utc_now,
+)
 
 _log = logging.getLogger("lean.store")
 _T = TypeVar("_T")
-
-SCHEMA_VERSION = 1  # kept in PRAGMA user_version; a newer file is refused, not guessed at
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS messages (
-    message_id TEXT PRIMARY KEY,
-    conversation_id TEXT NOT NULL,
-    turn INTEGER NOT NULL CHECK (turn >= 1),
-    role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
-    content TEXT NOT NULL,
-    status TEXT NOT NULL
-        CHECK (status IN ('complete', 'error', 'cancelled', 'incomplete')),
-    created_at TEXT NOT NULL,
-    scene TEXT NOT NULL,
-    model TEXT NOT NULL,
-    reasoning TEXT NOT NULL,
-    tool_calls TEXT NOT NULL,  -- JSON array
-    finish_reason TEXT,
-    error_code TEXT,
-    prompt_tokens INTEGER,
-    completion_tokens INTEGER,
-    first_token_ms REAL,
-    duration_ms REAL,
-    CHECK (role = 'assistant' OR status = 'complete')
-);
-CREATE INDEX IF NOT EXISTS messages_by_turn ON messages (conversation_id, turn);
-"""
-
-
-class MessageRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
-    message_id: str  # "{scene}:{conversationId}:{turn}", user message: "...:{turn}:user"
-    conversation_id: str
-    role: str  # "user" | "assistant"
-    content: str
-    status: str  # user: "complete"; assistant: "complete" | "error" | "cancelled" | "incomplete"
-    created_at: str  # ISO 8601 UTC with milliseconds, "2026-11-21T16:40:00.123Z"
-    turn: int
-    scene: str = ""
-    model: str = ""
-    reasoning: str = ""
-    # each {"id", "name", "arguments", "result", "isError", "durationMs"}
-    tool_calls: list[dict[str, Any]] = msgspec.field(default_factory=list)
-    finish_reason: str | None = None
-    error_code: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    first_token_ms: float | None = None  # latency to the first visible token
-    duration_ms: float | None = None
-
-
-# Columns in MessageRecord's field order, so a row is msgspec.structs.astuple(record).
-_FIELDS = MessageRecord.__struct_fields__
-_TOOL_CALLS = _FIELDS.index("tool_calls")
-_COLUMNS = ", ".join(_FIELDS)
-_INSERT_MESSAGE = (
-    f"INSERT OR REPLACE INTO messages ({_COLUMNS}) VALUES ({', '.join('?' * len(_FIELDS))})"
-)
-_LAST_TURN = "SELECT coalesce(max(turn), 0) FROM messages WHERE conversation_id = ?"
-# Newest first so LIMIT keeps the latest messages; the caller reverses.
-_SELECT_MESSAGES = (
-    f"SELECT {_COLUMNS} FROM messages WHERE conversation_id = ?"
-    " ORDER BY turn DESC, role = 'user' LIMIT ?"
-)
-_SELECT_HISTORY = (
-    "SELECT u.content, a.content FROM messages AS a JOIN messages AS u"
-    " ON u.conversation_id = a.conversation_id AND u.turn = a.turn AND u.role = 'user'"
-    " WHERE a.conversation_id = ? AND a.role = 'assistant' AND a.content != ''"
-    " ORDER BY a.turn DESC LIMIT ?"
-)
-_EXISTS = "SELECT 1 FROM messages WHERE conversation_id = ? LIMIT 1"
 
 
 class StoreClosed(RuntimeError):
     """A write or read was attempted after `Store.close()`."""
 
-
-def utc_now() -> str:
-    """Now as the store writes timestamps: ISO 8601 UTC with milliseconds and a Z."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-_encode_json = msgspec.json.Encoder().encode
-_decode_tool_calls = msgspec.json.Decoder(list[dict[str, Any]]).decode
 
 # Ops travel as (kind, args, future). Saves carry no future: nobody waits for them.
 _SAVE, _TURN, _FLUSH, _STOP = range(4)
@@ -212,7 +146,7 @@ class Store:
     async def save_assistant(self, record: MessageRecord) -> None:
         self._check_open()
         # Encoded here, so a tool call that is not JSON fails the caller, not a later flush.
-        await self._put((_SAVE, _row(record), None))
+        await self._put((_SAVE, row(record), None))
 
     async def flush(self) -> None:
         """Wait until everything queued before the call is committed; raise the first error
@@ -258,7 +192,7 @@ class Store:
         """The latest `limit` messages, oldest first (by turn, user before assistant)."""
         if limit <= 0:
             return []
-        return await self._query(_SELECT_MESSAGES, (conversation_id, limit), _records)
+        return await self._query(SELECT_MESSAGES, (conversation_id, limit), records)
 
     async def history(self, conversation_id: str, turns: int) -> list[tuple[str, str]]:
         """The last `turns` answered turns as [(role, content)], oldest first.
@@ -270,10 +204,10 @@ class Store:
         """
         if turns <= 0:
             return []
-        return await self._query(_SELECT_HISTORY, (conversation_id, turns), _turns)
+        return await self._query(SELECT_HISTORY, (conversation_id, turns), history)
 
     async def conversation_exists(self, conversation_id: str) -> bool:
-        return await self._query(_EXISTS, (conversation_id,), bool)
+        return await self._query(SELECT_EXISTS, (conversation_id,), bool)
 
     async def _query(self, sql: str, args: tuple[Any, ...], convert: Callable[[Any], _T]) -> _T:
         """Run one SELECT on the reader thread; `convert` its rows there too."""
@@ -329,7 +263,7 @@ class Store:
                 )
             if version < SCHEMA_VERSION:
                 conn.executescript(
-                    f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                    f"BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
                 )
         except BaseException:
             conn.close()
@@ -345,13 +279,13 @@ class Store:
             for kind, args, fut in ops:
                 if kind == _SAVE:
                     try:
-                        conn.execute(_INSERT_MESSAGE, args)
+                        conn.execute(INSERT_MESSAGE, args)
                     except Exception as exc:
                         self._op_failed(conn, exc, f"saving message {args[0]!r}")
                         self._failures.append(exc)
                 elif kind == _TURN:
                     try:
-                        settled.append((fut, _begin_turn(conn, *args), None))
+                        settled.append((fut, begin_turn(conn, *args), None))
                     except Exception as exc:
                         self._op_failed(conn, exc, f"begin_turn in {args[0]!r}")
                         settled.append((fut, None, exc))
@@ -404,45 +338,6 @@ class Store:
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
             self._loop.call_soon_threadsafe(fn, *args)
-
-
-def _begin_turn(conn: sqlite3.Connection, cid: str, scene: str, content: str, at: str) -> int:
-    turn: int = conn.execute(_LAST_TURN, (cid,)).fetchone()[0] + 1
-    user = MessageRecord(
-        message_id=f"{scene}:{cid}:{turn}:user",
-        conversation_id=cid,
-        role="user",
-        content=content,
-        status="complete",
-        created_at=at,
-        turn=turn,
-        scene=scene,
-    )
-    conn.execute(_INSERT_MESSAGE, _row(user))
-    return turn
-
-
-def _row(record: MessageRecord) -> list[Any]:
-    row = list(msgspec.structs.astuple(record))
-    row[_TOOL_CALLS] = _encode_json(record.tool_calls).decode() if record.tool_calls else "[]"
-    return row
-
-
-def _records(rows: list[tuple[Any, ...]]) -> list[MessageRecord]:
-    out = []
-    for row in reversed(rows):  # selected newest first
-        fields = dict(zip(_FIELDS, row, strict=True))
-        tool_calls = fields["tool_calls"]
-        fields["tool_calls"] = [] if tool_calls == "[]" else _decode_tool_calls(tool_calls)
-        out.append(MessageRecord(**fields))
-    return out
-
-
-def _turns(rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
-    for user, assistant in reversed(rows):  # selected newest first
-        out += (("user", user), ("assistant", assistant))
-    return out
 
 
 def _settle_all(settled: _Settled) -> None:

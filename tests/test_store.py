@@ -13,7 +13,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from lean.store import SCHEMA_VERSION, MessageRecord, Store, StoreClosed
+from lean.messages import SCHEMA_VERSION, MessageRecord
+from lean.store import Store, StoreClosed
 
 AT = "2026-11-21T16:40:00.123Z"
 

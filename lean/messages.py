@@ -1,0 +1,136 @@
+"""A saved message: its shape, its SQLite table, and the conversion between the two.
+
+`lean.store` moves these rows through its writer thread; this module says what they are.
+Columns follow `MessageRecord`'s field order, so a row is the record's tuple (tool calls
+as JSON text).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+SCHEMA_VERSION = 1  # kept in PRAGMA user_version; a newer file is refused, not guessed at
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    message_id TEXT PRIMARY KEY,
+    conversation_id TEXT NOT NULL,
+    turn INTEGER NOT NULL CHECK (turn >= 1),
+    role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+    content TEXT NOT NULL,
+    status TEXT NOT NULL
+        CHECK (status IN ('complete', 'error', 'cancelled', 'incomplete')),
+    created_at TEXT NOT NULL,
+    scene TEXT NOT NULL,
+    model TEXT NOT NULL,
+    reasoning TEXT NOT NULL,
+    tool_calls TEXT NOT NULL,  -- JSON array
+    finish_reason TEXT,
+    error_code TEXT,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    first_token_ms REAL,
+    duration_ms REAL,
+    CHECK (role = 'assistant' OR status = 'complete')
+);
+CREATE INDEX IF NOT EXISTS messages_by_turn ON messages (conversation_id, turn);
+"""
+
+
+class MessageRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    message_id: str  # "{scene}:{conversationId}:{turn}", user message: "...:{turn}:user"
+    conversation_id: str
+    role: str  # "user" | "assistant"
+    content: str
+    status: str  # user: "complete"; assistant: "complete" | "error" | "cancelled" | "incomplete"
+    created_at: str  # ISO 8601 UTC with milliseconds, "2026-11-21T16:40:00.123Z"
+    turn: int
+    scene: str = ""
+    model: str = ""
+    reasoning: str = ""
+    # each {"id", "name", "arguments", "result", "isError", "durationMs"}
+    tool_calls: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    finish_reason: str | None = None
+    error_code: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    first_token_ms: float | None = None  # latency to the first visible token
+    duration_ms: float | None = None
+
+
+# Columns in MessageRecord's field order, so a row is msgspec.structs.astuple(record).
+_FIELDS = MessageRecord.__struct_fields__
+_TOOL_CALLS = _FIELDS.index("tool_calls")
+_COLUMNS = ", ".join(_FIELDS)
+INSERT_MESSAGE = (
+    f"INSERT OR REPLACE INTO messages ({_COLUMNS}) VALUES ({', '.join('?' * len(_FIELDS))})"
+)
+_LAST_TURN = "SELECT coalesce(max(turn), 0) FROM messages WHERE conversation_id = ?"
+# Newest first so LIMIT keeps the latest messages; the caller reverses.
+SELECT_MESSAGES = (
+    f"SELECT {_COLUMNS} FROM messages WHERE conversation_id = ?"
+    " ORDER BY turn DESC, role = 'user' LIMIT ?"
+)
+SELECT_HISTORY = (
+    "SELECT u.content, a.content FROM messages AS a JOIN messages AS u"
+    " ON u.conversation_id = a.conversation_id AND u.turn = a.turn AND u.role = 'user'"
+    " WHERE a.conversation_id = ? AND a.role = 'assistant' AND a.content != ''"
+    " ORDER BY a.turn DESC LIMIT ?"
+)
+SELECT_EXISTS = "SELECT 1 FROM messages WHERE conversation_id = ? LIMIT 1"
+
+
+def utc_now() -> str:
+    """Now as the store writes timestamps: ISO 8601 UTC with milliseconds and a Z."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_encode_json = msgspec.json.Encoder().encode
+_decode_tool_calls = msgspec.json.Decoder(list[dict[str, Any]]).decode
+
+
+def begin_turn(conn: sqlite3.Connection, cid: str, scene: str, content: str, at: str) -> int:
+    """Write the user message of the conversation's next turn; its number (writer thread)."""
+    turn: int = conn.execute(_LAST_TURN, (cid,)).fetchone()[0] + 1
+    user = MessageRecord(
+        message_id=f"{scene}:{cid}:{turn}:user",
+        conversation_id=cid,
+        role="user",
+        content=content,
+        status="complete",
+        created_at=at,
+        turn=turn,
+        scene=scene,
+    )
+    conn.execute(INSERT_MESSAGE, row(user))
+    return turn
+
+
+def row(record: MessageRecord) -> list[Any]:
+    """The record as an `INSERT_MESSAGE` row."""
+    values = list(msgspec.structs.astuple(record))
+    values[_TOOL_CALLS] = _encode_json(record.tool_calls).decode() if record.tool_calls else "[]"
+    return values
+
+
+def records(rows: list[tuple[Any, ...]]) -> list[MessageRecord]:
+    """`SELECT_MESSAGES` rows (newest first) as records, oldest first."""
+    out = []
+    for row in reversed(rows):  # selected newest first
+        fields = dict(zip(_FIELDS, row, strict=True))
+        tool_calls = fields["tool_calls"]
+        fields["tool_calls"] = [] if tool_calls == "[]" else _decode_tool_calls(tool_calls)
+        out.append(MessageRecord(**fields))
+    return out
+
+
+def history(rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """`SELECT_HISTORY` rows (newest first) as (role, content) pairs, oldest first."""
+    out: list[tuple[str, str]] = []
+    for user, assistant in reversed(rows):  # selected newest first
+        out += (("user", user), ("assistant", assistant))
+    return out
