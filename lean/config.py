@@ -10,41 +10,43 @@ the key and what was expected, never a secret value.
 import configparser
 import hmac
 import ipaddress
-import json
-import math
 import os
-import re
 import string
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import msgspec
 
-ProviderKind = Literal["openai", "anthropic", "gemini", "demo"]
-ToolKind = Literal["python", "http", "client"]
+from lean.config_keys import (
+    KEYS,
+    NAME,
+    NAMED,
+    SECTIONS,
+    ConfigError,
+    ProviderKind,
+    ToolKind,
+    read_section,
+)
 
-
-class ConfigError(Exception):
-    """Bad configuration: stops start-up with exit code 2 and this one line."""
-
-    def __init__(
-        self, section: str, key: str | None, expected: str, got: str | None = None
-    ) -> None:
-        # args keep all four so the error pickles; __str__ builds the line.
-        super().__init__(section, key, expected, got)
-        self.section = section
-        self.key = key
-        self.expected = expected
-        self.got = got
-
-    def __str__(self) -> str:
-        where = f"[{self.section}] {self.key}" if self.key else f"[{self.section}]"
-        line = f"config error: {where}: expected {self.expected}"
-        if self.got is not None:
-            got = self.got.replace("\r", "\\r").replace("\n", "\\n")
-            line += f", got '{got[:80]}...'" if len(got) > 80 else f", got '{got}'"
-        return line
+__all__ = [
+    "AuthConfig",
+    "Config",
+    "ConfigError",
+    "LimitsConfig",
+    "ModelConfig",
+    "ProviderConfig",
+    "ProviderKind",
+    "SceneConfig",
+    "Secret",
+    "ServerConfig",
+    "StoreConfig",
+    "ToolConfig",
+    "ToolKind",
+    "is_loopback",
+    "load_config",
+    "parse_config",
+]
 
 
 class Secret:
@@ -175,175 +177,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-# --- value parsers: (section, key, raw text) -> typed value, or ConfigError ---
-
-_Parser = Callable[[str, str, str], Any]
-
-
-def _str(section: str, key: str, raw: str) -> str:
-    return raw
-
-
-def _int(low: int, high: int | None = None) -> _Parser:
-    expected = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
-
-    def parse(section: str, key: str, raw: str) -> int:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ConfigError(section, key, expected, raw) from None
-        if value < low or (high is not None and value > high):
-            raise ConfigError(section, key, expected, raw)
-        return value
-
-    return parse
-
-
-def _float(*, zero_ok: bool = False) -> _Parser:
-    expected = "a number >= 0" if zero_ok else "a number > 0"
-
-    def parse(section: str, key: str, raw: str) -> float:
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ConfigError(section, key, expected, raw) from None
-        if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
-            raise ConfigError(section, key, expected, raw)
-        return value
-
-    return parse
-
-
-def _bool(section: str, key: str, raw: str) -> bool:
-    value = configparser.ConfigParser.BOOLEAN_STATES.get(raw.lower())
-    if value is None:
-        raise ConfigError(section, key, "a boolean: true/false, yes/no, on/off or 1/0", raw)
-    return value
-
-
-def _choice(*options: str) -> _Parser:
-    def parse(section: str, key: str, raw: str) -> str:
-        if raw not in options:
-            raise ConfigError(section, key, "one of " + ", ".join(options), raw)
-        return raw
-
-    return parse
-
-
-def _list(section: str, key: str, raw: str) -> tuple[str, ...]:
-    return tuple(item for item in (part.strip() for part in raw.split(",")) if item)
-
-
-def _json(raw: str) -> Any:
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return None
-
-
-def _json_object(section: str, key: str, raw: str) -> dict[str, Any]:
-    value = _json(raw)
-    if not isinstance(value, dict):
-        raise ConfigError(section, key, 'a JSON object, e.g. {"type": "object"}', raw)
-    return value
-
-
-def _headers(section: str, key: str, raw: str) -> tuple[tuple[str, str], ...]:
-    value = _json(raw)  # never echoed in the error: a header may carry a credential
-    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise ConfigError(section, key, 'a JSON object of strings, e.g. {"X-Title": "lean"}')
-    return tuple(value.items())
-
-
-_COUNT = _int(1)
-_POSITIVE = _float()
-
-# Every key each kind of section accepts, with its parser. Keys absent from a section
-# keep the Struct's default.
-_KEYS: dict[str, dict[str, _Parser]] = {
-    "server": {
-        "host": _str,
-        "port": _int(1, 65535),
-        "ping_interval": _POSITIVE,
-        "drain_timeout": _POSITIVE,
-        "max_body_bytes": _COUNT,
-        "log_format": _choice("logfmt", "json"),
-        "log_prompts": _bool,
-    },
-    "auth": {"tokens_env": _str},
-    "store": {"path": _str},
-    "limits": {
-        "max_streams": _COUNT,
-        "queue_events": _COUNT,
-        "slow_client_timeout": _POSITIVE,
-        "max_runs_per_socket": _COUNT,
-        "client_tool_timeout": _POSITIVE,
-        "send_buffer_bytes": _int(0),
-    },
-    "provider": {
-        "kind": _choice(*get_args(ProviderKind)),
-        "base_url": _str,
-        "api_key_env": _str,
-        "stream": _bool,
-        "connect_timeout": _POSITIVE,
-        "first_byte_timeout": _POSITIVE,
-        "read_timeout": _POSITIVE,
-        "max_event_bytes": _COUNT,
-        "demo_delay": _float(zero_ok=True),
-        "headers": _headers,
-    },
-    "model": {
-        "provider": _str,
-        "upstream_model": _str,
-        "fallback": _list,
-        "retries": _int(0),
-        "max_tokens": _COUNT,
-        "temperature": _float(zero_ok=True),
-    },
-    "tool": {
-        "kind": _choice(*get_args(ToolKind)),
-        "description": _str,
-        "parameters": _json_object,
-        "function": _str,
-        "url": _str,
-        "allowed_hosts": _list,
-        "timeout": _POSITIVE,
-        "max_response_bytes": _COUNT,
-    },
-    "scene": {
-        "model": _str,
-        "system": _str,
-        "template": _str,
-        "tools": _list,
-        "max_tool_rounds": _int(0),
-        "history_turns": _int(0),
-        "on_disconnect": _choice("cancel", "finish"),
-    },
-}
-_NAMED = ("provider", "model", "tool", "scene")  # sections written [kind.NAME]
-_NAME = re.compile(r"[A-Za-z0-9_.-]+")
-_SECTIONS = (
-    "a section named server, auth, store, limits, provider.NAME, model.NAME, tool.NAME"
-    " or scene.NAME"
-)
 _BASE_URLS: dict[str, str] = {
     "openai": "",  # required: there is no one OpenAI-compatible server
     "anthropic": "https://api.anthropic.com/v1",
     "gemini": "https://generativelanguage.googleapis.com/v1beta",
     "demo": "",
 }
-
-
-def _read(
-    section: str, table: Mapping[str, _Parser], items: Iterable[tuple[str, str]]
-) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for key, raw in items:
-        parse = table.get(key)
-        if parse is None:
-            raise ConfigError(section, key, "one of " + ", ".join(table))
-        values[key] = parse(section, key, raw)
-    return values
 
 
 def _required(section: str, key: str, values: Mapping[str, Any], expected: str) -> Any:
@@ -489,16 +328,16 @@ def parse_config(
         lines = ", ".join(str(lineno) for lineno, _ in e.errors)
         raise ConfigError("file", None, f"key = value lines (see line {lines})") from None
     if parser.defaults():
-        raise ConfigError(parser.default_section, None, _SECTIONS)
+        raise ConfigError(parser.default_section, None, SECTIONS)
 
-    sections: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in _KEYS}
+    sections: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in KEYS}
     for section in parser.sections():
         kind, dot, name = section.partition(".")
-        if kind not in _KEYS or bool(dot) != (kind in _NAMED):
-            raise ConfigError(section, None, _SECTIONS)
-        if dot and not _NAME.fullmatch(name):
+        if kind not in KEYS or bool(dot) != (kind in NAMED):
+            raise ConfigError(section, None, SECTIONS)
+        if dot and not NAME.fullmatch(name):
             raise ConfigError(section, None, "a name of letters, digits, '_', '.' or '-'", name)
-        sections[kind][name] = _read(section, _KEYS[kind], parser.items(section))
+        sections[kind][name] = read_section(section, KEYS[kind], parser.items(section))
 
     def single(kind: str) -> dict[str, Any]:
         return sections[kind].get("", {})
