@@ -13,16 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
-import struct
 import time
-from contextlib import aclosing
 from typing import Any
 
 from aiohttp import web
 
+from lean.client_io import BodyWriter, bound_send_buffer, reset
 from lean.config import Config, ModelConfig
-from lean.errors import LeanError, NotFound, PayloadTooLarge, openai_error_body
+from lean.errors import Internal, LeanError, NotFound, PayloadTooLarge, openai_error_body
 from lean.guard import Guard
 from lean.openai_compat import (
     ChunkFramer,
@@ -32,6 +30,7 @@ from lean.openai_compat import (
     new_id,
     parse_request,
 )
+from lean.providers.base import Piece
 from lean.relay import Relay
 from lean.services import Services
 
@@ -61,34 +60,6 @@ def find_model(config: Config, alias: str) -> ModelConfig:
     if model is None:
         raise NotFound(f"model '{alias}' does not exist; GET /v1/models lists the aliases")
     return model
-
-
-def bound_send_buffer(request: web.Request, size: int) -> None:
-    """Cap the kernel's send buffer of a streaming client's socket.
-
-    Loopback and LAN sockets autotune up to 4 MB each: a client that stops reading
-    would park that much kernel memory per stream, and lean would see the stall only
-    once it was full. A bounded buffer keeps kernel memory per stream small and makes a
-    stall reach the writer (and the guard) early. A chat stream needs little: 128 KiB
-    carries ~10 MB/s at 100 ms round trips.
-    """
-    sock = request.transport.get_extra_info("socket") if request.transport else None
-    if size and sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
-
-
-def reset(request: web.Request) -> None:
-    """Cut a client with a TCP reset: what the kernel still buffers for it is dropped
-    at once, instead of waiting (up to megabytes per socket) for a reader that stalled."""
-    transport = request.transport
-    if transport is None:
-        return
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()
 
 
 def new_guard(
@@ -171,9 +142,13 @@ async def _complete(
     services.streams.add(guard)
     outcome = _Outcome(services, model, body, stream=False)
     relay = Relay(services, model, body, guard)
+    answer: list[Piece] = []
+
+    async def collect(batch: list[Piece]) -> None:
+        answer.extend(batch)
+
     try:
-        async with aclosing(relay.pieces()) as pieces:
-            answer = [piece async for batch in pieces for piece in batch]
+        await relay.run(collect)
         outcome.status = "complete"
         outcome.first_token = time.monotonic()
     except asyncio.CancelledError:
@@ -196,6 +171,46 @@ async def _complete(
     )
 
 
+class _Chunks:
+    """One stream's pieces to the client as `chat.completion.chunk` frames."""
+
+    def __init__(
+        self, body: BodyWriter, framer: ChunkFramer, guard: Guard, outcome: _Outcome
+    ) -> None:
+        self._body = body
+        self._frame = framer.frame
+        self._framer = framer
+        self._guard = guard
+        self._outcome = outcome
+
+    async def write(self, batch: list[Piece]) -> None:
+        """The frames of one upstream read in one write: back-to-back chunks cost one
+        syscall, not one each."""
+        if len(batch) == 1:
+            data = self._frame(batch[0])
+            if data is None:
+                return
+            self._outcome.frames += 1
+        else:
+            frames = [data for piece in batch if (data := self._frame(piece))]
+            if not frames:
+                return
+            self._outcome.frames += len(frames)
+            data = b"".join(frames)
+        if self._outcome.first_token is None:
+            self._outcome.first_token = time.monotonic()
+        await self._send(data)
+
+    async def write_end(self) -> None:
+        await self._send(self._framer.end())
+
+    async def _send(self, data: bytes) -> None:
+        if self._body.write(data):  # the client is behind: wait, under the slow-client limit
+            self._guard.writing()
+            await self._body.drain()
+        self._guard.wrote()
+
+
 async def _stream(
     request: web.Request,
     services: Services,
@@ -216,32 +231,22 @@ async def _stream(
     framer = ChunkFramer(completion_id=new_id(), model=model.alias, include_usage=include_usage)
     relay = Relay(services, model, body, guard)
     try:
-        await response.prepare(request)
-        async with aclosing(relay.pieces()) as pieces:
-            async for batch in pieces:
-                # All frames of one upstream read in one write: back-to-back chunks
-                # cost one syscall, not one each.
-                frames = [frame for piece in batch if (frame := framer.frame(piece))]
-                if frames:
-                    if outcome.first_token is None:
-                        outcome.first_token = time.monotonic()
-                    guard.writing()
-                    await response.write(frames[0] if len(frames) == 1 else b"".join(frames))
-                    guard.wrote()
-                    outcome.frames += len(frames)
-        guard.writing()
-        await response.write(framer.end())
-        guard.wrote()
+        chunks = _Chunks(await BodyWriter.start(request, response), framer, guard, outcome)
+        await relay.run(chunks.write)
+        await chunks.write_end()
         outcome.status = "complete"
     except asyncio.CancelledError:
         error = guard.take()
         if error is None:
-            outcome.status = "cancelled"  # the client left; aclosing closed the upstream
+            outcome.status = "cancelled"  # the client left; the upstream was closed
             raise
     except LeanError as exc:
         error = exc
     except ConnectionError:
         outcome.status = "cancelled"
+    except Exception:  # a bug: end this stream with a typed error, never a silent hang
+        log.exception("chat completion stream failed")
+        error = Internal("internal error; see lean's log")
     finally:
         await guard.close()
         services.streams.discard(guard)

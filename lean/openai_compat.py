@@ -70,6 +70,9 @@ def new_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex[:24]
 
 
+_CLOSE_TEXT = b'},"finish_reason":null}]}\n\n'
+
+
 class ChunkFramer:
     """Pieces to `data: {chat.completion.chunk}` frames for one stream (no I/O)."""
 
@@ -84,6 +87,7 @@ class ChunkFramer:
         )
         self._head = b"data: " + head[:-1]
         self._open = self._head + b',"choices":[{"index":0,"delta":'
+        self._open_text = self._open + b'{"content":'
         self._include_usage = include_usage
         self._started_calls: set[int] = set()
         self._sent_role = False
@@ -99,6 +103,8 @@ class ChunkFramer:
 
     def frame(self, piece: Piece) -> bytes | None:
         if isinstance(piece, Text):
+            if self._sent_role:  # the usual chunk: one format, no dict, no parse
+                return b"%b%b%b" % (self._open_text, _encode(piece.text), _CLOSE_TEXT)
             return self._delta(b'{"content":%b}' % _encode(piece.text))
         if isinstance(piece, Reasoning):
             return self._delta(b'{"reasoning_content":%b}' % _encode(piece.text))

@@ -22,8 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncGenerator
-from contextlib import aclosing
 from typing import Any
 
 from lean.config import ModelConfig
@@ -31,6 +29,7 @@ from lean.errors import LeanError
 from lean.guard import Guard
 from lean.providers.base import VISIBLE, Piece
 from lean.services import Services
+from lean.upstream import Deliver
 
 log = logging.getLogger("lean.relay")
 
@@ -59,9 +58,19 @@ class Relay:
         self.committed = False
         self.fallback = False  # the answer came from a non-streaming path
 
-    async def pieces(self) -> AsyncGenerator[list[Piece], None]:
-        """The answer, in the batches its upstream reads delivered."""
+    async def run(self, deliver: Deliver) -> None:
+        """Hand the answer to `deliver`, in the batches its upstream reads delivered."""
         last: LeanError | None = None
+        delivering = False  # a LeanError now is the receiver's: never retried
+
+        async def commit_and_deliver(batch: list[Piece]) -> None:
+            nonlocal delivering
+            if not self.committed and any(isinstance(piece, VISIBLE) for piece in batch):
+                self.committed = True
+            delivering = True
+            await deliver(batch)
+            delivering = False
+
         for model in self._models:
             throttled = False  # this alias asked for a pause longer than lean waits
             if self._upstream.provider(model).stream:
@@ -74,17 +83,13 @@ class Relay:
                         self._guard.wrote()  # heartbeats go on while lean waits
                         await asyncio.sleep(wait)
                     try:
-                        async with aclosing(
-                            self._upstream.stream(model, self._body, self._guard)
-                        ) as stream:
-                            async for batch in stream:
-                                if not self.committed and any(
-                                    isinstance(piece, VISIBLE) for piece in batch
-                                ):
-                                    self.committed = True
-                                yield batch
+                        await self._upstream.stream(
+                            model, self._body, self._guard, commit_and_deliver
+                        )
                         return
                     except LeanError as exc:
+                        if delivering:
+                            raise
                         self._count(model, exc)
                         if self.committed:
                             raise
@@ -94,7 +99,7 @@ class Relay:
                         if not exc.retryable:
                             break
             if throttled:
-                continue  # the provider asked for a long pause: do not call it again now
+                continue  # the provider asked for a pause longer than lean waits
             try:
                 pieces = await self._upstream.complete(model, self._body, self._guard)
             except LeanError as exc:
@@ -104,8 +109,7 @@ class Relay:
                 continue
             self.fallback = True
             self._metrics.fallbacks += 1
-            self.committed = any(isinstance(piece, VISIBLE) for piece in pieces)
-            yield pieces
+            await commit_and_deliver(pieces)
             return
         assert last is not None
         raise last

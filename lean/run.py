@@ -23,7 +23,6 @@ import asyncio
 import logging
 import time
 import uuid
-from contextlib import aclosing
 from typing import Any, Protocol
 
 from lean import events
@@ -171,10 +170,7 @@ class Run:
                     self.body["tool_choice"] = "none"  # the last round must answer in words
                 relay = Relay(self.services, self.model, self.body, guard)
                 self._round, self._round_text = {}, []
-                async with aclosing(relay.pieces()) as pieces:
-                    async for batch in pieces:
-                        for piece in batch:
-                            await self._piece(piece)
+                await relay.run(self._pieces)
                 fallback = fallback or relay.fallback
                 if not self._round or round_number == self.scene.max_tool_rounds:
                     break  # a model that ignores tool_choice "none" gets no extra round
@@ -231,6 +227,10 @@ class Run:
             self._abort_sink()
         except ClientGone:
             pass
+
+    async def _pieces(self, batch: list[Piece]) -> None:
+        for piece in batch:
+            await self._piece(piece)
 
     async def _piece(self, piece: Piece) -> None:
         if isinstance(piece, Text):

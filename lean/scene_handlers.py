@@ -13,8 +13,9 @@ import msgspec
 from aiohttp import web
 
 from lean import events, scenes
+from lean.client_io import bound_send_buffer, reset
 from lean.errors import BadRequest, NotFound
-from lean.handlers import SSE_HEADERS, bound_send_buffer, read_body, reset, services_key
+from lean.handlers import SSE_HEADERS, read_body, services_key
 from lean.run import new_run, new_run_id
 
 NDJSON = "application/x-ndjson"

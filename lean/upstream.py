@@ -12,7 +12,7 @@ one `asyncio.timeout`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -32,6 +32,9 @@ from lean.guard import Guard
 from lean.providers import adapter, demo
 from lean.providers.base import Piece, Text
 from lean.sse import SSEParser, SSEProtocolError
+
+# Receives an answer's pieces, a batch per upstream read; awaited, so it may write.
+Deliver = Callable[[list[Piece]], Awaitable[None]]
 
 # An error body is read only to find its message; more than this is not an error message.
 MAX_ERROR_BYTES = 64 * 1024
@@ -149,22 +152,27 @@ class Upstream:
         return error
 
     async def stream(
-        self, model: ModelConfig, body: dict[str, Any], guard: Guard
-    ) -> AsyncGenerator[list[Piece], None]:
-        """The answer's pieces as they arrive, a batch per read (one client write each).
+        self, model: ModelConfig, body: dict[str, Any], guard: Guard, deliver: Deliver
+    ) -> None:
+        """Hand the answer to `deliver` as it arrives: the pieces of one read per call
+        (one client write each).
 
-        Leaving early closes the upstream connection.
+        Push, not an async generator: a generator would add a frame, an asend object and
+        a StopIteration per chunk per layer, and those are most of what lean adds to a
+        bare relay's cost per chunk. An exception from `deliver` passes through
+        untouched; any exit closes the upstream connection.
         """
         provider = self.provider(model)
         if provider.kind == "demo":
-            async for piece in self._demo(provider, body, guard):
-                yield [piece]
+            await self._demo(provider, body, guard, deliver)
             return
         wire = adapter(provider.kind)
         request = wire.build_request(provider, model, body, stream=True)
         translator = wire.StreamTranslator()
         parser = SSEParser(provider.max_event_bytes)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=provider.connect_timeout)
+        read_timeout = provider.read_timeout
+        delivering = False  # an exception now is the receiver's, not the upstream's
         guard.waiting(provider.first_byte_timeout)
         try:
             async with self.session.post(
@@ -179,7 +187,9 @@ class Upstream:
                     )
                 if resp.content_type == "application/json":
                     # A server that ignored "stream": the whole answer in one body.
-                    yield list(wire.parse_completion(await resp.read()))
+                    pieces = wire.parse_completion(await resp.read())
+                    delivering = True
+                    await deliver(pieces)
                     return
                 async for data in resp.content.iter_any():
                     # Parsed a slice at a time: what a stalled client makes lean hold
@@ -194,10 +204,12 @@ class Upstream:
                                 failed = exc
                                 break
                         if batch:
-                            yield batch
+                            delivering = True
+                            await deliver(batch)
+                            delivering = False
                         if failed is not None:
                             raise failed
-                    guard.waiting(provider.read_timeout)
+                    guard.waiting(read_timeout)
                 parser.close()
                 translator.close()
         except asyncio.CancelledError:
@@ -205,10 +217,14 @@ class Upstream:
                 raise self._clean(timeout_error) from None
             raise
         except LeanError as exc:
+            if delivering:
+                raise
             raise self._clean(exc) from None
         except SSEProtocolError as exc:
             raise UpstreamError(f"upstream {provider.name} sent a bad stream: {exc}") from None
         except (aiohttp.ClientError, OSError) as exc:
+            if delivering:
+                raise  # the client's side failed
             if translator.finished:
                 return  # the connection broke after the answer was complete
             raise self._transport_error(provider, exc) from None
@@ -262,10 +278,10 @@ class Upstream:
         return UpstreamError(f"upstream {provider.name} {what}", retryable=True)
 
     async def _demo(
-        self, provider: ProviderConfig, body: dict[str, Any], guard: Guard
-    ) -> AsyncGenerator[Piece, None]:
+        self, provider: ProviderConfig, body: dict[str, Any], guard: Guard, deliver: Deliver
+    ) -> None:
         for piece in demo.answer(body):
             if isinstance(piece, Text) and provider.demo_delay > 0:
                 guard.waiting(provider.read_timeout)
                 await asyncio.sleep(provider.demo_delay)
-            yield piece
+            await deliver([piece])

@@ -18,8 +18,9 @@ import msgspec
 from aiohttp import WSMsgType, web
 
 from lean import events, scenes
+from lean.client_io import bound_send_buffer, reset
 from lean.errors import BadRequest, LeanError, NotFound, Overloaded
-from lean.handlers import bound_send_buffer, reset, services_key
+from lean.handlers import services_key
 from lean.run import Run, new_run
 from lean.services import Services
 

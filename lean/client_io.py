@@ -1,0 +1,85 @@
+"""A streaming client's connection: its send buffer, its body writes, cutting it off.
+
+`BodyWriter` writes a prepared response's body one frame per `transport.write()`,
+with the HTTP/1.1 chunk header and trailer formatted around the frame in the same
+bytes. aiohttp's `StreamResponse.write()` does the same work in five Python calls
+(a formatted header, a join, a coroutine) per frame; at one frame per upstream
+read those calls were a measurable part of what lean adds to a bare relay (see
+bench/RESULTS.md). Backpressure is kept: when the transport could not hand
+everything to the kernel, the caller awaits `drain()`, which returns once aiohttp
+resumes writing, exactly what `StreamResponse.write()` would wait for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+
+from aiohttp import hdrs, web
+from aiohttp.abc import AbstractStreamWriter
+
+
+def bound_send_buffer(request: web.Request, size: int) -> None:
+    """Cap the kernel's send buffer of a streaming client's socket.
+
+    Loopback and LAN sockets autotune up to 4 MB each: a client that stops reading
+    would park that much kernel memory per stream, and lean would see the stall only
+    once it was full. A bounded buffer keeps kernel memory per stream small and makes a
+    stall reach the writer (and the guard) early. A chat stream needs little: 128 KiB
+    carries ~10 MB/s at 100 ms round trips.
+    """
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if size and sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
+def reset(request: web.Request) -> None:
+    """Cut a client with a TCP reset: what the kernel still buffers for it is dropped
+    at once, instead of waiting (up to megabytes per socket) for a reader that stalled."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+class BodyWriter:
+    """Frames to a prepared `StreamResponse`'s body, one transport write each."""
+
+    __slots__ = ("_chunked", "_transport", "_writer")
+
+    def __init__(
+        self, transport: asyncio.Transport, writer: AbstractStreamWriter, *, chunked: bool
+    ) -> None:
+        self._transport = transport
+        self._writer = writer
+        self._chunked = chunked
+
+    @classmethod
+    async def start(cls, request: web.Request, response: web.StreamResponse) -> BodyWriter:
+        """Send the response's headers; the writer for its body."""
+        writer = await response.prepare(request)
+        transport = request.transport
+        if writer is None or transport is None:
+            raise ConnectionResetError("the client left before the response started")
+        # HTTP/1.1: chunked; an HTTP/1.0 client's body ends when the connection closes.
+        chunked = response.headers.get(hdrs.TRANSFER_ENCODING, "").lower() == "chunked"
+        return cls(transport, writer, chunked=chunked)
+
+    def write(self, frame: bytes) -> bool:
+        """Queue `frame` (not empty); True when the client is behind: await `drain()`."""
+        transport = self._transport
+        if transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
+        transport.write(b"%x\r\n%b\r\n" % (len(frame), frame) if self._chunked else frame)
+        return transport.get_write_buffer_size() > 0
+
+    async def drain(self) -> None:
+        """Wait until the transport takes writes again (raises if the client left)."""
+        await self._writer.drain()
