@@ -199,16 +199,19 @@ class _Chunks:
             data = b"".join(frames)
         if self._outcome.first_token is None:
             self._outcome.first_token = time.monotonic()
-        await self._send(data)
+        if self._body.write(data):
+            await self._drain()
+        self._guard.wrote()
 
     async def write_end(self) -> None:
-        await self._send(self._framer.end())
-
-    async def _send(self, data: bytes) -> None:
-        if self._body.write(data):  # the client is behind: wait, under the slow-client limit
-            self._guard.writing()
-            await self._body.drain()
+        if self._body.write(self._framer.end()):
+            await self._drain()
         self._guard.wrote()
+
+    async def _drain(self) -> None:
+        """The client is behind: wait for it, under the slow-client limit."""
+        self._guard.writing()
+        await self._body.drain()
 
 
 async def _stream(

@@ -27,9 +27,8 @@ from typing import Any
 from lean.config import ModelConfig
 from lean.errors import LeanError
 from lean.guard import Guard
-from lean.providers.base import VISIBLE, Piece
 from lean.services import Services
-from lean.upstream import Deliver
+from lean.upstream import Deliver, Handed
 
 log = logging.getLogger("lean.relay")
 
@@ -55,22 +54,17 @@ class Relay:
         self._models = [model, *(services.config.models[alias] for alias in model.fallback)]
         self._body = body
         self._guard = guard
-        self.committed = False
+        self._handed = Handed()
         self.fallback = False  # the answer came from a non-streaming path
+
+    @property
+    def committed(self) -> bool:
+        return self._handed.visible
 
     async def run(self, deliver: Deliver) -> None:
         """Hand the answer to `deliver`, in the batches its upstream reads delivered."""
         last: LeanError | None = None
-        delivering = False  # a LeanError now is the receiver's: never retried
-
-        async def commit_and_deliver(batch: list[Piece]) -> None:
-            nonlocal delivering
-            if not self.committed and any(isinstance(piece, VISIBLE) for piece in batch):
-                self.committed = True
-            delivering = True
-            await deliver(batch)
-            delivering = False
-
+        handed = self._handed
         for model in self._models:
             throttled = False  # this alias asked for a pause longer than lean waits
             if self._upstream.provider(model).stream:
@@ -83,12 +77,10 @@ class Relay:
                         self._guard.wrote()  # heartbeats go on while lean waits
                         await asyncio.sleep(wait)
                     try:
-                        await self._upstream.stream(
-                            model, self._body, self._guard, commit_and_deliver
-                        )
+                        await self._upstream.stream(model, self._body, self._guard, deliver, handed)
                         return
                     except LeanError as exc:
-                        if delivering:
+                        if handed.receiving:
                             raise
                         self._count(model, exc)
                         if self.committed:
@@ -109,7 +101,7 @@ class Relay:
                 continue
             self.fallback = True
             self._metrics.fallbacks += 1
-            await commit_and_deliver(pieces)
+            await handed.deliver(deliver, pieces)
             return
         assert last is not None
         raise last

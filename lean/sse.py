@@ -96,6 +96,23 @@ class SSEParser:
 
     def feed(self, data: bytes) -> list[SSEMessage]:
         """Take the next bytes of the stream; return the messages they complete."""
+        if (
+            not self._tail
+            and not self._data
+            and data.endswith(b"\n\n")
+            and data.startswith(b"data: ")
+            and data.count(b"\n") == 2
+            and b"\r" not in data
+            and len(data) - 7 <= self._max
+            and not (self._at_start or self._skip_lf or self._closed)
+        ):
+            # The usual read: one whole event of one `data: ` line. Same result as below.
+            message = SSEMessage(
+                data[6:-2].decode("utf-8", "replace"), self._event, self._id, self._retry
+            )
+            self._event = ""
+            self._retry = None
+            return [message]
         if self._closed:
             raise RuntimeError("SSEParser.feed() called after close()")
         if self._at_start:
@@ -117,21 +134,6 @@ class SSEParser:
             self._skip_lf = data.endswith(b"\r")
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         tail = self._tail
-        if (
-            not tail
-            and not self._data
-            and data.endswith(b"\n\n")
-            and data.startswith(b"data: ")
-            and data.count(b"\n") == 2
-            and len(data) - 7 <= self._max
-        ):
-            # The usual read: one whole event of one `data: ` line. Same result as below.
-            message = SSEMessage(
-                data[6:-2].decode("utf-8", "replace"), self._event, self._id, self._retry
-            )
-            self._event = ""
-            self._retry = None
-            return [message]
         if tail:
             if b"\n" not in data:
                 tail += data

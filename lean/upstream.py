@@ -30,11 +30,30 @@ from lean.errors import (
 )
 from lean.guard import Guard
 from lean.providers import adapter, demo
-from lean.providers.base import Piece, Text
+from lean.providers.base import VISIBLE, Piece, Text
 from lean.sse import SSEParser, SSEProtocolError
 
 # Receives an answer's pieces, a batch per upstream read; awaited, so it may write.
 Deliver = Callable[[list[Piece]], Awaitable[None]]
+
+
+class Handed:
+    """What the streams of one answer handed to their receiver: the relay's commit point."""
+
+    __slots__ = ("receiving", "visible")
+
+    def __init__(self) -> None:
+        self.visible = False  # a piece the user sees went out: no more retries
+        self.receiving = False  # inside the receiver: an exception now is not the upstream's
+
+    async def deliver(self, deliver: Deliver, batch: list[Piece]) -> None:
+        """For the rare paths (a whole answer, the demo); the read loop inlines this."""
+        if not self.visible and any(isinstance(piece, VISIBLE) for piece in batch):
+            self.visible = True
+        self.receiving = True
+        await deliver(batch)
+        self.receiving = False
+
 
 # An error body is read only to find its message; more than this is not an error message.
 MAX_ERROR_BYTES = 64 * 1024
@@ -152,10 +171,15 @@ class Upstream:
         return error
 
     async def stream(
-        self, model: ModelConfig, body: dict[str, Any], guard: Guard, deliver: Deliver
+        self,
+        model: ModelConfig,
+        body: dict[str, Any],
+        guard: Guard,
+        deliver: Deliver,
+        handed: Handed,
     ) -> None:
         """Hand the answer to `deliver` as it arrives: the pieces of one read per call
-        (one client write each).
+        (one client write each), recording in `handed` what went out.
 
         Push, not an async generator: a generator would add a frame, an asend object and
         a StopIteration per chunk per layer, and those are most of what lean adds to a
@@ -164,7 +188,7 @@ class Upstream:
         """
         provider = self.provider(model)
         if provider.kind == "demo":
-            await self._demo(provider, body, guard, deliver)
+            await self._demo(provider, body, guard, deliver, handed)
             return
         wire = adapter(provider.kind)
         request = wire.build_request(provider, model, body, stream=True)
@@ -172,7 +196,6 @@ class Upstream:
         parser = SSEParser(provider.max_event_bytes)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=provider.connect_timeout)
         read_timeout = provider.read_timeout
-        delivering = False  # an exception now is the receiver's, not the upstream's
         guard.waiting(provider.first_byte_timeout)
         try:
             async with self.session.post(
@@ -187,9 +210,7 @@ class Upstream:
                     )
                 if resp.content_type == "application/json":
                     # A server that ignored "stream": the whole answer in one body.
-                    pieces = wire.parse_completion(await resp.read())
-                    delivering = True
-                    await deliver(pieces)
+                    await handed.deliver(deliver, wire.parse_completion(await resp.read()))
                     return
                 async for data in resp.content.iter_any():
                     # Parsed a slice at a time: what a stalled client makes lean hold
@@ -204,9 +225,13 @@ class Upstream:
                                 failed = exc
                                 break
                         if batch:
-                            delivering = True
+                            if not handed.visible and any(
+                                isinstance(piece, VISIBLE) for piece in batch
+                            ):
+                                handed.visible = True
+                            handed.receiving = True
                             await deliver(batch)
-                            delivering = False
+                            handed.receiving = False
                         if failed is not None:
                             raise failed
                     guard.waiting(read_timeout)
@@ -217,13 +242,13 @@ class Upstream:
                 raise self._clean(timeout_error) from None
             raise
         except LeanError as exc:
-            if delivering:
+            if handed.receiving:
                 raise
             raise self._clean(exc) from None
         except SSEProtocolError as exc:
             raise UpstreamError(f"upstream {provider.name} sent a bad stream: {exc}") from None
         except (aiohttp.ClientError, OSError) as exc:
-            if delivering:
+            if handed.receiving:
                 raise  # the client's side failed
             if translator.finished:
                 return  # the connection broke after the answer was complete
@@ -278,10 +303,15 @@ class Upstream:
         return UpstreamError(f"upstream {provider.name} {what}", retryable=True)
 
     async def _demo(
-        self, provider: ProviderConfig, body: dict[str, Any], guard: Guard, deliver: Deliver
+        self,
+        provider: ProviderConfig,
+        body: dict[str, Any],
+        guard: Guard,
+        deliver: Deliver,
+        handed: Handed,
     ) -> None:
         for piece in demo.answer(body):
             if isinstance(piece, Text) and provider.demo_delay > 0:
                 guard.waiting(provider.read_timeout)
                 await asyncio.sleep(provider.demo_delay)
-            await deliver([piece])
+            await handed.deliver(deliver, [piece])
