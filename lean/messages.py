@@ -134,3 +134,37 @@ def history(rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
     for user, assistant in reversed(rows):  # selected newest first
         out += (("user", user), ("assistant", assistant))
     return out
+
+
+class TextBuffer:
+    """An answer's text as it arrives, a few bytes over its length.
+
+    A streamed token is ~4 characters; kept as its own `str` it would cost ~64 bytes
+    and a list slot, 10-15x the text. Fragments are joined every `FOLD`, so what a
+    running answer holds is its text plus one short list.
+    """
+
+    FOLD = 64
+
+    __slots__ = ("_joined", "_recent", "size")
+
+    def __init__(self) -> None:
+        self._joined: list[str] = []
+        self._recent: list[str] = []
+        self.size = 0  # characters so far
+
+    def add(self, text: str) -> None:
+        recent = self._recent
+        recent.append(text)
+        self.size += len(text)
+        if len(recent) >= self.FOLD:
+            self._joined.append("".join(recent))
+            recent.clear()
+
+    def text(self) -> str:
+        """All of it; afterwards held as that one string (shared with the caller)."""
+        if len(self._joined) != 1 or self._recent:
+            whole = "".join(self._joined) + "".join(self._recent)
+            self._joined = [whole]
+            self._recent.clear()
+        return self._joined[0]

@@ -37,7 +37,7 @@ from lean.errors import (
     SlowClient,
 )
 from lean.guard import Guard
-from lean.messages import MessageRecord, utc_now
+from lean.messages import MessageRecord, TextBuffer, utc_now
 from lean.providers.base import Finish, Piece, Reasoning, Text, ToolCall, Usage
 from lean.relay import Relay
 from lean.scenes import SceneRequest, chat_body, new_conversation_id, render
@@ -95,11 +95,11 @@ class Run:
         self.sink = sink
         self.status = "running"
         self.order = events.RunEvents()
-        self._text: list[str] = []
-        self._reasoning: list[str] = []
+        self._text = TextBuffer()
+        self._reasoning = TextBuffer()
         self._calls: list[Call] = []  # every round's, for the saved message
         self._round: dict[int, Call] = {}  # the current model call's, by index
-        self._round_text: list[str] = []
+        self._round_start = 0  # where the current model call's text begins
         self.tools = ToolRound(
             message_id=self.message_id,
             scene=scene,
@@ -169,19 +169,18 @@ class Run:
                 if self.scene.tools and round_number == self.scene.max_tool_rounds:
                     self.body["tool_choice"] = "none"  # the last round must answer in words
                 relay = Relay(self.services, self.model, self.body, guard)
-                self._round, self._round_text = {}, []
+                self._round, self._round_start = {}, self._text.size
                 await relay.run(self._pieces)
                 fallback = fallback or relay.fallback
                 if not self._round or round_number == self.scene.max_tool_rounds:
                     break  # a model that ignores tool_choice "none" gets no extra round
                 await self._tool_round(list(self._round.values()))
             self.status = "complete"
-            self._text = ["".join(self._text)]  # one copy of the answer, shared with the save
             final = events.Done(
                 message_id=self.message_id,
                 finish_reason=self._finish,
                 usage=events.Usage(self._usage.prompt_tokens, self._usage.completion_tokens),
-                text="".join(self._text),
+                text=self._text.text(),  # one copy of the answer, shared with the save
                 fallback=fallback,
             )
         except asyncio.CancelledError:
@@ -235,12 +234,11 @@ class Run:
     async def _piece(self, piece: Piece) -> None:
         if isinstance(piece, Text):
             self._first_token()
-            self._text.append(piece.text)
-            self._round_text.append(piece.text)
+            self._text.add(piece.text)
             await self._emit(events.Delta(message_id=self.message_id, text=piece.text))
         elif isinstance(piece, Reasoning):
             self._first_token()
-            self._reasoning.append(piece.text)
+            self._reasoning.add(piece.text)
             await self._emit(
                 events.Delta(message_id=self.message_id, text=piece.text, part="thinking")
             )
@@ -262,7 +260,7 @@ class Run:
         messages.append(
             {
                 "role": "assistant",
-                "content": "".join(self._round_text) or None,
+                "content": self._text.text()[self._round_start :] or None,
                 "tool_calls": [call.openai() for call in calls],
             }
         )
@@ -302,7 +300,7 @@ class Run:
         self._error = error
         if isinstance(error, Cancelled):
             self.status = "cancelled"
-        elif isinstance(error, ShuttingDown) or self._text:
+        elif isinstance(error, ShuttingDown) or self._text.size:
             self.status = "incomplete"
         else:
             self.status = "error"
@@ -320,13 +318,13 @@ class Run:
             message_id=self.message_id,
             conversation_id=self.conversation_id,
             role="assistant",
-            content="".join(self._text),
+            content=self._text.text(),
             status=self.status if self.status != "running" else "incomplete",
             created_at=utc_now(),
             turn=self.turn,
             scene=self.scene.name,
             model=self.model.alias,
-            reasoning="".join(self._reasoning),
+            reasoning=self._reasoning.text(),
             tool_calls=[call.saved() for call in self._calls],
             finish_reason=self._finish if self.status == "complete" else None,
             error_code=self._error.code if self._error else None,

@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from lean.messages import SCHEMA_VERSION, MessageRecord
+from lean.messages import SCHEMA_VERSION, MessageRecord, TextBuffer
 from lean.store import Store, StoreClosed
 
 AT = "2026-11-21T16:40:00.123Z"
@@ -455,3 +455,16 @@ async def test_failed_transaction_fails_its_batch_and_the_writer_recovers(
         (2, "user"),
     ]
     await s.close()
+
+
+@pytest.mark.parametrize("count", [0, 1, 63, 64, 65, 1000])
+def test_text_buffer_keeps_every_fragment_in_order(count: int) -> None:
+    fragments = [f"t{i} " for i in range(count)]
+    buffer = TextBuffer()
+    for fragment in fragments:
+        buffer.add(fragment)
+    assert buffer.size == len("".join(fragments))
+    assert buffer.text() == "".join(fragments)
+    buffer.add("end")  # more after a read still lands at the end
+    assert buffer.text() == "".join(fragments) + "end"
+    assert buffer.text() is buffer.text()  # held as one string once read
