@@ -160,6 +160,18 @@ class Store:
         await self._put((_FLUSH, None, done))
         await done
 
+    async def settled(self) -> None:
+        """Wait until every write queued before the call is committed or has failed; raises
+        nothing. For a read that must see what the client was already told about (a new
+        conversation's first turn is not awaited by its run)."""
+        if self._closed:
+            return
+        loop = self._check_open()
+        done: asyncio.Future[None] = loop.create_future()
+        await self._put((_FLUSH, "settle", done))
+        with contextlib.suppress(Exception):
+            await done
+
     def _check_open(self) -> asyncio.AbstractEventLoop:
         if self._closed:
             raise StoreClosed("the store is closed")
@@ -290,7 +302,7 @@ class Store:
                         self._op_failed(conn, exc, f"begin_turn in {args[0]!r}")
                         settled.append((fut, None, exc))
                 elif kind == _FLUSH:
-                    settled.append((fut, None, self._take_failures()))
+                    settled.append((fut, None, None if args else self._take_failures()))
                 else:
                     stop = fut
             conn.execute("COMMIT")
@@ -300,14 +312,14 @@ class Store:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             settled, unreported = [], False
-            for kind, _, fut in ops:
+            for kind, op_args, fut in ops:
                 if kind == _STOP:
                     stop = fut
                 elif kind == _SAVE:
                     unreported = True
                 else:
                     settled.append((fut, None, exc))
-                    if kind == _FLUSH:
+                    if kind == _FLUSH and not op_args:  # a flush reported it; a settle did not
                         self._failures.clear()
                         unreported = False
             if unreported:  # saves after the batch's last flush: tell the next one

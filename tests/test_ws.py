@@ -285,6 +285,22 @@ async def test_closing_the_socket_cancels_its_runs(
         assert (row["status"], row["content"]) == ("cancelled", "kept words ")
 
 
+async def test_a_new_conversation_can_be_read_as_soon_as_its_run_starts(
+    fake: FakeOpenAI, session: aiohttp.ClientSession
+) -> None:
+    for _ in range(5):
+        fake.push(stalling("slow words", after=1))
+    async with running(ws_config(fake)) as server:
+        for n in range(5):
+            async with session.ws_connect(server.url + "/v1/ws") as ws:
+                await ws.send_json(run_frame(f"r{n}", message=f"question {n}"))
+                start = await recv(ws)
+                assert start["type"] == "start", start
+                # At once: the first turn is written behind the run's back, yet visible.
+                rows = await messages(session, server, start["conversationId"])
+                assert [(r["role"], r["content"]) for r in rows] == [("user", f"question {n}")]
+
+
 async def test_closing_the_socket_with_on_disconnect_finish_saves_the_whole_answer(
     fake: FakeOpenAI, session: aiohttp.ClientSession
 ) -> None:
