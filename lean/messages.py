@@ -144,7 +144,7 @@ class TextBuffer:
     running answer holds is its text plus one short list.
     """
 
-    FOLD = 64
+    FOLD = 16
 
     __slots__ = ("_joined", "_recent", "size")
 

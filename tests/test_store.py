@@ -457,7 +457,7 @@ async def test_failed_transaction_fails_its_batch_and_the_writer_recovers(
     await s.close()
 
 
-@pytest.mark.parametrize("count", [0, 1, 63, 64, 65, 1000])
+@pytest.mark.parametrize("count", [0, 1, 15, 16, 17, 1000])
 def test_text_buffer_keeps_every_fragment_in_order(count: int) -> None:
     fragments = [f"t{i} " for i in range(count)]
     buffer = TextBuffer()
