@@ -13,7 +13,7 @@ import msgspec
 from aiohttp import web
 
 from lean import events, scenes
-from lean.client_io import bound_send_buffer, reset
+from lean.client_io import BodyWriter, bound_send_buffer, reset
 from lean.errors import BadRequest, NotFound
 from lean.handlers import SSE_HEADERS, read_body, services_key
 from lean.run import new_run, new_run_id
@@ -27,28 +27,33 @@ NDJSON_HEADERS = {
 
 
 class _HttpSink:
-    def __init__(self, request: web.Request, response: web.StreamResponse) -> None:
+    def __init__(self, request: web.Request) -> None:
         self._request = request
-        self._response = response
+        self.body: BodyWriter | None = None  # set once the response has started
 
     def abort(self) -> None:
         reset(self._request)
 
+    async def _write(self, frame: bytes) -> None:
+        assert self.body is not None, "the run starts after the response"
+        if self.body.write(frame):
+            await self.body.drain()
+
 
 class SSESink(_HttpSink):
     async def send(self, name: str, seq: int, payload: bytes) -> None:
-        await self._response.write(events.sse_frame(name, seq, payload))
+        await self._write(events.sse_frame(name, seq, payload))
 
     async def ping(self) -> None:
-        await self._response.write(events.SSE_PING)
+        await self._write(events.SSE_PING)
 
 
 class NDJSONSink(_HttpSink):
     async def send(self, name: str, seq: int, payload: bytes) -> None:
-        await self._response.write(events.ndjson_frame(payload))
+        await self._write(events.ndjson_frame(payload))
 
     async def ping(self) -> None:
-        await self._response.write(events.NDJSON_PING)
+        await self._write(events.NDJSON_PING)
 
 
 async def stream_scene(request: web.Request) -> web.StreamResponse:
@@ -65,10 +70,10 @@ async def stream_scene(request: web.Request) -> web.StreamResponse:
         scene_request = scenes.parse_body(await read_body(request))
     ndjson = request.method == "POST" and NDJSON in request.headers.get("Accept", "")
     response = web.StreamResponse(headers=NDJSON_HEADERS if ndjson else SSE_HEADERS)
-    sink = NDJSONSink(request, response) if ndjson else SSESink(request, response)
+    sink = NDJSONSink(request) if ndjson else SSESink(request)
     run = await new_run(services, scene, scene_request, run_id=new_run_id(), sink=sink)
     bound_send_buffer(request, services.config.limits.send_buffer_bytes)
-    await response.prepare(request)
+    sink.body = await BodyWriter.start(request, response)
     run.start()
     assert run.task is not None
     try:
