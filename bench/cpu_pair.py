@@ -1,0 +1,147 @@
+"""CPU per chunk of lean and of the minimal relay, measured in alternating rounds.
+
+    python -m bench.cpu_pair [--rounds 6] [--streams 400] [--chunks 200] [--interval 0.025]
+                             [--wire openai|scene-sse]
+
+The load bench (`python -m bench`) runs the relay and lean minutes apart, and on this VM
+the same relay has measured 27-52 µs per chunk from one run to the next; a ratio of two
+such figures moves with the machine. Here one mock, one relay and one lean run side by
+side (both pinned to the target core, each idle while the other is measured) and the
+load alternates between them, so each round's ratio compares two loads a few seconds
+apart. Prints every round and the median ratio; the target of issue 5 is <= 1.25x.
+The load: `--streams` concurrent streams of `--chunks` chunks `--interval` s apart,
+read to the end by aiohttp clients on the harness core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+import aiohttp
+import uvloop
+
+from bench.harness.procs import Child, cores, free_port, pin_self, python, wait_http
+from bench.harness.sampler import cpu_seconds
+from bench.harness.wires import BENCH_MODEL, BENCH_SCENE
+
+
+def lean_config(port: int, mock_port: int, workdir: Path) -> str:
+    return f"""\
+[server]
+host = 127.0.0.1
+port = {port}
+drain_timeout = 2
+
+[store]
+path = {workdir}/cpu-pair.db
+
+[limits]
+max_streams = 20000
+
+[provider.mock]
+kind = openai
+base_url = http://127.0.0.1:{mock_port}/v1
+
+[model.{BENCH_MODEL}]
+provider = mock
+upstream_model = mock-model
+
+[scene.{BENCH_SCENE}]
+model = {BENCH_MODEL}
+template = {{message}}
+history_turns = 0
+"""
+
+
+async def load(url: str, body: bytes, streams: int) -> int:
+    """Run `streams` streams to their end at once; the content events received."""
+    received = 0
+
+    async def one(session: aiohttp.ClientSession) -> None:
+        nonlocal received
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        async with session.post(url, data=body, headers=headers) as resp:
+            resp.raise_for_status()
+            async for line in resp.content:
+                if line.startswith((b'data: {"id"', b"event: delta")):
+                    received += 1
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        await asyncio.gather(*(one(session) for _ in range(streams)))
+    return received
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.cpu_pair", description=__doc__)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--streams", type=int, default=400)
+    parser.add_argument("--chunks", type=int, default=200)
+    parser.add_argument("--interval", type=float, default=0.025)
+    parser.add_argument("--wire", choices=("openai", "scene-sse"), default="openai")
+    args = parser.parse_args()
+    target_core, harness_core = cores()
+    pin_self(harness_core)
+    workdir = Path(tempfile.mkdtemp(prefix="lean-cpu-pair-"))
+    mock_port, relay_port, lean_port = free_port(), free_port(), free_port()
+    (workdir / "lean.ini").write_text(lean_config(lean_port, mock_port, workdir))
+    mock_args = ["--port", str(mock_port), "--chunks", str(args.chunks)]
+    mock_args += ["--interval", str(args.interval)]
+    relay_args = ["--port", str(relay_port), "--upstream", f"http://127.0.0.1:{mock_port}/v1"]
+    children = [
+        Child("mock", python("bench.harness.mock", *mock_args), core=harness_core,
+              log=workdir / "mock.log"),
+        Child("relay", python("bench.harness.relay", *relay_args), core=target_core,
+              log=workdir / "relay.log"),
+        Child("lean", python("lean", "serve", "--config", str(workdir / "lean.ini")),
+              core=target_core, log=workdir / "lean.log", env=dict(os.environ)),
+    ]  # fmt: skip
+    mock, relay, lean = children
+    try:
+        wait_http(mock, mock_port, "/stats")
+        wait_http(relay, relay_port)
+        wait_http(lean, lean_port)
+        openai_body = b'{"model":"%s","stream":true,"messages":[{"role":"user","content":"Hi"}]}'
+        targets = {
+            "relay": (relay, f"http://127.0.0.1:{relay_port}/v1/chat/completions",
+                      openai_body % BENCH_MODEL.encode()),
+            "lean": (lean, f"http://127.0.0.1:{lean_port}/v1/chat/completions",
+                     openai_body % BENCH_MODEL.encode()),
+        }  # fmt: skip
+        if args.wire == "scene-sse":
+            url = f"http://127.0.0.1:{lean_port}/v1/scenes/{BENCH_SCENE}/stream"
+            targets["lean"] = (lean, url, b'{"message":"Hi"}')
+        for _, url, body in targets.values():
+            uvloop.run(load(url, body, 4))  # warm up
+        per_chunk: dict[str, list[float]] = {name: [] for name in targets}
+        for round_number in range(1, args.rounds + 1):
+            for name, (child, url, body) in targets.items():
+                before = cpu_seconds(child.pid) or 0.0
+                received = uvloop.run(load(url, body, args.streams))
+                used = (cpu_seconds(child.pid) or 0.0) - before
+                per_chunk[name].append(used * 1e6 / max(1, received))
+            relay_us, lean_us = per_chunk["relay"][-1], per_chunk["lean"][-1]
+            print(
+                f"round {round_number}: relay {relay_us:.1f} µs/chunk, lean ({args.wire}) "
+                f"{lean_us:.1f} µs/chunk, {lean_us / relay_us:.2f}x",
+                flush=True,
+            )
+        pairs = zip(per_chunk["lean"], per_chunk["relay"], strict=True)
+        ratios = [lean / relay for lean, relay in pairs]
+        print(
+            f"median: relay {statistics.median(per_chunk['relay']):.1f} µs/chunk, lean "
+            f"{statistics.median(per_chunk['lean']):.1f} µs/chunk; lean/relay "
+            f"{statistics.median(ratios):.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f}x; "
+            "target <= 1.25x)"
+        )
+    finally:
+        for child in children:
+            child.stop()
+
+
+if __name__ == "__main__":
+    main()
