@@ -89,11 +89,20 @@ class Guard:
         self.since = self._loop.time()
 
     def wrote(self) -> None:
-        now = self._loop.time()
-        if self.phase == WRITING and now - self.since > BACKPRESSURE_WAIT:
-            self._metrics.backpressure_waits += 1
+        """A write ended. Only one that waited (`writing()` first) leaves the WRITING
+        phase; a write that did not wait leaves the phase (and its clock) as it was."""
+        now = self.last_write = self._loop.time()
+        if self.phase == WRITING:
+            if now - self.since > BACKPRESSURE_WAIT:
+                self._metrics.backpressure_waits += 1
+            self.phase = IDLE
+            self.since = now
+
+    def idle(self) -> None:
+        """Neither side is waited for (a retry's backoff, a call with its own deadline):
+        no limit applies, heartbeats go on."""
         self.phase = IDLE
-        self.last_write = self.since = now
+        self.since = self._loop.time()
 
     def interrupt(self, reason: LeanError) -> None:
         """End the stream with `reason`; the first reason wins."""

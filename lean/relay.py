@@ -74,7 +74,7 @@ class Relay:
                         wait = backoff(attempt, last)
                         if wait is None:
                             break
-                        self._guard.wrote()  # heartbeats go on while lean waits
+                        self._guard.idle()  # heartbeats go on while lean waits
                         await asyncio.sleep(wait)
                     try:
                         await self._upstream.stream(model, self._body, self._guard, deliver, handed)

@@ -96,14 +96,15 @@ class SSEParser:
 
     def feed(self, data: bytes) -> list[SSEMessage]:
         """Take the next bytes of the stream; return the messages they complete."""
+        size = len(data)
         if (
             not self._tail
             and not self._data
-            and data.endswith(b"\n\n")
             and data.startswith(b"data: ")
-            and data.count(b"\n") == 2
-            and b"\r" not in data
-            and len(data) - 7 <= self._max
+            and data.find(0x0A) == size - 2  # the first LF ...
+            and data[-1] == 0x0A  # ... and the last are the event's end
+            and 0x0D not in data  # (an int: memchr; a bytes needle is 8x slower)
+            and size - 7 <= self._max
             and not (self._at_start or self._skip_lf or self._closed)
         ):
             # The usual read: one whole event of one `data: ` line. Same result as below.
@@ -130,7 +131,7 @@ class SSEParser:
             self._skip_lf = False
             if data[0] == 0x0A:
                 data = data[1:]
-        if b"\r" in data:
+        if 0x0D in data:
             self._skip_lf = data.endswith(b"\r")
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         tail = self._tail

@@ -104,6 +104,10 @@ def _retry_after(headers: Any) -> float | None:
         return None
 
 
+def _slices(data: bytes) -> list[bytes]:
+    return [data[start : start + READ_BYTES] for start in range(0, len(data), READ_BYTES)]
+
+
 def error_from_response(status: int, body: bytes, headers: Any, provider: str) -> LeanError:
     """An upstream's HTTP error as a `LeanError`; only its parsed message is kept."""
     detail = ""
@@ -215,10 +219,10 @@ class Upstream:
                 async for data in resp.content.iter_any():
                     # Parsed a slice at a time: what a stalled client makes lean hold
                     # stays within READ_BYTES of parsed events.
-                    for start in range(0, len(data), READ_BYTES):
+                    for part in (data,) if len(data) <= READ_BYTES else _slices(data):
                         batch: list[Piece] = []
                         failed: LeanError | None = None
-                        for message in parser.feed(data[start : start + READ_BYTES]):
+                        for message in parser.feed(part):
                             try:
                                 batch += translator.feed(message)
                             except LeanError as exc:  # what came before it goes out first
@@ -265,7 +269,7 @@ class Upstream:
         request = wire.build_request(provider, model, body, stream=False)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=provider.connect_timeout)
         if guard is not None:
-            guard.wrote()  # heartbeats go on; this call has its own deadline
+            guard.idle()  # heartbeats go on; this call has its own deadline
         try:
             async with (
                 asyncio.timeout(provider.first_byte_timeout),
