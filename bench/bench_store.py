@@ -15,7 +15,8 @@ from pathlib import Path
 
 import uvloop
 
-from lean.store import MessageRecord, Store
+from lean.messages import MessageRecord
+from lean.store import Store
 
 ROWS = 10_000
 REPEATS = 5

@@ -8,6 +8,7 @@ run's prompt is logged only with `[server] log_prompts = true`.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -17,10 +18,14 @@ import msgspec
 _encode = msgspec.json.Encoder().encode
 
 
+# What makes a logfmt value need quotes: a space, `=`, a quote, a backslash, a control.
+_NEEDS_QUOTES = re.compile(r'[ ="\\\x00-\x1f\x7f]')
+
+
 def _logfmt_value(value: Any) -> str:
     text = value if isinstance(value, str) else _encode(value).decode()
     # Quoted (and so escaped) unless plainly safe: a prompt must not forge or garble lines.
-    if text and not any(c in ' ="\\' or c < " " or c == "\x7f" for c in text):
+    if text and _NEEDS_QUOTES.search(text) is None:
         return text
     return _encode(text).decode()
 

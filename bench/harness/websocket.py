@@ -8,6 +8,7 @@ keys must be unpredictable); server frames are read whole, pings answered with p
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import cast
 
 from bench.harness.clients import EventReader, GroupStats, HTTPStream, Judge
@@ -79,6 +80,9 @@ class WSStream(HTTPStream):
 
     def _headers_done(self) -> None:
         if self.status == 200 and self.transport is not None:
+            # Time to first chunk counts from the run frame, as an HTTP stream's counts from
+            # its request: a WebSocket client upgrades once and sends many runs.
+            self.sent = time.monotonic()
             self.transport.write(self._run_frame)
 
     def _payload(self, payload: bytes) -> None:
