@@ -216,7 +216,9 @@ class Upstream:
                     # A server that ignored "stream": the whole answer in one body.
                     await handed.deliver(deliver, wire.parse_completion(await resp.read()))
                     return
-                async for data in resp.content.iter_any():
+                content = resp.content
+                # readany() itself, not iter_any(): one coroutine frame less per read.
+                while data := await content.readany():
                     # Parsed a slice at a time: what a stalled client makes lean hold
                     # stays within READ_BYTES of parsed events.
                     for part in (data,) if len(data) <= READ_BYTES else _slices(data):
