@@ -221,6 +221,28 @@ async def _stream(
     body: dict[str, Any],
     include_usage: bool,
 ) -> web.StreamResponse:
+    """The stream runs in a task of its own: an upstream read then resumes that task's
+    few frames, not also aiohttp's handler and the middlewares above it (measured with
+    `python -m bench.cpu_pair`: ~1 µs of the ~8 µs lean adds to a bare relay per chunk)."""
+    task = asyncio.get_running_loop().create_task(
+        _run_stream(request, services, model, body, include_usage)
+    )
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.cancel()  # the client left (aiohttp cancelled the handler): close the upstream
+        with contextlib.suppress(asyncio.CancelledError, Exception):  # it ends as it can
+            await task
+        raise
+
+
+async def _run_stream(
+    request: web.Request,
+    services: Services,
+    model: ModelConfig,
+    body: dict[str, Any],
+    include_usage: bool,
+) -> web.StreamResponse:
     response = web.StreamResponse(headers=SSE_HEADERS)
     bound_send_buffer(request, services.config.limits.send_buffer_bytes)
     guard = new_guard(services, response, request)
