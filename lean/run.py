@@ -229,14 +229,15 @@ class Run:
 
     async def _pieces(self, batch: list[Piece]) -> None:
         for piece in batch:
-            await self._piece(piece)
+            if isinstance(piece, Text):  # most pieces: handled here, one call less each
+                self._first_token()
+                self._text.add(piece.text)
+                await self._emit(events.Delta(message_id=self.message_id, text=piece.text))
+            else:
+                await self._other_piece(piece)
 
-    async def _piece(self, piece: Piece) -> None:
-        if isinstance(piece, Text):
-            self._first_token()
-            self._text.add(piece.text)
-            await self._emit(events.Delta(message_id=self.message_id, text=piece.text))
-        elif isinstance(piece, Reasoning):
+    async def _other_piece(self, piece: Piece) -> None:
+        if isinstance(piece, Reasoning):
             self._first_token()
             self._reasoning.add(piece.text)
             await self._emit(

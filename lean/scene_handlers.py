@@ -42,7 +42,10 @@ class _HttpSink:
 
 class SSESink(_HttpSink):
     async def send(self, name: str, seq: int, payload: bytes) -> None:
-        await self._write(events.sse_frame(name, seq, payload))
+        body = self.body  # written out, not via _write: one coroutine less per event
+        assert body is not None, "the run starts after the response"
+        if body.write(events.sse_frame(name, seq, payload)):
+            await body.drain()
 
     async def ping(self) -> None:
         await self._write(events.SSE_PING)
@@ -50,7 +53,10 @@ class SSESink(_HttpSink):
 
 class NDJSONSink(_HttpSink):
     async def send(self, name: str, seq: int, payload: bytes) -> None:
-        await self._write(events.ndjson_frame(payload))
+        body = self.body
+        assert body is not None, "the run starts after the response"
+        if body.write(events.ndjson_frame(payload)):
+            await body.drain()
 
     async def ping(self) -> None:
         await self._write(events.NDJSON_PING)
