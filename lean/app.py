@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import logging
 import signal
@@ -190,6 +191,11 @@ async def serve(config: Config) -> None:
     notifier = Notifier()
     notifier.ready(f"listening on {server.url}")  # after the signal handlers: stoppable
     notifier.start_watchdog()
+    # What exists now (modules, config, the app) lives as long as the process: frozen, a
+    # full collection no longer walks it. Measured in `ttfb`: the one full collection of a
+    # 1,000-run load paused the loop 18 ms with it in the heap, and did not happen after.
+    gc.collect()
+    gc.freeze()
     try:
         await stop.wait()
     finally:
