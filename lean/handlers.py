@@ -1,11 +1,12 @@
 """HTTP handlers of the OpenAI-compatible surface and the operator endpoints.
 
-A stream is one task: it reads the upstream, frames each piece and writes it to
-the client directly. aiohttp's `write()` blocks when the client stops reading,
-so the task stops reading the upstream and TCP pushes back to the provider;
-lean holds one piece per stream. The stream's `Guard` cuts a client that has
-not taken bytes for `slow_client_timeout`, ends an upstream that went silent,
-and sends `: ping` heartbeats from byte zero.
+A stream is one task of its own: it reads the upstream, frames each read's pieces
+and writes them to the client directly (`BodyWriter`). When the client stops
+reading, the write waits for the transport to drain, so the task stops reading the
+upstream and TCP pushes back to the provider; lean holds one read per stream.
+The stream's `Guard` cuts a client that has not taken bytes for
+`slow_client_timeout`, ends an upstream that went silent, and sends `: ping`
+heartbeats from byte zero.
 """
 
 from __future__ import annotations
