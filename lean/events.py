@@ -197,6 +197,9 @@ class RunEvents:
     def check(self, event: Event) -> int:
         """Validate `event` as the run's next one; return its sequence number (start is 1)."""
         kind = type(event)
+        if kind is Delta and self._seq and not self._finished:  # most events: nothing to track
+            self._seq += 1
+            return self._seq
         if self._finished:
             raise RuntimeError(f"{_NAMES[kind]} event after the run finished")
         if (kind is Start) != (self._seq == 0):

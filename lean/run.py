@@ -230,7 +230,8 @@ class Run:
     async def _pieces(self, batch: list[Piece]) -> None:
         for piece in batch:
             if isinstance(piece, Text):  # most pieces: handled here, one call less each
-                self._first_token()
+                if self._first_token_ms is None:
+                    self._first_token()
                 self._text.add(piece.text)
                 await self._emit(events.Delta(message_id=self.message_id, text=piece.text))
             else:
