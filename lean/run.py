@@ -23,6 +23,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from lean import events
@@ -49,7 +50,13 @@ log = logging.getLogger("lean.run")
 
 
 class Sink(Protocol):
-    """Where a run's events go: one transport's framing and writes."""
+    """Where a run's events go: one transport's framing and writes.
+
+    `send` calls `on_wait()` right before it waits for the peer to take bytes (a run
+    sets it to its guard's `writing`), so the slow-client limit covers exactly that
+    wait and an event the transport takes at once costs no clock reading."""
+
+    on_wait: Callable[[], None]
 
     async def send(self, name: str, seq: int, payload: bytes) -> None: ...
 
@@ -136,6 +143,8 @@ class Run:
             task=self.task,
             metrics=self.services.metrics,
         )
+        if self.sink is not None:
+            self.sink.on_wait = self.guard.writing
         self.services.streams.add(self.guard)
         if register:
             self.services.runs.add(self)
@@ -281,7 +290,6 @@ class Run:
             return
         assert self.guard is not None
         guard = self.guard
-        guard.writing()
         try:
             await sink.send(events.event_name(event), seq, events.encode(event))
         except ConnectionError:

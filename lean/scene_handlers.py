@@ -7,6 +7,7 @@ status + error body); from `start` on, the run's events carry the outcome.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -26,10 +27,15 @@ NDJSON_HEADERS = {
 }
 
 
+def _nothing() -> None:
+    pass
+
+
 class _HttpSink:
     def __init__(self, request: web.Request) -> None:
         self._request = request
         self.body: BodyWriter | None = None  # set once the response has started
+        self.on_wait: Callable[[], None] = _nothing
 
     def abort(self) -> None:
         reset(self._request)
@@ -45,6 +51,7 @@ class SSESink(_HttpSink):
         body = self.body  # written out, not via _write: one coroutine less per event
         assert body is not None, "the run starts after the response"
         if body.write(events.sse_frame(name, seq, payload)):
+            self.on_wait()
             await body.drain()
 
     async def ping(self) -> None:
@@ -56,6 +63,7 @@ class NDJSONSink(_HttpSink):
         body = self.body
         assert body is not None, "the run starts after the response"
         if body.write(events.ndjson_frame(payload)):
+            self.on_wait()
             await body.drain()
 
     async def ping(self) -> None:

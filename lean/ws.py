@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -56,10 +57,12 @@ class WSSink:
         self._ws = ws
         self._request = request
         self._run_id = run_id
+        self.on_wait: Callable[[], None] = lambda: None
 
     async def send(self, name: str, seq: int, payload: bytes) -> None:
         if self._ws.closed:
             raise ConnectionResetError("the WebSocket is closed")
+        self.on_wait()  # aiohttp's send may wait for the socket; nothing tells in advance
         await self._ws.send_frame(events.ws_frame(self._run_id, payload), WSMsgType.TEXT)
 
     async def ping(self) -> None:
