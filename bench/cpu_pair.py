@@ -27,35 +27,9 @@ import uvloop
 
 from bench.harness.procs import Child, cores, free_port, pin_self, python, wait_http
 from bench.harness.sampler import cpu_seconds
+from bench.harness.scenarios import SCENARIOS
+from bench.harness.targets import Lean, Mock
 from bench.harness.wires import BENCH_MODEL, BENCH_SCENE
-
-
-def lean_config(port: int, mock_port: int, workdir: Path) -> str:
-    return f"""\
-[server]
-host = 127.0.0.1
-port = {port}
-drain_timeout = 2
-
-[store]
-path = {workdir}/cpu-pair.db
-
-[limits]
-max_streams = 20000
-
-[provider.mock]
-kind = openai
-base_url = http://127.0.0.1:{mock_port}/v1
-
-[model.{BENCH_MODEL}]
-provider = mock
-upstream_model = mock-model
-
-[scene.{BENCH_SCENE}]
-model = {BENCH_MODEL}
-template = {{message}}
-history_turns = 0
-"""
 
 
 async def load(url: str, body: bytes, streams: int) -> int:
@@ -88,7 +62,6 @@ def main() -> None:
     pin_self(harness_core)
     workdir = Path(tempfile.mkdtemp(prefix="lean-cpu-pair-"))
     mock_port, relay_port, lean_port = free_port(), free_port(), free_port()
-    (workdir / "lean.ini").write_text(lean_config(lean_port, mock_port, workdir))
     mock_args = ["--port", str(mock_port), "--chunks", str(args.chunks)]
     mock_args += ["--interval", str(args.interval)]
     relay_args = ["--port", str(relay_port), "--upstream", f"http://127.0.0.1:{mock_port}/v1"]
@@ -97,9 +70,25 @@ def main() -> None:
               log=workdir / "mock.log"),
         Child("relay", python("bench.harness.relay", *relay_args), core=target_core,
               log=workdir / "relay.log"),
-        Child("lean", python("lean", "serve", "--config", str(workdir / "lean.ini")),
-              core=target_core, log=workdir / "lean.log", env=dict(os.environ)),
     ]  # fmt: skip
+    # lean on the load bench's own config for this scenario (what `make bench` measures).
+    config = Lean().config(
+        SCENARIOS["realistic"](False),
+        Mock(children[0], mock_port, 0, None),
+        lean_port,
+        workdir,
+        "cpu-pair",
+    )
+    (workdir / "lean.ini").write_text(config)
+    children.append(
+        Child(
+            "lean",
+            python("lean", "serve", "--config", str(workdir / "lean.ini")),
+            core=target_core,
+            log=workdir / "lean.log",
+            env=dict(os.environ),
+        )
+    )
     mock, relay, lean = children
     try:
         wait_http(mock, mock_port, "/stats")

@@ -32,42 +32,47 @@ def _nothing() -> None:
 
 
 class _HttpSink:
+    """A scene run's events on a streaming HTTP response; `frame` is the wire format."""
+
+    PING = b""
+
     def __init__(self, request: web.Request) -> None:
         self._request = request
         self.body: BodyWriter | None = None  # set once the response has started
         self.on_wait: Callable[[], None] = _nothing
 
+    @staticmethod
+    def frame(name: str, seq: int, payload: bytes) -> bytes:
+        raise NotImplementedError
+
     def abort(self) -> None:
         reset(self._request)
 
-    async def _write(self, frame: bytes) -> None:
+    async def send(self, name: str, seq: int, payload: bytes) -> None:
+        body = self.body
+        assert body is not None, "the run starts after the response"
+        if body.write(self.frame(name, seq, payload)):
+            self.on_wait()
+            await body.drain()
+
+    async def ping(self) -> None:
+        # No on_wait: the guard put itself in its writing phase before asking for a ping.
         assert self.body is not None, "the run starts after the response"
-        if self.body.write(frame):
+        if self.body.write(self.PING):
             await self.body.drain()
 
 
 class SSESink(_HttpSink):
-    async def send(self, name: str, seq: int, payload: bytes) -> None:
-        body = self.body  # written out, not via _write: one coroutine less per event
-        assert body is not None, "the run starts after the response"
-        if body.write(events.sse_frame(name, seq, payload)):
-            self.on_wait()
-            await body.drain()
-
-    async def ping(self) -> None:
-        await self._write(events.SSE_PING)
+    PING = events.SSE_PING
+    frame = staticmethod(events.sse_frame)
 
 
 class NDJSONSink(_HttpSink):
-    async def send(self, name: str, seq: int, payload: bytes) -> None:
-        body = self.body
-        assert body is not None, "the run starts after the response"
-        if body.write(events.ndjson_frame(payload)):
-            self.on_wait()
-            await body.drain()
+    PING = events.NDJSON_PING
 
-    async def ping(self) -> None:
-        await self._write(events.NDJSON_PING)
+    @staticmethod
+    def frame(name: str, seq: int, payload: bytes) -> bytes:
+        return events.ndjson_frame(payload)
 
 
 async def stream_scene(request: web.Request) -> web.StreamResponse:
@@ -140,7 +145,7 @@ async def conversation_messages(request: web.Request) -> web.Response:
         raise BadRequest("limit must be an integer") from None
     if not 1 <= limit <= 10_000:
         raise BadRequest("limit must be between 1 and 10000")
-    await store.settled()  # a run's `start` may come before its first turn is committed
+    await store.flush(report=False)  # `start` may come before the first turn is committed
     if not await store.conversation_exists(cid):
         raise NotFound(f"conversation '{cid}' does not exist")
     messages = await store.messages(cid, limit=limit)

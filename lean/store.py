@@ -148,29 +148,23 @@ class Store:
         # Encoded here, so a tool call that is not JSON fails the caller, not a later flush.
         await self._put((_SAVE, row(record), None))
 
-    async def flush(self) -> None:
-        """Wait until everything queued before the call is committed; raise the first error
-        among saves that failed since the previous flush."""
+    async def flush(self, *, report: bool = True) -> None:
+        """Wait until everything queued before the call is committed. With `report`, raise
+        the first error among saves that failed since the previous flush; without, raise
+        nothing: a barrier for a read that must see what a client was already told about
+        (a new conversation's first turn is not awaited by its run)."""
         if self._closed:  # close() commits everything; wait for it rather than fail
             if self._closing is not None:
                 await asyncio.shield(self._closing)
             return
         loop = self._check_open()
         done: asyncio.Future[None] = loop.create_future()
-        await self._put((_FLUSH, None, done))
-        await done
-
-    async def settled(self) -> None:
-        """Wait until every write queued before the call is committed or has failed; raises
-        nothing. For a read that must see what the client was already told about (a new
-        conversation's first turn is not awaited by its run)."""
-        if self._closed:
-            return
-        loop = self._check_open()
-        done: asyncio.Future[None] = loop.create_future()
-        await self._put((_FLUSH, "settle", done))
-        with contextlib.suppress(Exception):
+        await self._put((_FLUSH, report, done))
+        if report:
             await done
+        else:
+            with contextlib.suppress(Exception):
+                await done
 
     def _check_open(self) -> asyncio.AbstractEventLoop:
         if self._closed:
@@ -302,7 +296,7 @@ class Store:
                         self._op_failed(conn, exc, f"begin_turn in {args[0]!r}")
                         settled.append((fut, None, exc))
                 elif kind == _FLUSH:
-                    settled.append((fut, None, None if args else self._take_failures()))
+                    settled.append((fut, None, self._take_failures() if args else None))
                 else:
                     stop = fut
             conn.execute("COMMIT")
@@ -319,7 +313,7 @@ class Store:
                     unreported = True
                 else:
                     settled.append((fut, None, exc))
-                    if kind == _FLUSH and not op_args:  # a flush reported it; a settle did not
+                    if kind == _FLUSH and op_args:  # a reporting flush told of it
                         self._failures.clear()
                         unreported = False
             if unreported:  # saves after the batch's last flush: tell the next one
