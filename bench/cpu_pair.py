@@ -1,7 +1,7 @@
 """CPU per chunk of lean and of the minimal relay, measured in alternating rounds.
 
     python -m bench.cpu_pair [--rounds 6] [--streams 400] [--chunks 200] [--interval 0.025]
-                             [--wire openai|scene-sse]
+                             [--wire openai|scene-sse|scene-ndjson|scene-ws]
 
 The load bench (`python -m bench`) runs the relay and lean minutes apart, and on this VM
 the same relay has measured 27-52 µs per chunk from one run to the next; a ratio of two
@@ -32,21 +32,33 @@ from bench.harness.targets import Lean, Mock
 from bench.harness.wires import BENCH_MODEL, BENCH_SCENE
 
 
-async def load(url: str, body: bytes, streams: int) -> int:
-    """Run `streams` streams to their end at once; the content events received."""
+async def load(url: str, body: bytes, streams: int, accept: str = "text/event-stream") -> int:
+    """Run `streams` streams to their end at once; the content events received.
+    A `ws://` url runs each stream as one run on a WebSocket of its own."""
     received = 0
 
     async def one(session: aiohttp.ClientSession) -> None:
         nonlocal received
-        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        headers = {"Content-Type": "application/json", "Accept": accept}
         async with session.post(url, data=body, headers=headers) as resp:
             resp.raise_for_status()
             async for line in resp.content:
-                if line.startswith((b'data: {"id"', b"event: delta")):
+                if line.startswith((b'data: {"id"', b"event: delta", b'{"type":"delta"')):
                     received += 1
 
+    async def one_ws(session: aiohttp.ClientSession) -> None:
+        nonlocal received
+        async with session.ws_connect(url) as ws:
+            await ws.send_bytes(body)
+            async for message in ws:
+                if '"type":"delta"' in message.data[:40]:
+                    received += 1
+                elif '"type":"done"' in message.data[:40]:
+                    break
+
+    run = one_ws if url.startswith("ws") else one
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        await asyncio.gather(*(one(session) for _ in range(streams)))
+        await asyncio.gather(*(run(session) for _ in range(streams)))
     return received
 
 
@@ -56,7 +68,8 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=400)
     parser.add_argument("--chunks", type=int, default=200)
     parser.add_argument("--interval", type=float, default=0.025)
-    parser.add_argument("--wire", choices=("openai", "scene-sse"), default="openai")
+    wires = ("openai", "scene-sse", "scene-ndjson", "scene-ws")
+    parser.add_argument("--wire", choices=wires, default="openai")
     args = parser.parse_args()
     target_core, harness_core = cores()
     pin_self(harness_core)
@@ -101,16 +114,20 @@ def main() -> None:
             "lean": (lean, f"http://127.0.0.1:{lean_port}/v1/chat/completions",
                      openai_body % BENCH_MODEL.encode()),
         }  # fmt: skip
-        if args.wire == "scene-sse":
+        accept = "application/x-ndjson" if args.wire == "scene-ndjson" else "text/event-stream"
+        if args.wire in ("scene-sse", "scene-ndjson"):
             url = f"http://127.0.0.1:{lean_port}/v1/scenes/{BENCH_SCENE}/stream"
             targets["lean"] = (lean, url, b'{"message":"Hi"}')
+        elif args.wire == "scene-ws":
+            run = b'{"type":"run","runId":"r1","scene":"%s","message":"Hi"}' % BENCH_SCENE.encode()
+            targets["lean"] = (lean, f"ws://127.0.0.1:{lean_port}/v1/ws", run)
         for _, url, body in targets.values():
-            uvloop.run(load(url, body, 4))  # warm up
+            uvloop.run(load(url, body, 4, accept))  # warm up
         per_chunk: dict[str, list[float]] = {name: [] for name in targets}
         for round_number in range(1, args.rounds + 1):
             for name, (child, url, body) in targets.items():
                 before = cpu_seconds(child.pid) or 0.0
-                received = uvloop.run(load(url, body, args.streams))
+                received = uvloop.run(load(url, body, args.streams, accept))
                 used = (cpu_seconds(child.pid) or 0.0) - before
                 per_chunk[name].append(used * 1e6 / max(1, received))
             relay_us, lean_us = per_chunk["relay"][-1], per_chunk["lean"][-1]

@@ -8,6 +8,13 @@ read those calls were a measurable part of what lean adds to a bare relay (see
 bench/RESULTS.md). Backpressure is kept: when the transport could not hand
 everything to the kernel, the caller awaits `drain()`, which returns once aiohttp
 resumes writing, exactly what `StreamResponse.write()` would wait for.
+
+`TextFrames` does the same for WebSocket text frames (RFC 6455 §5.2: a server's
+frames are unmasked, so a frame is a 2-, 4- or 10-byte header and the payload):
+aiohttp's `send_frame()` is three coroutines deep per frame. Every other frame on
+the socket (pings, pongs, close, errors) still goes through aiohttp, and every
+write of either is one whole frame in one `transport.write()`, so frames never
+interleave.
 """
 
 from __future__ import annotations
@@ -78,6 +85,47 @@ class BodyWriter:
         if transport.is_closing():
             raise ConnectionResetError("the client closed the connection")
         transport.write(b"%x\r\n%b\r\n" % (len(frame), frame) if self._chunked else frame)
+        return transport.get_write_buffer_size() > 0
+
+    async def drain(self) -> None:
+        """Wait until the transport takes writes again (raises if the client left)."""
+        await self._writer.drain()
+
+
+class TextFrames:
+    """Text frames to a prepared `WebSocketResponse`, one transport write each."""
+
+    __slots__ = ("_transport", "_writer", "_ws")
+
+    def __init__(
+        self, ws: web.WebSocketResponse, transport: asyncio.Transport, writer: AbstractStreamWriter
+    ) -> None:
+        self._ws = ws
+        self._transport = transport
+        self._writer = writer
+
+    @classmethod
+    async def start(cls, request: web.Request, ws: web.WebSocketResponse) -> TextFrames:
+        """Accept the upgrade; the writer for the socket's text frames."""
+        writer = await ws.prepare(request)
+        transport = request.transport
+        if writer is None or transport is None:
+            raise ConnectionResetError("the client left before the upgrade")
+        return cls(ws, transport, writer)
+
+    def write(self, payload: bytes) -> bool:
+        """Queue one text frame (`payload` is UTF-8); True when the client is behind:
+        await `drain()`."""
+        transport = self._transport
+        if self._ws.closed or transport.is_closing():
+            raise ConnectionResetError("the WebSocket is closed")
+        size = len(payload)
+        if size < 126:
+            transport.write(b"\x81%c%b" % (size, payload))
+        elif size < 65536:
+            transport.write(b"\x81\x7e%b%b" % (size.to_bytes(2, "big"), payload))
+        else:
+            transport.write(b"\x81\x7f%b%b" % (size.to_bytes(8, "big"), payload))
         return transport.get_write_buffer_size() > 0
 
     async def drain(self) -> None:

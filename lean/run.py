@@ -23,7 +23,6 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from lean import events
@@ -52,13 +51,14 @@ log = logging.getLogger("lean.run")
 class Sink(Protocol):
     """Where a run's events go: one transport's framing and writes.
 
-    `send` calls `on_wait()` right before it waits for the peer to take bytes (a run
-    sets it to its guard's `writing`), so the slow-client limit covers exactly that
-    wait and an event the transport takes at once costs no clock reading."""
+    `write` queues one event's frame without waiting and says whether the peer is
+    behind; only then does the run await `drain` (under its guard's slow-client
+    limit). An event the transport takes at once costs no await and no clock reading.
+    Both raise `ConnectionError` once the peer is gone."""
 
-    on_wait: Callable[[], None]
+    def write(self, name: str, seq: int, payload: bytes) -> bool: ...
 
-    async def send(self, name: str, seq: int, payload: bytes) -> None: ...
+    async def drain(self) -> None: ...
 
     async def ping(self) -> None: ...
 
@@ -143,8 +143,6 @@ class Run:
             task=self.task,
             metrics=self.services.metrics,
         )
-        if self.sink is not None:
-            self.sink.on_wait = self.guard.writing
         self.services.streams.add(self.guard)
         if register:
             self.services.runs.add(self)
@@ -238,13 +236,17 @@ class Run:
 
     async def _pieces(self, batch: list[Piece]) -> None:
         for piece in batch:
-            if isinstance(piece, Text):  # most pieces: handled here, one call less each
+            if isinstance(piece, Text):  # most pieces: written here, without a coroutine
                 if self._first_token_ms is None:
                     self._first_token()
                 self._text.add(piece.text)
-                await self._emit(events.Delta(message_id=self.message_id, text=piece.text))
+                delta = events.Delta(message_id=self.message_id, text=piece.text)
+                if self._write(delta):
+                    await self._drain()
             else:
                 await self._other_piece(piece)
+        assert self.guard is not None
+        self.guard.wrote()
 
     async def _other_piece(self, piece: Piece) -> None:
         if isinstance(piece, Reasoning):
@@ -284,21 +286,37 @@ class Run:
             self._first_token_ms = (time.monotonic() - self._started) * 1000
 
     async def _emit(self, event: events.Event) -> None:
+        if self._write(event):
+            await self._drain()
+        assert self.guard is not None
+        self.guard.wrote()
+
+    def _write(self, event: events.Event) -> bool:
+        """Write `event` without waiting; True when the client is behind (`_drain`)."""
         seq = self.order.check(event)
         sink = self.sink
         if sink is None:
-            return
-        assert self.guard is not None
-        guard = self.guard
+            return False
         try:
-            await sink.send(events.event_name(event), seq, events.encode(event))
+            return sink.write(events.event_name(event), seq, events.encode(event))
+        except ConnectionError:
+            self._lost_client(Cancelled("the client left"))
+            return False
+
+    async def _drain(self) -> None:
+        """Wait for a client that is behind, under the slow-client limit."""
+        sink = self.sink
+        assert sink is not None and self.guard is not None
+        guard = self.guard
+        guard.writing()
+        try:
+            await sink.drain()
         except ConnectionError:
             self._lost_client(Cancelled("the client left"))
         except asyncio.CancelledError:
             if not isinstance(guard.reason, SlowClient):
                 raise
             self._lost_client(guard.take() or SlowClient("the client stopped reading"))
-        guard.wrote()
 
     def _lost_client(self, reason: LeanError) -> None:
         self.sink = None

@@ -7,7 +7,6 @@ status + error body); from `start` on, the run's events carry the outcome.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -27,10 +26,6 @@ NDJSON_HEADERS = {
 }
 
 
-def _nothing() -> None:
-    pass
-
-
 class _HttpSink:
     """A scene run's events on a streaming HTTP response; `frame` is the wire format."""
 
@@ -39,7 +34,6 @@ class _HttpSink:
     def __init__(self, request: web.Request) -> None:
         self._request = request
         self.body: BodyWriter | None = None  # set once the response has started
-        self.on_wait: Callable[[], None] = _nothing
 
     @staticmethod
     def frame(name: str, seq: int, payload: bytes) -> bytes:
@@ -48,15 +42,16 @@ class _HttpSink:
     def abort(self) -> None:
         reset(self._request)
 
-    async def send(self, name: str, seq: int, payload: bytes) -> None:
+    def write(self, name: str, seq: int, payload: bytes) -> bool:
         body = self.body
         assert body is not None, "the run starts after the response"
-        if body.write(self.frame(name, seq, payload)):
-            self.on_wait()
-            await body.drain()
+        return body.write(self.frame(name, seq, payload))
+
+    async def drain(self) -> None:
+        assert self.body is not None, "the run starts after the response"
+        await self.body.drain()
 
     async def ping(self) -> None:
-        # No on_wait: the guard put itself in its writing phase before asking for a ping.
         assert self.body is not None, "the run starts after the response"
         if self.body.write(self.PING):
             await self.body.drain()

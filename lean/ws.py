@@ -1,9 +1,10 @@
 """`GET /v1/ws`: one WebSocket, several concurrent runs (protocol.md §3).
 
 Client frames are `run`, `cancel` and `tool_result`; server frames are the
-events of §2 with `runId` added. Each run writes its own frames (aiohttp writes
-a frame in one piece, so runs never interleave inside a frame); a client that
-stops reading blocks those writes and each run's guard cuts it as on SSE. A bad
+events of §2 with `runId` added. Each run writes its own frames, each in one
+`transport.write()` (`client_io.TextFrames`), so runs never interleave inside a
+frame; a client that stops reading blocks those writes and each run's guard cuts
+it as on SSE. A bad
 frame gets an `error` frame for its run (or with `runId` null) and the socket
 stays open. Compression is off: permessage-deflate costs ~100 KB per socket.
 """
@@ -12,14 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import msgspec
 from aiohttp import WSMsgType, web
 
 from lean import events, scenes
-from lean.client_io import bound_send_buffer, reset
+from lean.client_io import TextFrames, bound_send_buffer, reset
 from lean.errors import BadRequest, LeanError, NotFound, Overloaded
 from lean.handlers import services_key
 from lean.run import Run, new_run
@@ -53,17 +53,18 @@ _decode_loose = msgspec.json.Decoder(dict[str, Any]).decode
 
 
 class WSSink:
-    def __init__(self, ws: web.WebSocketResponse, request: web.Request, run_id: str) -> None:
-        self._ws = ws
+    """One run's events on its socket: text frames with the run's id."""
+
+    def __init__(self, frames: TextFrames, request: web.Request, run_id: str) -> None:
+        self._frames = frames
         self._request = request
         self._run_id = run_id
-        self.on_wait: Callable[[], None] = lambda: None
 
-    async def send(self, name: str, seq: int, payload: bytes) -> None:
-        if self._ws.closed:
-            raise ConnectionResetError("the WebSocket is closed")
-        self.on_wait()  # aiohttp's send may wait for the socket; nothing tells in advance
-        await self._ws.send_frame(events.ws_frame(self._run_id, payload), WSMsgType.TEXT)
+    def write(self, name: str, seq: int, payload: bytes) -> bool:
+        return self._frames.write(events.ws_frame(self._run_id, payload))
+
+    async def drain(self) -> None:
+        await self._frames.drain()
 
     async def ping(self) -> None:
         """aiohttp's own heartbeat pings the socket."""
@@ -73,9 +74,16 @@ class WSSink:
 
 
 class Socket:
-    def __init__(self, services: Services, ws: web.WebSocketResponse, request: web.Request):
+    def __init__(
+        self,
+        services: Services,
+        ws: web.WebSocketResponse,
+        frames: TextFrames,
+        request: web.Request,
+    ):
         self.services = services
         self.ws = ws
+        self.frames = frames
         self.request = request
         self.runs: dict[str, Run] = {}
 
@@ -121,7 +129,7 @@ class Socket:
         request = scenes.SceneRequest(
             inputs=frame.inputs, message=frame.message, conversation_id=frame.conversation_id
         )
-        sink = WSSink(self.ws, self.request, frame.run_id)
+        sink = WSSink(self.frames, self.request, frame.run_id)
         run = await new_run(
             services, scene, scenes.validated(request), run_id=frame.run_id, sink=sink
         )
@@ -152,8 +160,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         max_msg_size=config.server.max_body_bytes,
     )
     bound_send_buffer(request, config.limits.send_buffer_bytes)
-    await ws.prepare(request)
-    socket = Socket(services, ws, request)
+    socket = Socket(services, ws, await TextFrames.start(request, ws), request)
     services.sockets.add(ws)
     try:
         async for message in ws:

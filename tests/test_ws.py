@@ -196,6 +196,24 @@ async def test_template_inputs_reach_the_upstream(
     assert sent == [{"role": "user", "content": "Summarise in 5 words: a long text"}]
 
 
+async def test_frames_of_every_length_arrive_whole(
+    fake: FakeOpenAI, session: aiohttp.ClientSession
+) -> None:
+    # lean writes its text frames itself: a 7-bit, a 16-bit and a 64-bit length header
+    # (RFC 6455 §5.2), each parsed here by aiohttp's client.
+    tokens = ["Hi ", "m" * 300 + " ", "x" * 70_000 + " ", "!"]
+    fake.push(text_stream("".join(tokens)))  # one delta per word, spaces kept
+    async with (
+        running(ws_config(fake)) as server,
+        session.ws_connect(server.url + "/v1/ws", max_msg_size=0) as ws,
+    ):
+        await ws.send_json(run_frame("r1"))
+        frames = await collect(ws, "r1")
+    deltas = [f["text"] for f in frames if f["type"] == "delta"]
+    assert deltas == tokens
+    assert frames[-1]["text"] == "".join(tokens)
+
+
 # --- several runs on one socket -------------------------------------------------------------
 
 
