@@ -31,8 +31,23 @@ from bench.harness.scenarios import SCENARIOS
 from bench.harness.targets import Lean, Mock
 from bench.harness.wires import BENCH_MODEL, BENCH_SCENE
 
+WIRES = ("openai", "scene-sse", "scene-ndjson", "scene-ws")
+_OPENAI_BODY = b'{"model":"%s","stream":true,"messages":[{"role":"user","content":"Hi"}]}'
 
-async def load(url: str, body: bytes, streams: int, accept: str = "text/event-stream") -> int:
+
+def targets_of(wire: str, port: int) -> tuple[str, bytes, str]:
+    """(url, body, Accept) of one stream of `wire` on lean at `port`."""
+    base = f"127.0.0.1:{port}/v1"
+    if wire == "openai":
+        return f"http://{base}/chat/completions", _OPENAI_BODY % BENCH_MODEL.encode(), "*/*"
+    if wire == "scene-ws":
+        run = b'{"type":"run","runId":"r1","scene":"%s","message":"Hi"}' % BENCH_SCENE.encode()
+        return f"ws://{base}/ws", run, ""
+    accept = "application/x-ndjson" if wire == "scene-ndjson" else "text/event-stream"
+    return f"http://{base}/scenes/{BENCH_SCENE}/stream", b'{"message":"Hi"}', accept
+
+
+async def load(url: str, body: bytes, accept: str, streams: int) -> int:
     """Run `streams` streams to their end at once; the content events received.
     A `ws://` url runs each stream as one run on a WebSocket of its own."""
     received = 0
@@ -68,8 +83,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=400)
     parser.add_argument("--chunks", type=int, default=200)
     parser.add_argument("--interval", type=float, default=0.025)
-    wires = ("openai", "scene-sse", "scene-ndjson", "scene-ws")
-    parser.add_argument("--wire", choices=wires, default="openai")
+    parser.add_argument("--wire", choices=WIRES, default="openai")
     args = parser.parse_args()
     target_core, harness_core = cores()
     pin_self(harness_core)
@@ -107,27 +121,18 @@ def main() -> None:
         wait_http(mock, mock_port, "/stats")
         wait_http(relay, relay_port)
         wait_http(lean, lean_port)
-        openai_body = b'{"model":"%s","stream":true,"messages":[{"role":"user","content":"Hi"}]}'
+        relay_url = f"http://127.0.0.1:{relay_port}/v1/chat/completions"
         targets = {
-            "relay": (relay, f"http://127.0.0.1:{relay_port}/v1/chat/completions",
-                      openai_body % BENCH_MODEL.encode()),
-            "lean": (lean, f"http://127.0.0.1:{lean_port}/v1/chat/completions",
-                     openai_body % BENCH_MODEL.encode()),
-        }  # fmt: skip
-        accept = "application/x-ndjson" if args.wire == "scene-ndjson" else "text/event-stream"
-        if args.wire in ("scene-sse", "scene-ndjson"):
-            url = f"http://127.0.0.1:{lean_port}/v1/scenes/{BENCH_SCENE}/stream"
-            targets["lean"] = (lean, url, b'{"message":"Hi"}')
-        elif args.wire == "scene-ws":
-            run = b'{"type":"run","runId":"r1","scene":"%s","message":"Hi"}' % BENCH_SCENE.encode()
-            targets["lean"] = (lean, f"ws://127.0.0.1:{lean_port}/v1/ws", run)
-        for _, url, body in targets.values():
-            uvloop.run(load(url, body, 4, accept))  # warm up
+            "relay": (relay, (relay_url, _OPENAI_BODY % BENCH_MODEL.encode(), "*/*")),
+            "lean": (lean, targets_of(args.wire, lean_port)),
+        }
+        for _, target in targets.values():
+            uvloop.run(load(*target, 4))  # warm up
         per_chunk: dict[str, list[float]] = {name: [] for name in targets}
         for round_number in range(1, args.rounds + 1):
-            for name, (child, url, body) in targets.items():
+            for name, (child, target) in targets.items():
                 before = cpu_seconds(child.pid) or 0.0
-                received = uvloop.run(load(url, body, args.streams, accept))
+                received = uvloop.run(load(*target, args.streams))
                 used = (cpu_seconds(child.pid) or 0.0) - before
                 per_chunk[name].append(used * 1e6 / max(1, received))
             relay_us, lean_us = per_chunk["relay"][-1], per_chunk["lean"][-1]

@@ -207,8 +207,9 @@ class Run:
             await guard.close()
             self.services.streams.discard(guard)
             self.services.runs.discard(self)
-            # Saved before the last event goes out: a client that starts its next turn on
-            # `done` finds this answer in the conversation's history.
+            # Queued before the last event goes out, and every read of the store waits for
+            # what was queued before it: a client that starts its next turn on `done` finds
+            # this answer in the conversation's history.
             await self._save()
         if final is not None:
             await self._emit_final(final)
@@ -368,9 +369,8 @@ class Run:
             self.order.seq,
             None if self._first_token_ms is None else self._first_token_ms / 1000,
         )
-        try:
+        try:  # waits for queue space, not for the write (the store logs a failed write)
             await self.services.store.save_assistant(record)
-            await self.services.store.flush()
         except Exception:
             log.exception("run %s: saving the answer failed", self.run_id)
         fields: dict[str, Any] = {

@@ -140,7 +140,6 @@ async def conversation_messages(request: web.Request) -> web.Response:
         raise BadRequest("limit must be an integer") from None
     if not 1 <= limit <= 10_000:
         raise BadRequest("limit must be between 1 and 10000")
-    await store.flush(report=False)  # `start` may come before the first turn is committed
     if not await store.conversation_exists(cid):
         raise NotFound(f"conversation '{cid}' does not exist")
     messages = await store.messages(cid, limit=limit)

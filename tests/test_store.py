@@ -244,6 +244,38 @@ async def test_history_keeps_text_of_a_cancelled_answer(store: Store) -> None:
 # -- flush, close, failures -------------------------------------------------------------------
 
 
+async def test_a_read_sees_the_writes_queued_before_it(store: Store) -> None:
+    await store.begin_first_turn(conversation_id="a", scene="chat", user_content="q")
+    await store.save_assistant(answer("a", 1))  # no flush: the reads wait for both
+    assert await store.conversation_exists("a")
+    assert [m.role for m in await store.messages("a")] == ["user", "assistant"]
+    assert await store.history("a", 1) == [("user", "q"), ("assistant", "answer 1")]
+
+
+async def test_a_save_nobody_waits_for_is_committed_by_itself(tmp_path: Path) -> None:
+    s = Store(db(tmp_path))
+    await s.open()
+    await s.save_assistant(answer("a", 1))
+    async with asyncio.timeout(5):  # LINGER is 20 ms; seen from another connection
+        while count_rows(db(tmp_path)) == 0:
+            await asyncio.sleep(0.01)
+    await s.close()
+
+
+async def test_a_waited_for_op_ends_the_linger_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("lean.store.LINGER", 60.0)  # a save alone would wait a minute
+    s = Store(db(tmp_path))
+    await s.open()
+    await s.save_assistant(answer("a", 1))
+    await asyncio.sleep(0.05)  # the writer has the save and lingers
+    async with asyncio.timeout(5):
+        assert await ask(s, "a") == 2  # turn 1 is the save's, committed in the same batch
+    assert count_rows(db(tmp_path)) == 2
+    await s.close()
+
+
 async def test_close_commits_every_queued_write(tmp_path: Path) -> None:
     s = Store(db(tmp_path))
     await s.open()

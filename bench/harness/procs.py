@@ -66,6 +66,7 @@ class Child:
         core: int | None,
         log: Path,
         env: dict[str, str] | None = None,
+        cwd: Path = ROOT,
     ) -> None:
         prefix: list[str] = []
         if core is not None and shutil.which("taskset"):
@@ -81,7 +82,7 @@ class Child:
         self._log_file = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             self.argv,
-            cwd=ROOT,
+            cwd=cwd,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
