@@ -128,6 +128,9 @@ class Guard:
         return None
 
     async def close(self) -> None:
+        # The callbacks are usually its owner's methods, and the owner holds the guard:
+        # dropped here, the pair is freed by reference counting, not left to the GC.
+        self._ping = self._on_slow_client = None
         self._watch.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._watch

@@ -112,7 +112,6 @@ class Run:
             scene=scene,
             tools=services.tools,
             client_timeout=services.config.limits.client_tool_timeout,
-            emit=self._emit,
         )
         if scene.tools:
             body["tools"] = openai_tools([services.config.tools[name] for name in scene.tools])
@@ -269,7 +268,7 @@ class Run:
     async def _tool_round(self, calls: list[Call]) -> None:
         """Run the calls the model asked for and give the model their results."""
         self._calls.extend(calls)
-        await self.tools.run(calls)
+        await self.tools.run(calls, self._emit)
         messages = self.body["messages"] = list(self.body["messages"])
         messages.append(
             {

@@ -382,4 +382,3 @@ def _settle_all(settled: _Settled) -> None:
             fut.set_exception(exc)
         else:
             fut.set_result(result)
-

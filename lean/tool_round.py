@@ -62,13 +62,11 @@ class ToolRound:
         scene: SceneConfig,
         tools: Tools,
         client_timeout: float,
-        emit: Emit,
     ) -> None:
         self._message_id = message_id
         self._scene = scene
         self._tools = tools
         self._client_timeout = client_timeout
-        self._emit = emit
         self._waiting: dict[str, asyncio.Future[Any]] = {}
 
     def answer(self, tool_call_id: str, result: Any) -> None:
@@ -81,9 +79,11 @@ class ToolRound:
     def _tool(self, name: str) -> ToolConfig | None:
         return self._tools.config.get(name) if name in self._scene.tools else None
 
-    async def run(self, calls: list[Call]) -> None:
+    async def run(self, calls: list[Call], emit: Emit) -> None:
+        """Run `calls`, their events through `emit` (given per call, not kept: a round that
+        held its run's method would make run and round a cycle only the GC frees)."""
         for call in calls:
-            await self._emit(
+            await emit(
                 events.ToolStart(
                     message_id=self._message_id,
                     tool_call_id=call.id,
@@ -103,7 +103,7 @@ class ToolRound:
                 elif tool.kind == "client":
                     future = loop.create_future()
                     self._waiting[call.id] = future
-                    await self._emit(
+                    await emit(
                         events.Waiting(
                             message_id=self._message_id,
                             tool_call_id=call.id,
@@ -114,13 +114,15 @@ class ToolRound:
                 else:
                     future = asyncio.ensure_future(self._tools.run(tool, call.arguments))
                 pending[future] = call
-            await self._finish(pending, started)
+            await self._finish(pending, started, emit)
         finally:
             for future in pending:
                 future.cancel()
             self._waiting.clear()
 
-    async def _finish(self, pending: dict[asyncio.Future[Any], Call], started: float) -> None:
+    async def _finish(
+        self, pending: dict[asyncio.Future[Any], Call], started: float, emit: Emit
+    ) -> None:
         left = set(pending)
         deadline = asyncio.get_running_loop().time() + self._client_timeout
         while left:
@@ -147,7 +149,7 @@ class ToolRound:
                 else:
                     call.result, call.is_error = future.result()
                 call.duration_ms = (time.monotonic() - started) * 1000
-                await self._emit(
+                await emit(
                     events.ToolEnd(
                         message_id=self._message_id,
                         tool_call_id=call.id,

@@ -11,7 +11,7 @@ stays open. Compression is off: permessage-deflate costs ~100 KB per socket.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -166,9 +166,20 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         async for message in ws:
             if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                 await socket.handle(message.data)
-    except asyncio.CancelledError:
-        raise
     finally:
         services.sockets.discard(ws)
         socket.close()
+        if not ws.closed:
+            # The peer vanished and aiohttp cancelled this handler: the socket was never
+            # closed, and its heartbeat timer would hold it (request, transport, buffers)
+            # for a whole ping_interval. close() disarms the timer before its first await
+            # and, with the transport gone, returns without waiting for anything.
+            with contextlib.suppress(Exception):
+                await ws.close()
+        # aiohttp's protocol keeps the socket's data callback after the connection is gone:
+        # protocol -> callback -> socket -> writer -> protocol, a cycle per socket that only
+        # the GC frees (with its buffers), and a client that opens a socket per run makes
+        # one per run. The protocol checks the callback for None before every call.
+        if getattr(request.protocol, "_data_received_cb", None) is not None:
+            request.protocol._data_received_cb = None
     return ws

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import json
 import time
+import weakref
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
@@ -21,6 +23,7 @@ import pytest
 
 from lean.app import Server
 from lean.config import Config
+from lean.handlers import services_key
 from tests.fakes import DEFAULT_TEXT, FakeOpenAI, Stall, Stream, text_stream
 from tests.support import lean_config, running
 
@@ -543,6 +546,59 @@ async def test_heartbeat_pings_reach_the_client_while_the_upstream_is_silent(
                 msg = await ws.receive()
         ended = json.loads(msg.data)
         assert (ended["type"], ended["runId"], ended["code"]) == ("error", "r1", "cancelled")
+
+
+async def test_a_socket_whose_client_vanished_is_released_at_once(fake: FakeOpenAI) -> None:
+    # A client that drops the TCP connection without a close frame: aiohttp cancels the
+    # handler but leaves the socket's heartbeat timer armed, which would hold the socket's
+    # objects (~11 KB) for a whole ping_interval; a client churning sockets could pile
+    # them up. lean closes the socket on the way out, so nothing of it stays alive.
+    async with running(ws_config(fake, server="ping_interval = 60")) as server:
+        sockets = server.app[services_key].sockets
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(
+            b"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        assert len(sockets) == 1
+        alive = [weakref.ref(ws) for ws in sockets]
+        writer.transport.abort()  # gone: no close frame, no FIN handshake
+        for _ in range(500):  # the handler sees the loss and ends (polled, up to 5 s)
+            if not sockets:
+                break
+            await asyncio.sleep(0.01)
+        assert not sockets
+        await asyncio.sleep(0.05)  # the handler's task finishes
+        gc.collect()  # aiohttp's close() after a lost connection leaves a cycle of its own
+        assert [ref() for ref in alive] == [None]
+
+
+async def test_a_closed_socket_is_freed_by_reference_counting(
+    fake: FakeOpenAI, session: aiohttp.ClientSession
+) -> None:
+    # aiohttp's protocol keeps a socket's data callback: protocol and socket form a cycle,
+    # and a client that opened a socket per run left one per run for the GC (its pauses
+    # grew with them). lean breaks it when the socket ends.
+    fake.push(text_stream("Short answer."))
+    async with running(ws_config(fake)) as server:
+        sockets = server.app[services_key].sockets
+        gc.collect()
+        gc.disable()
+        try:
+            async with session.ws_connect(server.url + "/v1/ws") as ws:
+                await ws.send_json(run_frame("r1"))
+                assert_answer(await collect(ws, "r1"), "r1", "Short answer.")
+                alive = [weakref.ref(socket) for socket in sockets]
+            for _ in range(500):  # the handler sees the close and ends (polled, up to 5 s)
+                if not sockets:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)  # the handler's task finishes
+            assert len(alive) == 1 and alive[0]() is None
+        finally:
+            gc.enable()
 
 
 async def test_shutdown_closes_an_idle_socket_with_going_away(
