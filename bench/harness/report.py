@@ -155,8 +155,8 @@ def checks(rows: list[Row], budget_mb: int) -> list[str]:
         if row and row.kb_per_stream is not None:
             out.append(
                 f"info ttfb: {name} {row.kb_per_stream:.1f} KB RSS per active stream, where "
-                "1,000 runs pass through 100 streams: for scene runs this includes what saving "
-                "1,000 answers adds to the process (SQLite, allocator; levels off at ~11 MB)"
+                "3,000 runs pass through 100 streams: for scene runs this includes what saving "
+                "3,000 answers adds to the process (SQLite's caches, the store threads' heap)"
             )
         row = by.get(("throughput", name))
         if row and row.kb_per_stream is not None:

@@ -106,6 +106,13 @@ class WSStream(HTTPStream):
         if self._outcome is not None:  # a run's end on a WebSocket is its last frame
             self._finish(self._outcome)
 
+    def _done(self, outcome: str) -> None:
+        # A client that is done closes as a browser's `ws.close()` does: a close frame
+        # (1000, normal closure), then the connection; a failed stream just drops it.
+        if outcome == "ok" and not self.finished.done() and self.transport is not None:
+            self.transport.write(ws_frame(OP_CLOSE, (1000).to_bytes(2, "big")))
+        super()._done(outcome)
+
 
 class IdleWebSocket(asyncio.Protocol):
     """A WebSocket that upgrades, idles (answering the server's pings), and at the end
