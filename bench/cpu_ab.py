@@ -21,9 +21,8 @@ from pathlib import Path
 
 import uvloop
 
-from bench.cpu_pair import WIRES, load, targets_of
+from bench.cpu_pair import WIRES, cpu_per_chunk, load, targets_of
 from bench.harness.procs import ROOT, Child, cores, free_port, pin_self, python, wait_http
-from bench.harness.sampler import cpu_seconds
 from bench.harness.scenarios import SCENARIOS
 from bench.harness.targets import Lean, Mock
 
@@ -73,10 +72,8 @@ def main() -> None:
             order = ("base", "new") if round_number % 4 in (1, 0) else ("new", "base")  # ABBA
             for name in order:
                 child, port = leans[name]
-                before = cpu_seconds(child.pid) or 0.0
-                received = uvloop.run(load(*targets_of(args.wire, port), args.streams))
-                used = (cpu_seconds(child.pid) or 0.0) - before
-                per_chunk[name].append(used * 1e6 / max(1, received))
+                target = targets_of(args.wire, port)
+                per_chunk[name].append(cpu_per_chunk(child.pid, target, args.streams))
             base_us, new_us = per_chunk["base"][-1], per_chunk["new"][-1]
             print(
                 f"round {round_number}: base {base_us:.1f} µs/chunk, new {new_us:.1f} µs/chunk, "

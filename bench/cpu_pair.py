@@ -77,6 +77,13 @@ async def load(url: str, body: bytes, accept: str, streams: int) -> int:
     return received
 
 
+def cpu_per_chunk(pid: int, target: tuple[str, bytes, str], streams: int) -> float:
+    """CPU µs of process `pid` per content event while `streams` streams run to their end."""
+    before = cpu_seconds(pid) or 0.0
+    received = uvloop.run(load(*target, streams))
+    return ((cpu_seconds(pid) or 0.0) - before) * 1e6 / max(1, received)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.cpu_pair", description=__doc__)
     parser.add_argument("--rounds", type=int, default=6)
@@ -131,10 +138,7 @@ def main() -> None:
         per_chunk: dict[str, list[float]] = {name: [] for name in targets}
         for round_number in range(1, args.rounds + 1):
             for name, (child, target) in targets.items():
-                before = cpu_seconds(child.pid) or 0.0
-                received = uvloop.run(load(*target, args.streams))
-                used = (cpu_seconds(child.pid) or 0.0) - before
-                per_chunk[name].append(used * 1e6 / max(1, received))
+                per_chunk[name].append(cpu_per_chunk(child.pid, target, args.streams))
             relay_us, lean_us = per_chunk["relay"][-1], per_chunk["lean"][-1]
             print(
                 f"round {round_number}: relay {relay_us:.1f} µs/chunk, lean ({args.wire}) "

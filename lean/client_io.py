@@ -56,25 +56,46 @@ def reset(request: web.Request) -> None:
     transport.abort()
 
 
-class BodyWriter:
+async def _prepare(
+    request: web.Request, response: web.StreamResponse
+) -> tuple[asyncio.Transport, AbstractStreamWriter]:
+    """Send the response's head (or accept the upgrade); its transport and writer."""
+    writer = await response.prepare(request)
+    transport = request.transport
+    if writer is None or transport is None:
+        raise ConnectionResetError("the client left before the response started")
+    return transport, writer
+
+
+class _Frames:
+    """One transport write per frame; `drain()` when a write says the client is behind."""
+
+    __slots__ = ("_transport", "_writer")
+
+    def __init__(self, transport: asyncio.Transport, writer: AbstractStreamWriter) -> None:
+        self._transport = transport
+        self._writer = writer
+
+    async def drain(self) -> None:
+        """Wait until the transport takes writes again (raises if the client left)."""
+        await self._writer.drain()
+
+
+class BodyWriter(_Frames):
     """Frames to a prepared `StreamResponse`'s body, one transport write each."""
 
-    __slots__ = ("_chunked", "_transport", "_writer")
+    __slots__ = ("_chunked",)
 
     def __init__(
         self, transport: asyncio.Transport, writer: AbstractStreamWriter, *, chunked: bool
     ) -> None:
-        self._transport = transport
-        self._writer = writer
+        super().__init__(transport, writer)
         self._chunked = chunked
 
     @classmethod
     async def start(cls, request: web.Request, response: web.StreamResponse) -> BodyWriter:
         """Send the response's headers; the writer for its body."""
-        writer = await response.prepare(request)
-        transport = request.transport
-        if writer is None or transport is None:
-            raise ConnectionResetError("the client left before the response started")
+        transport, writer = await _prepare(request, response)
         # HTTP/1.1: chunked; an HTTP/1.0 client's body ends when the connection closes.
         chunked = response.headers.get(hdrs.TRANSFER_ENCODING, "").lower() == "chunked"
         return cls(transport, writer, chunked=chunked)
@@ -87,30 +108,22 @@ class BodyWriter:
         transport.write(b"%x\r\n%b\r\n" % (len(frame), frame) if self._chunked else frame)
         return transport.get_write_buffer_size() > 0
 
-    async def drain(self) -> None:
-        """Wait until the transport takes writes again (raises if the client left)."""
-        await self._writer.drain()
 
-
-class TextFrames:
+class TextFrames(_Frames):
     """Text frames to a prepared `WebSocketResponse`, one transport write each."""
 
-    __slots__ = ("_transport", "_writer", "_ws")
+    __slots__ = ("_ws",)
 
     def __init__(
         self, ws: web.WebSocketResponse, transport: asyncio.Transport, writer: AbstractStreamWriter
     ) -> None:
+        super().__init__(transport, writer)
         self._ws = ws
-        self._transport = transport
-        self._writer = writer
 
     @classmethod
     async def start(cls, request: web.Request, ws: web.WebSocketResponse) -> TextFrames:
         """Accept the upgrade; the writer for the socket's text frames."""
-        writer = await ws.prepare(request)
-        transport = request.transport
-        if writer is None or transport is None:
-            raise ConnectionResetError("the client left before the upgrade")
+        transport, writer = await _prepare(request, ws)
         return cls(ws, transport, writer)
 
     def write(self, payload: bytes) -> bool:
@@ -127,7 +140,3 @@ class TextFrames:
         else:
             transport.write(b"\x81\x7f%b%b" % (size.to_bytes(8, "big"), payload))
         return transport.get_write_buffer_size() > 0
-
-    async def drain(self) -> None:
-        """Wait until the transport takes writes again (raises if the client left)."""
-        await self._writer.drain()
