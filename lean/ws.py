@@ -4,9 +4,9 @@ Client frames are `run`, `cancel` and `tool_result`; server frames are the
 events of §2 with `runId` added. Each run writes its own frames, each in one
 `transport.write()` (`client_io.TextFrames`), so runs never interleave inside a
 frame; a client that stops reading blocks those writes and each run's guard cuts
-it as on SSE. A bad
-frame gets an `error` frame for its run (or with `runId` null) and the socket
-stays open. Compression is off: permessage-deflate costs ~100 KB per socket.
+it as on SSE. A bad frame gets an `error` frame for its run (or with `runId`
+null) and the socket stays open. Compression is off: permessage-deflate costs
+~100 KB per socket.
 """
 
 from __future__ import annotations
