@@ -143,13 +143,9 @@ async def _complete(
     services.streams.add(guard)
     outcome = _Outcome(services, model, body, stream=False)
     relay = Relay(services, model, body, guard)
-    answer: list[Piece] = []
-
-    async def collect(batch: list[Piece]) -> None:
-        answer.extend(batch)
-
+    answer = _Answer()
     try:
-        await relay.run(collect)
+        await relay.run(answer)
         outcome.status = "complete"
         outcome.first_token = time.monotonic()
     except asyncio.CancelledError:
@@ -167,9 +163,23 @@ async def _complete(
         services.streams.discard(guard)
         outcome.end(services)
     return web.Response(
-        body=completion_body(answer, completion_id=new_id(), model=model.alias),
+        body=completion_body(answer.pieces, completion_id=new_id(), model=model.alias),
         content_type="application/json",
     )
+
+
+class _Answer:
+    """A whole answer, collected for one non-streaming response."""
+
+    def __init__(self) -> None:
+        self.pieces: list[Piece] = []
+
+    def push(self, batch: list[Piece]) -> bool:
+        self.pieces.extend(batch)
+        return False
+
+    async def drain(self) -> None:
+        pass
 
 
 class _Chunks:
@@ -184,35 +194,38 @@ class _Chunks:
         self._guard = guard
         self._outcome = outcome
 
-    async def write(self, batch: list[Piece]) -> None:
+    def push(self, batch: list[Piece]) -> bool:
         """The frames of one upstream read in one write: back-to-back chunks cost one
-        syscall, not one each."""
+        syscall, not one each. True when the client is behind: `drain()`."""
         if len(batch) == 1:
             data = self._frame(batch[0])
             if data is None:
-                return
+                return False
             self._outcome.frames += 1
         else:
             frames = [data for piece in batch if (data := self._frame(piece))]
             if not frames:
-                return
+                return False
             self._outcome.frames += len(frames)
             data = b"".join(frames)
         if self._outcome.first_token is None:
             self._outcome.first_token = time.monotonic()
         if self._body.write(data):
-            await self._drain()
+            return True
         self._guard.wrote()
+        return False
 
     async def write_end(self) -> None:
         if self._body.write(self._framer.end()):
-            await self._drain()
-        self._guard.wrote()
+            await self.drain()
+        else:
+            self._guard.wrote()
 
-    async def _drain(self) -> None:
+    async def drain(self) -> None:
         """The client is behind: wait for it, under the slow-client limit."""
         self._guard.writing()
         await self._body.drain()
+        self._guard.wrote()
 
 
 async def _stream(
@@ -258,7 +271,7 @@ async def _run_stream(
     relay = Relay(services, model, body, guard)
     try:
         chunks = _Chunks(await BodyWriter.start(request, response), framer, guard, outcome)
-        await relay.run(chunks.write)
+        await relay.run(chunks)
         await chunks.write_end()
         outcome.status = "complete"
     except asyncio.CancelledError:

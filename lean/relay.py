@@ -28,7 +28,7 @@ from lean.config import ModelConfig
 from lean.errors import LeanError
 from lean.guard import Guard
 from lean.services import Services
-from lean.upstream import Deliver, Handed
+from lean.upstream import Handed, Receiver
 
 log = logging.getLogger("lean.relay")
 
@@ -61,8 +61,8 @@ class Relay:
     def committed(self) -> bool:
         return self._handed.visible
 
-    async def run(self, deliver: Deliver) -> None:
-        """Hand the answer to `deliver`, in the batches its upstream reads delivered."""
+    async def run(self, receiver: Receiver) -> None:
+        """Hand the answer to `receiver`, in the batches its upstream reads delivered."""
         last: LeanError | None = None
         handed = self._handed
         for model in self._models:
@@ -77,7 +77,9 @@ class Relay:
                         self._guard.idle()  # heartbeats go on while lean waits
                         await asyncio.sleep(wait)
                     try:
-                        await self._upstream.stream(model, self._body, self._guard, deliver, handed)
+                        await self._upstream.stream(
+                            model, self._body, self._guard, receiver, handed
+                        )
                         return
                     except LeanError as exc:
                         if handed.receiving:
@@ -101,7 +103,7 @@ class Relay:
                 continue
             self.fallback = True
             self._metrics.fallbacks += 1
-            await handed.deliver(deliver, pieces)
+            await handed.deliver(receiver, pieces)
             return
         assert last is not None
         raise last

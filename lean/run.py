@@ -176,7 +176,7 @@ class Run:
                     self.body["tool_choice"] = "none"  # the last round must answer in words
                 relay = Relay(self.services, self.model, self.body, guard)
                 self._round, self._round_start = {}, self._text.size
-                await relay.run(self._pieces)
+                await relay.run(self)
                 fallback = fallback or relay.fallback
                 if not self._round or round_number == self.scene.max_tool_rounds:
                     break  # a model that ignores tool_choice "none" gets no extra round
@@ -234,28 +234,36 @@ class Run:
         except ClientGone:
             pass
 
-    async def _pieces(self, batch: list[Piece]) -> None:
+    def push(self, batch: list[Piece]) -> bool:
+        """One upstream read's pieces, written now (`upstream.Receiver`); True when the
+        client is behind: `drain()`."""
+        behind = False
         for piece in batch:
-            if isinstance(piece, Text):  # most pieces: written here, without a coroutine
+            if isinstance(piece, Text):  # most pieces: handled here, one call less each
                 if self._first_token_ms is None:
                     self._first_token()
                 self._text.add(piece.text)
                 delta = events.Delta(message_id=self.message_id, text=piece.text)
-                if self._write(delta):
-                    await self._drain()
+                behind = self._write(delta) or behind
             else:
-                await self._other_piece(piece)
+                behind = self._other_piece(piece) or behind
+        if not behind:
+            assert self.guard is not None
+            self.guard.wrote()
+        return behind
+
+    async def drain(self) -> None:
+        await self._drain()
         assert self.guard is not None
         self.guard.wrote()
 
-    async def _other_piece(self, piece: Piece) -> None:
+    def _other_piece(self, piece: Piece) -> bool:
         if isinstance(piece, Reasoning):
             self._first_token()
             self._reasoning.add(piece.text)
-            await self._emit(
-                events.Delta(message_id=self.message_id, text=piece.text, part="thinking")
-            )
-        elif isinstance(piece, ToolCall):
+            delta = events.Delta(message_id=self.message_id, text=piece.text, part="thinking")
+            return self._write(delta)
+        if isinstance(piece, ToolCall):
             call = self._round.get(piece.index)
             if call is None:
                 call = self._round[piece.index] = Call(piece.index, piece.id, piece.name)
@@ -264,6 +272,7 @@ class Run:
             self._finish = piece.reason
         elif isinstance(piece, Usage):
             self._usage = piece
+        return False
 
     async def _tool_round(self, calls: list[Call]) -> None:
         """Run the calls the model asked for and give the model their results."""

@@ -12,8 +12,7 @@ one `asyncio.timeout`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import msgspec
@@ -33,8 +32,18 @@ from lean.providers import adapter, demo
 from lean.providers.base import VISIBLE, Piece, Text
 from lean.sse import SSEParser, SSEProtocolError
 
-# Receives an answer's pieces, a batch per upstream read; awaited, so it may write.
-Deliver = Callable[[list[Piece]], Awaitable[None]]
+
+class Receiver(Protocol):
+    """Where an answer's pieces go: a batch per upstream read."""
+
+    def push(self, batch: list[Piece]) -> bool:
+        """Write `batch` to the client now, without waiting; True when the client is
+        behind: `drain()` before the next batch."""
+        ...
+
+    async def drain(self) -> None:
+        """Wait until the client takes writes again (under its slow-client limit)."""
+        ...
 
 
 class Handed:
@@ -46,12 +55,13 @@ class Handed:
         self.visible = False  # a piece the user sees went out: no more retries
         self.receiving = False  # inside the receiver: an exception now is not the upstream's
 
-    async def deliver(self, deliver: Deliver, batch: list[Piece]) -> None:
+    async def deliver(self, receiver: Receiver, batch: list[Piece]) -> None:
         """For the rare paths (a whole answer, the demo); the read loop inlines this."""
         if not self.visible and any(isinstance(piece, VISIBLE) for piece in batch):
             self.visible = True
         self.receiving = True
-        await deliver(batch)
+        if receiver.push(batch):
+            await receiver.drain()
         self.receiving = False
 
 
@@ -179,7 +189,7 @@ class Upstream:
         model: ModelConfig,
         body: dict[str, Any],
         guard: Guard,
-        deliver: Deliver,
+        receiver: Receiver,
         handed: Handed,
     ) -> None:
         """Hand the answer to `deliver` as it arrives: the pieces of one read per call
@@ -192,7 +202,7 @@ class Upstream:
         """
         provider = self.provider(model)
         if provider.kind == "demo":
-            await self._demo(provider, body, guard, deliver, handed)
+            await self._demo(provider, body, guard, receiver, handed)
             return
         wire = adapter(provider.kind)
         request = wire.build_request(provider, model, body, stream=True)
@@ -214,7 +224,7 @@ class Upstream:
                     )
                 if resp.content_type == "application/json":
                     # A server that ignored "stream": the whole answer in one body.
-                    await handed.deliver(deliver, wire.parse_completion(await resp.read()))
+                    await handed.deliver(receiver, wire.parse_completion(await resp.read()))
                     return
                 content = resp.content
                 # readany() itself, not iter_any(): one coroutine frame less per read.
@@ -236,7 +246,8 @@ class Upstream:
                             ):
                                 handed.visible = True
                             handed.receiving = True
-                            await deliver(batch)
+                            if receiver.push(batch):
+                                await receiver.drain()
                             handed.receiving = False
                         if failed is not None:
                             raise failed
@@ -313,11 +324,11 @@ class Upstream:
         provider: ProviderConfig,
         body: dict[str, Any],
         guard: Guard,
-        deliver: Deliver,
+        receiver: Receiver,
         handed: Handed,
     ) -> None:
         for piece in demo.answer(body):
             if isinstance(piece, Text) and provider.demo_delay > 0:
                 guard.waiting(provider.read_timeout)
                 await asyncio.sleep(provider.demo_delay)
-            await handed.deliver(deliver, [piece])
+            await handed.deliver(receiver, [piece])
