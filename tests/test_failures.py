@@ -110,6 +110,28 @@ async def test_a_client_that_never_reads_is_cut_and_its_upstream_closed() -> Non
             writer.close()
 
 
+async def test_a_client_that_reads_slowly_gets_the_whole_answer() -> None:
+    """The upstream is much faster than the client: lean stops reading it whenever the
+    client is behind and goes on when it drains, many times over, losing nothing."""
+    pieces = [f"{i:05d}" + "z" * 3995 for i in range(500)]  # 2 MB, numbered
+    chunks = [sse({"choices": [{"index": 0, "delta": {"content": p}}]}) for p in pieces]
+    async with FakeOpenAI() as fake:
+        async with running(lean_config(fake.base_url)) as lean:
+            fake.push(Stream(events=[*chunks, DONE]))
+            async with aiohttp.ClientSession() as http:
+                url = f"{lean.url}/v1/chat/completions"
+                async with http.post(url, json=chat_body()) as resp:
+                    assert resp.status == 200
+                    raw = bytearray()
+                    async for block in resp.content.iter_chunked(16384):
+                        raw += block
+                        await asyncio.sleep(0.002)  # ~8 MB/s: far behind the upstream
+    data = [line[6:] for line in raw.decode().split("\n") if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    assert content_of(data) == "".join(pieces)
+    assert fake.requests[0].finished is not None  # the upstream was read to its end
+
+
 async def test_what_lean_holds_for_a_client_that_never_reads_is_bounded() -> None:
     """Python memory (tracemalloc: lean's heap, not kernel socket buffers) stays flat."""
     chunk = sse({"choices": [{"index": 0, "delta": {"content": "y" * 4000}}]})
