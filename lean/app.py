@@ -26,6 +26,8 @@ from lean.handlers import services_key
 from lean.services import Services
 
 log = logging.getLogger("lean")
+# The collector's thresholds once lean serves (see serve()): young objects, middle, old.
+GC_THRESHOLDS = (50_000, 20, 20)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
@@ -196,6 +198,11 @@ async def serve(config: Config) -> None:
     # 1,000-run load paused the loop 18 ms with it in the heap, and did not happen after.
     gc.collect()
     gc.freeze()
+    # A finished run, stream or socket is freed by reference counting (tests check it), so
+    # the cycle collector has little to find; its passes still walk every live stream's
+    # objects and pause the loop. Run them ~70x less often than Python's (700, 10, 10):
+    # `ttfb` p99 added +2.4-3.3 ms on every wire, against +2.6-5.8 ms, peak RSS unchanged.
+    gc.set_threshold(*GC_THRESHOLDS)
     try:
         await stop.wait()
     finally:
