@@ -24,11 +24,11 @@ import logging
 import random
 from typing import Any
 
+from lean.arrivals import Handed, Receiver
 from lean.config import ModelConfig
 from lean.errors import LeanError
 from lean.guard import Guard
 from lean.services import Services
-from lean.upstream import Handed, Receiver
 
 log = logging.getLogger("lean.relay")
 

@@ -235,7 +235,7 @@ class Run:
             pass
 
     def push(self, batch: list[Piece]) -> bool:
-        """One upstream read's pieces, written now (`upstream.Receiver`); True when the
+        """One upstream read's pieces, written now (`arrivals.Receiver`); True when the
         client is behind: `drain()`."""
         behind = False
         for piece in batch:

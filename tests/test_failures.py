@@ -162,7 +162,7 @@ async def test_what_lean_holds_for_a_client_that_never_reads_is_bounded() -> Non
             await fake.wait_disconnect(0, timeout=5)
     assert 0 < sent < 5000
     # Measured ~1.5 MB on both loops: aiohttp's buffer of the upstream response (~0.7 MB),
-    # one 64 KiB read and its parsed events (lean.upstream.READ_BYTES), write buffers, and
+    # one 64 KiB read and its parsed events (lean.arrivals.READ_BYTES), write buffers, and
     # this test's own raw client and fake. Not the 20 MB answer.
     assert held < 3_000_000
 
