@@ -157,10 +157,7 @@ class Arrivals:
                     raise self.failure
                 if self.behind:  # nothing more is read from the upstream until it drains
                     self._pause()
-                    self._handed.receiving = True
-                    await self._receiver.drain()
-                    self._handed.receiving = False
-                    self.behind = False
+                    await self._drain()
                     self._paused = False
                     protocol.resume_reading()
                     continue
@@ -172,6 +169,21 @@ class Arrivals:
             _ARRIVING.pop(id(content), None)
             self._wake = None
             self._protocol = None
+
+    async def read(self, content: aiohttp.StreamReader) -> None:
+        """The usual way, for a reader `take()` does not handle: a task woken per read."""
+        while data := await content.readany():
+            if self.feed(data):
+                await self._drain()
+            if self.failure is not None:
+                raise self.failure
+
+    async def _drain(self) -> None:
+        """Wait for the client; a failure meanwhile is the client's, not the upstream's."""
+        self._handed.receiving = True
+        await self._receiver.drain()
+        self._handed.receiving = False
+        self.behind = False
 
     def arrived(self, data: bytes) -> None:
         if self.feed(data):

@@ -188,13 +188,8 @@ class Upstream:
                 arrivals = Arrivals(parser, translator, receiver, handed, guard, read_timeout)
                 if type(content) is aiohttp.StreamReader and resp.connection is not None:
                     await arrivals.take(content, resp.connection.protocol)
-                else:  # an aiohttp that reads differently: read it the usual way
-                    while data := await content.readany():
-                        if arrivals.feed(data):
-                            arrivals.behind = False
-                            await receiver.drain()
-                        if arrivals.failure is not None:
-                            raise arrivals.failure
+                else:  # a reader of another kind, or a body already complete
+                    await arrivals.read(content)
                 parser.close()
                 translator.close()
         except asyncio.CancelledError:
