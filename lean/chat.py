@@ -1,16 +1,22 @@
-"""`lean chat`: a terminal client for scene runs, over SSE or one WebSocket (protocol.md §2, §3).
+"""`lean chat`: a terminal client for scene runs, over SSE or one WebSocket
+(docs/protocol.md §2, §3).
 
 One line is one run. Deltas are printed as they arrive (thinking dimmed on a terminal), a
-newline ends the answer, errors go to stderr. The `conversationId` of the first `start` goes
-with every later run, so the model sees the conversation. Ctrl-C during a run asks lean to
-cancel it (SSE: `POST /v1/runs/{runId}/cancel`; WebSocket: a `cancel` frame) and waits for the
-run's last event; a second Ctrl-C stops waiting. Ctrl-C at the prompt, or the end of stdin,
-ends the session with 0. With a MESSAGE: one run, exit code 0 if it ends with `done`, else 1.
+newline ends the answer, errors go to stderr. Tool calls show on stderr as they start and end;
+a `waiting` event (a client tool) asks at the prompt and sends the line typed as the tool's
+result. The `conversationId` of the first `start` goes with every later run, so the model sees
+the conversation. Ctrl-C during a run asks lean to cancel it (SSE: `POST
+/v1/runs/{runId}/cancel`; WebSocket: a `cancel` frame) and waits for the run's last event; a
+second Ctrl-C stops waiting. Ctrl-C at the prompt, or the end of stdin, ends the session with 0.
+With a MESSAGE: one run, exit code 0 if it ends with `done`, else 1. Where lean is and the
+token come from the flags, else from the config file as `lean serve` reads it (`[server]
+host`/`port`; the variable `[auth] tokens_env` names).
 """
 
 from __future__ import annotations
 
 import asyncio
+import configparser
 import os
 import signal
 import sys
@@ -42,6 +48,31 @@ class Options:
     token: str | None = None
     show_ids: bool = False
     message: str | None = None  # None: read lines from stdin
+    inputs: tuple[tuple[str, str], ...] = ()  # the scene's template inputs (--input NAME=VALUE)
+
+
+def server_settings(path: str, environ: dict[str, str]) -> tuple[str, str | None]:
+    """lean's URL and a client token, as the config file at `path` says `lean serve` runs:
+    (`http://host:port`, the first token of the variable `[auth] tokens_env` names, or None).
+    Only `[server]` and `[auth]` are read: a client has no provider keys to check. A missing
+    file gives lean's defaults; a file that cannot be read as INI raises `ChatError`."""
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";", "#"))
+    try:
+        found = parser.read(path, encoding="utf-8-sig")
+    except (configparser.Error, UnicodeDecodeError) as exc:
+        first_line = str(exc).partition("\n")[0]
+        raise ChatError(f"cannot read {path}: {first_line}") from None
+    server = parser["server"] if found and parser.has_section("server") else {}
+    host = server.get("host", "127.0.0.1").strip("[]")
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"  # listening everywhere: reach it on loopback
+    elif host == "::":
+        host = "::1"
+    port = server.get("port", "8080")
+    auth = parser["auth"] if found and parser.has_section("auth") else {}
+    tokens = environ.get(auth.get("tokens_env", "LEAN_TOKENS"), "")
+    token = next((t for t in (part.strip() for part in tokens.split(",")) if t), None)
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}", token
 
 
 class ChatError(Exception):
@@ -104,6 +135,12 @@ class SSETransport:
         async with self._http.post(f"{self._url}/v1/runs/{quote(run_id, safe='')}/cancel"):
             pass
 
+    async def tool_result(self, run_id: str, tool_call_id: str, result: str) -> None:
+        url = f"{self._url}/v1/runs/{quote(run_id, safe='')}/tool-results"
+        async with self._http.post(url, json={"toolCallId": tool_call_id, "result": result}) as r:
+            if r.status != 200:
+                raise ChatError(f"lean refused the answer: HTTP {r.status}")
+
     async def close(self) -> None:
         pass
 
@@ -134,6 +171,10 @@ class WSTransport:
     async def cancel(self, run_id: str) -> None:
         await self._socket.send_json({"type": "cancel", "runId": run_id})
 
+    async def tool_result(self, run_id: str, tool_call_id: str, result: str) -> None:
+        frame = {"type": "tool_result", "runId": run_id, "toolCallId": tool_call_id}
+        await self._socket.send_json({**frame, "result": result})
+
     async def close(self) -> None:
         await self._socket.close()
         await self._reader
@@ -161,8 +202,16 @@ Transport = SSETransport | WSTransport
 class Chat:
     """A session: the conversation, the run under way, Ctrl-C, and what the terminal shows."""
 
-    def __init__(self, transport: Transport, options: Options, out: TextIO, err: TextIO) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        options: Options,
+        out: TextIO,
+        err: TextIO,
+        lines: Callable[[], Lines] | None = None,
+    ) -> None:
         self.transport, self.options, self.out, self.err = transport, options, out, err
+        self._lines = lines  # where a client tool's answer is read from (None: nowhere)
         self.conversation_id: str | None = None
         self._dim = out.isatty()
         self._turn: asyncio.Task[None] | None = None
@@ -171,10 +220,13 @@ class Chat:
         self._cancelling = False
         self._cancels: set[asyncio.Task[None]] = set()  # referenced until done
         self._part: str | None = None  # what the line printed last holds, if anything
+        self._asking: asyncio.Task[None] | None = None  # a client tool's question at the prompt
 
     async def turn(self, message: str) -> bool:
         """One run; True when it ended with `done`."""
         body: dict[str, Any] = {"message": message}
+        if self.options.inputs:
+            body["inputs"] = dict(self.options.inputs)
         if self.conversation_id is not None:
             body["conversationId"] = self.conversation_id
         self._run_id, self._final, self._cancelling = None, None, False
@@ -184,6 +236,9 @@ class Chat:
         finally:
             self._turn = None
             task.cancel()
+            if self._asking is not None:  # the run ended before the question was answered
+                self._asking.cancel()
+                self._asking = None
         if task.cancelled():
             self._fail("stopped waiting for the run")
         return isinstance(self._final, events.Done)
@@ -204,6 +259,23 @@ class Chat:
         task = asyncio.create_task(self._send_cancel(run_id))
         self._cancels.add(task)
         task.add_done_callback(self._cancels.discard)
+
+    async def _answer(self, event: events.Waiting) -> None:
+        """A client tool: ask at the prompt, send the line typed as its result."""
+        run_id = self._run_id
+        if self._lines is None or run_id is None:
+            self._fail(f"the run waits for the client tool {event.name}; nobody can answer here")
+            return
+        print(f"[{event.name} waits for your answer]", file=self.err, flush=True)
+        line = await self._lines().get()
+        if line is None:
+            return  # the end of input: the run ends with tool_timeout, or Ctrl-C cancels it
+        try:
+            await self.transport.tool_result(run_id, event.tool_call_id, line)
+        except ChatError as exc:
+            self._fail(str(exc))
+        except (aiohttp.ClientError, OSError) as exc:
+            self._fail(f"could not send the answer: {exc}")
 
     async def _send_cancel(self, run_id: str) -> None:
         try:
@@ -235,6 +307,18 @@ class Chat:
             self.out.write(f"{DIM}{event.text}{RESET}" if dim else event.text)
             self.out.flush()
             self._part = event.part
+        elif isinstance(event, events.ToolStart):
+            self._end_line()
+            print(f"[{event.name}({event.arguments})]", file=self.err, flush=True)
+        elif isinstance(event, events.ToolEnd):
+            self._end_line()
+            outcome = "failed" if event.is_error else "->"
+            result = event.result if len(event.result) <= 200 else event.result[:200] + "..."
+            line = f"[{event.name} {outcome} {result} ({event.duration_ms:g} ms)]"
+            print(line, file=self.err, flush=True)
+        elif isinstance(event, events.Waiting):
+            self._end_line()
+            self._asking = asyncio.create_task(self._answer(event))
         elif isinstance(event, events.Done):
             self._final, self._part = event, None
             self.out.write("\n")
@@ -271,10 +355,11 @@ class Lines:
         """The next line without its line end; None at the end of input or after `stop()`."""
         if self._stopped:
             return None
-        waiter: asyncio.Future[str | None] = self._loop.create_future()
-        self._waiter = waiter
-        self._asked.release()
-        return await waiter
+        waiter = self._waiter
+        if waiter is None or waiter.done():  # else a caller that gave up left it: take it over
+            waiter = self._waiter = self._loop.create_future()
+            self._asked.release()
+        return await asyncio.shield(waiter)  # a cancelled caller leaves the line to the next
 
     def stop(self) -> None:
         self._stopped = True
@@ -307,7 +392,7 @@ async def _connect(http: aiohttp.ClientSession, options: Options) -> Transport:
     try:
         return WSTransport(await http.ws_connect(url + "/v1/ws"), options.scene)
     except aiohttp.WSServerHandshakeError as exc:
-        hint = " (unauthorized: give a token: --token or $LEAN_TOKEN)" if exc.status == 401 else ""
+        hint = " (unauthorized: give a token: --token or $LEAN_TOKENS)" if exc.status == 401 else ""
         raise ChatError(f"lean refused the WebSocket: HTTP {exc.status}{hint}") from None
     except (aiohttp.ClientError, OSError) as exc:
         raise ChatError(f"cannot reach lean at {url}: {exc}") from None
@@ -322,8 +407,15 @@ async def session(options: Options, out: TextIO, err: TextIO, stdin: TextIO) -> 
         except ChatError as exc:
             print(f"lean chat: {exc}", file=err, flush=True)
             return 1
-        chat = Chat(transport, options, out, err)
-        lines = Lines(stdin.fileno()) if options.message is None else None
+        made: list[Lines] = []
+
+        def stdin_lines() -> Lines:  # made when first needed: a one-shot run may never read
+            if not made:
+                made.append(Lines(stdin.fileno()))
+            return made[0]
+
+        chat = Chat(transport, options, out, err, stdin_lines)
+        lines = stdin_lines() if options.message is None else None
 
         def on_sigint() -> None:
             if not chat.interrupt() and lines is not None:  # at the prompt

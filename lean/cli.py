@@ -41,6 +41,29 @@ def _run(config: Config) -> int:
     return 0
 
 
+def _chat(args: argparse.Namespace) -> int:
+    from lean.chat import ChatError, Options, chat, server_settings
+
+    inputs = []
+    for item in args.input:
+        name, equals, value = item.partition("=")
+        if not equals or not name:
+            print(f"lean chat: --input {item!r}: expected NAME=VALUE", file=sys.stderr)
+            return 2
+        inputs.append((name, value))
+    try:
+        url, token = server_settings(args.config, dict(os.environ))
+    except ChatError as exc:
+        print(f"lean chat: {exc}", file=sys.stderr)
+        return 2
+    # LEAN_TOKEN (one token) is what lean chat read before it shared the server's variable.
+    token = args.token or token or os.environ.get("LEAN_TOKEN") or None
+    options = Options(
+        args.url or url, args.scene, args.ws, token, args.show_ids, args.message, tuple(inputs)
+    )
+    return chat(options)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="lean", description="a small streaming gateway for LLM chat"
@@ -52,18 +75,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("path", nargs="?", default="config.ini")
     talk = commands.add_parser("chat", help="chat with a scene from the terminal")
-    talk.add_argument("--url", default="http://127.0.0.1:8080", help="lean's address")
+    talk.add_argument("--url", help="lean's address (default: from the config file)")
+    talk.add_argument("--config", default="config.ini", help="where --url and --token default from")
     talk.add_argument("--scene", default="chat", help="the scene to run")
+    talk.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a template input of the scene (repeat for several)",
+    )
     talk.add_argument("--ws", action="store_true", help="one WebSocket instead of SSE per run")
-    talk.add_argument("--token", default=os.environ.get("LEAN_TOKEN"), help="default: $LEAN_TOKEN")
+    talk.add_argument(
+        "--token", help="default: the first token in the variable [auth] tokens_env names"
+    )
     talk.add_argument("--show-ids", action="store_true", help="conversation id to stderr")
     talk.add_argument("message", nargs="?", help="send one message and exit (else: stdin)")
     args = parser.parse_args(argv)
 
     if args.command == "chat":
-        from lean.chat import Options, chat
-
-        return chat(Options(args.url, args.scene, args.ws, args.token, args.show_ids, args.message))
+        return _chat(args)
 
     if args.command == "check-config":
         config = _load(args.path)

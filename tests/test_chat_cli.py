@@ -22,8 +22,10 @@ import pytest
 
 from lean.app import Server
 from lean.config import Config
-from tests.fakes import FakeOpenAI, free_port, text_stream
+from tests.fakes import FakeOpenAI, free_port, text_stream, tool_call_stream
 from tests.support import lean_config, running
+from tests.test_tools import tool_messages
+from tests.toolbox import CLOCK
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -54,7 +56,7 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 async def lean_chat(
     server: Server, *args: str, env: dict[str, str] | None = None, stdout: int = PIPE
 ) -> AsyncIterator[asyncio.subprocess.Process]:
-    environ = {k: v for k, v in os.environ.items() if k != "LEAN_TOKEN"}
+    environ = {k: v for k, v in os.environ.items() if k not in ("LEAN_TOKEN", "LEAN_TOKENS")}
     environ.update(env or {})
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -117,7 +119,7 @@ async def test_one_message_prints_the_whole_answer_and_exits_0(
         # SSE and WebSocket side by side (one lean, two processes): the same answer.
         results = await asyncio.gather(
             *(
-                one_shot(server, *mode, "--show-ids", f"hello {name}", env={"LEAN_TOKEN": "t1"})
+                one_shot(server, *mode, "--show-ids", f"hello {name}", env={"LEAN_TOKENS": "t1"})
                 for name, mode in (("sse", ()), ("ws", ("--ws",)))
             )
         )
@@ -265,3 +267,94 @@ def _read_all(master: int) -> str:
             break
         data += chunk
     return data.decode()
+
+
+# --- scene inputs, tools and the config file -------------------------------------------------
+
+TOOLS = """
+[tool.clock]
+kind = python
+function = tests.toolbox:clock
+[tool.ask_user]
+kind = client
+description = Ask the user a question
+[scene.helper]
+model = default
+template = In {words} words: {message}
+tools = clock, ask_user
+"""
+
+
+@MODES
+async def test_inputs_tools_and_a_client_tool_answered_at_the_prompt(
+    session: aiohttp.ClientSession, mode: tuple[str, ...]
+) -> None:
+    ask = ("call_ask", "ask_user", '{"question": "Which city?"}')
+    tick = ("call_clock", "clock", "{}")
+    async with FakeOpenAI() as fake:
+        fake.push(tool_call_stream([tick]), tool_call_stream([ask]), text_stream("Paris it is."))
+        async with (
+            running(lean_config(fake.base_url, extra=TOOLS)) as server,
+            lean_chat(server, *mode, "--show-ids", "--scene", "helper", "--input", "words=3") as p,
+        ):
+            assert p.stdin is not None and p.stdout is not None and p.stderr is not None
+            async with asyncio.timeout(DEADLINE):
+                p.stdin.write(b"where?\n")
+                await p.stdin.drain()
+                shown = b""
+                while b"waits for your answer]\n" not in shown:  # asked on stderr
+                    shown += await p.stderr.read(1)
+                p.stdin.write(b"Paris\n")  # the answer to the client tool
+                await p.stdin.drain()
+                answer = (await p.stdout.readline()).decode()
+            code, rest, err = await finish(p)
+            err = shown.decode() + err
+            (cid,) = conversation_ids(err)
+            async with session.get(f"{server.url}/v1/conversations/{cid}/messages") as resp:
+                user, saved = (await resp.json())["messages"]
+        assert (code, rest) == (0, ""), err
+        assert answer == "Paris it is.\n"
+        assert "[clock({})]\n" in err
+        assert re.search(r"^\[clock -> 2026-\S+ \([\d.]+ ms\)\]$", err, re.MULTILINE), err
+        asked = '[ask_user({"question": "Which city?"})]\n[ask_user waits for your answer]\n'
+        assert asked in err
+        assert re.search(r"^\[ask_user -> Paris \([\d.]+ ms\)\]$", err, re.MULTILINE), err
+    assert user["content"] == "In 3 words: where?"  # --input filled the template
+    assert [c["result"] for c in saved["toolCalls"]] == [CLOCK, "Paris"]
+    assert tool_messages(fake.requests[2].body) == {"call_clock": CLOCK, "call_ask": "Paris"}
+
+
+def test_a_bad_input_flag_exits_2() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "lean", "chat", "--input", "words", "hi"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=DEADLINE,
+    )
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == "lean chat: --input 'words': expected NAME=VALUE\n"
+
+
+@MODES
+async def test_the_url_and_token_come_from_the_config_file(
+    tmp_path: Path, mode: tuple[str, ...]
+) -> None:
+    """Without --url and --token: where `lean serve` listens and the server's token variable."""
+    async with running(auth_config()) as server:
+        config = tmp_path / "config.ini"
+        config.write_text(
+            f"[server]\nhost = 127.0.0.1  ; a comment\nport = {server.port}\n"
+            "[auth]\ntokens_env = MY_TOKENS\n"
+        )
+        proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "lean", "chat", "--config", str(config), *mode, "hi"),
+            stdin=PIPE,
+            stdout=PIPE,
+            stderr=PIPE,
+            env={**os.environ, "MY_TOKENS": " t1 , t2"},
+            cwd=ROOT,
+        )
+        code, out, err = await finish(proc)
+    assert (code, err) == (0, "")
+    assert out.startswith(INTRO)
