@@ -86,7 +86,7 @@ async def saved_answer(lean: Server, cid: str) -> list[dict[str, Any]]:
     async with asyncio.timeout(5):
         while True:
             rows = await saved(lean, cid)
-            if rows[-1]["role"] == "assistant":
+            if rows[-1]["role"] == "assistant" and rows[-1]["status"] != "streaming":
                 return rows
             await asyncio.sleep(0.02)
 

@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from lean.messages import SCHEMA_VERSION, MessageRecord, TextBuffer
-from lean.store import Store, StoreClosed
+from lean.store import Store, StoreClosed, StoreError
 
 AT = "2026-11-21T16:40:00.123Z"
 
@@ -349,9 +349,9 @@ async def test_use_before_open_is_misuse(tmp_path: Path) -> None:
 async def test_failing_save_surfaces_on_flush_and_writer_keeps_going(
     store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
-    await store.save_assistant(answer("a", 1))
-    await store.save_assistant(answer("a", 2, status="bogus"))  # violates the status CHECK
-    await store.save_assistant(answer("a", 3))
+    await store.save_assistant(answer("a", 1), wait=False)
+    await store.save_assistant(answer("a", 2, status="bogus"), wait=False)  # violates a CHECK
+    await store.save_assistant(answer("a", 3), wait=False)
     with caplog.at_level(logging.ERROR, logger="lean.store"), pytest.raises(sqlite3.IntegrityError):
         await store.flush()
     assert "chat:a:2" in caplog.text
@@ -363,7 +363,7 @@ async def test_failing_save_surfaces_on_flush_and_writer_keeps_going(
 
 async def test_several_failures_reported_together(store: Store) -> None:
     for turn in (1, 2, 3):
-        await store.save_assistant(answer("a", turn, status="bogus"))
+        await store.save_assistant(answer("a", turn, status="bogus"), wait=False)
     with pytest.raises(sqlite3.IntegrityError) as info:
         await store.flush()
     assert "2 more saves failed" in str(info.value.__notes__)
@@ -447,7 +447,7 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     conn.close()
     s = Store(db(tmp_path))
-    with pytest.raises(RuntimeError, match="schema version"):
+    with pytest.raises(StoreError, match="schema version"):
         await s.open()
     with pytest.raises(StoreClosed):
         await ask(s, "a")
@@ -471,7 +471,7 @@ async def test_failed_transaction_fails_its_batch_and_the_writer_recovers(
     other = sqlite3.connect(db(tmp_path), isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
     with caplog.at_level(logging.ERROR, logger="lean.store"):
-        await s.save_assistant(answer("a", 1))
+        await s.save_assistant(answer("a", 1), wait=False)
         with pytest.raises(sqlite3.OperationalError, match="locked"):
             await ask(s, "a")
         with pytest.raises(sqlite3.OperationalError, match="locked"):
