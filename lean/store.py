@@ -23,7 +23,9 @@ What it guarantees:
   failed. The writer thread keeps serving.
 - Health: a batch that cannot be committed (a full disk, a file that became read-only)
   clears `writable`; while it is clear the writer tries a real write (a header update) every
-  `PROBE_INTERVAL`, and the next commit that succeeds sets it again. `open` fails on a file
+  `PROBE_INTERVAL`, and the next commit that succeeds sets it again. The awaited saves of a
+  failed batch (answers whose `done` said `saved: false`) are kept, up to `RETRY_MAX`, and
+  written with that next commit. `open` fails on a file
   it cannot write to or whose schema is newer than this lean's (`StoreError`).
 - A process that is killed (not stopped) may lose the writes nobody awaited in its last
   `LINGER`, and the text a running answer received since its last progress flush.
@@ -35,6 +37,7 @@ What it guarantees:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import queue
@@ -92,6 +95,11 @@ LINGER = 0.02
 # this after space returns, for one small write per second on a store that is failing anyway.
 PROBE_INTERVAL = 1.0
 
+# Final saves kept for another try after their batch could not be committed (a full disk):
+# each holds one answer (a few KB), so 1,000 is a few MB at most; past it the oldest is
+# dropped (it was reported lost: `done` said `saved: false`). Written with the next commit.
+RETRY_MAX = 1000
+
 
 class Store:
     def __init__(
@@ -112,6 +120,7 @@ class Store:
         self.writable = True
         self.error: str | None = None
         self._healthy = True  # the writer thread's own view, which it reports to the loop
+        self._retry: collections.deque[list[Any]] = collections.deque(maxlen=RETRY_MAX)
         # queue_max bounds ops waiting for the writer: 10k saves is ~0.15 s of writing at the
         # measured ~65k rows/s, so a burst of that many finished runs is absorbed without anyone
         # waiting; past it save_assistant waits for space instead of growing memory (a queued
@@ -366,13 +375,23 @@ class Store:
     def _probe(self, conn: sqlite3.Connection) -> None:
         """One real write, to see whether the store can write again (writer thread)."""
         try:
-            conn.executescript(f"BEGIN IMMEDIATE; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+            conn.execute("BEGIN IMMEDIATE")
+            self._write_retries(conn)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
         except sqlite3.Error:
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             return
+        self._retry.clear()
         self._set_health(None)
+
+    def _write_retries(self, conn: sqlite3.Connection) -> None:
+        """Final saves that failed with their batch, first in the next transaction; they
+        are forgotten once it commits."""
+        if self._retry:
+            conn.executemany(INSERT_MESSAGE, self._retry)
 
     def _set_health(self, exc: Exception | None) -> None:
         """Writer thread: tell the loop when the store starts or stops being writable."""
@@ -401,6 +420,7 @@ class Store:
         writes = False
         try:
             conn.execute("BEGIN IMMEDIATE")
+            self._write_retries(conn)
             for kind, args, fut in ops:
                 if kind == _SAVE:
                     writes = True
@@ -436,6 +456,7 @@ class Store:
             conn.execute("COMMIT")
             if writes:
                 self._set_health(None)
+            self._retry.clear()
         except Exception as exc:  # nothing of the batch was written
             if isinstance(exc, sqlite3.Error):  # a full disk, a read-only file: no traceback
                 _log.error("store: a batch of %d writes failed: %s", len(ops), exc)
@@ -453,6 +474,8 @@ class Store:
                 if kind in _OP_NAMES:
                     name = _OP_NAMES[kind]
                     failed[name] = failed.get(name, 0) + (len(op_args) if kind == _PROGRESS else 1)
+                if kind == _SAVE and fut is not None:  # told `saved: false`; tried again
+                    self._retry.append(op_args)
                 if kind in (_SAVE, _PROGRESS) and fut is None:
                     unreported = unreported or kind == _SAVE
                 else:
