@@ -13,11 +13,12 @@ What it guarantees:
   (the highest turn of the conversation + 1: its user row is written in the same step), and
   returns once that row is committed. A conversation exists once it has a message.
 - A run writes its answer's row with status `streaming` as it starts (`save_assistant`,
-  not awaited); `save_progress` rewrites running answers' text (one op for every run that grew, so one
-  statement per run per flush interval, never per token); `save_assistant` writes the
-  answer for good (`INSERT OR REPLACE` keyed on messageId) and, awaited, returns once it is
-  committed: a run tells its client the truth about the save. At `open`, rows still
-  `streaming` (their lean was killed) become `incomplete`, keeping the flushed text.
+  not awaited); `save_progress` rewrites running answers' text (one op for every answer
+  that grew, so one statement per answer per flush interval, never per token);
+  `save_assistant` writes the answer for good (`INSERT OR REPLACE` keyed on messageId)
+  and, awaited, returns once it is committed: a run tells its client the truth about the
+  save. At `open`, rows still `streaming` (their lean was killed) become `incomplete`,
+  keeping the flushed text.
 - A failing write is logged and reported: to the awaiting `begin_turn` or `save_assistant`,
   or, for a write nobody awaits, to the next `flush`; `on_failure` counts each op that
   failed. The writer thread keeps serving.

@@ -151,7 +151,7 @@ async def status_of(http: aiohttp.ClientSession, lean: Lean, path: str) -> int:
 
 async def until_ready(http: aiohttp.ClientSession, lean: Lean, status: int) -> None:
     async with asyncio.timeout(DEADLINE):
-        while await status_of(http, lean, "/readyz") != status:
+        while await status_of(http, lean, "/readyz") != status:  # noqa: ASYNC110 - polled
             await asyncio.sleep(0.05)
 
 

@@ -156,9 +156,9 @@ async def saved_answer(
     async with asyncio.timeout(DEADLINE):
         while True:
             for row in await messages(session, server, cid):
-                if row["role"] == "assistant" and row["turn"] == turn:
-                    if row["status"] != "streaming":
-                        return row
+                mine = (row["role"], row["turn"]) == ("assistant", turn)
+                if mine and row["status"] != "streaming":
+                    return row
             await asyncio.sleep(0.02)
 
 
