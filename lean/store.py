@@ -24,9 +24,9 @@ What it guarantees:
   failed. The writer thread keeps serving.
 - Health: a batch that cannot be committed (a full disk, a file that became read-only)
   clears `writable`; while it is clear the writer tries a real write (a header update) every
-  `PROBE_INTERVAL`, and the next commit that succeeds sets it again. The awaited saves of a
-  failed batch (answers whose `done` said `saved: false`) are kept, up to `RETRY_MAX`, and
-  written with that next commit. `open` fails on a file
+  `PROBE_INTERVAL`, and the next commit that succeeds sets it again. The final saves of a
+  failed batch (answers whose `done` said `saved: false`) and its first turns are kept, up
+  to `RETRY_MAX`, and written with that next commit. `open` fails on a file
   it cannot write to or whose schema is newer than this lean's (`StoreError`).
 - A process that is killed (not stopped) may lose the writes nobody awaited in its last
   `LINGER`, and the text a running answer received since its last progress flush.
@@ -96,9 +96,10 @@ LINGER = 0.02
 # this after space returns, for one small write per second on a store that is failing anyway.
 PROBE_INTERVAL = 1.0
 
-# Final saves kept for another try after their batch could not be committed (a full disk):
-# each holds one answer (a few KB), so 1,000 is a few MB at most; past it the oldest is
-# dropped (it was reported lost: `done` said `saved: false`). Written with the next commit.
+# Writes kept for another try after their batch could not be committed (a full disk): final
+# saves (their `done` said `saved: false`) and new conversations' first turns (their run had
+# already started). Each holds one message (a few KB), so 1,000 is a few MB at most; past it
+# the oldest is dropped, as it was reported. Written first in the next commit.
 RETRY_MAX = 1000
 
 
@@ -121,7 +122,7 @@ class Store:
         self.writable = True
         self.error: str | None = None
         self._healthy = True  # the writer thread's own view, which it reports to the loop
-        self._retry: collections.deque[list[Any]] = collections.deque(maxlen=RETRY_MAX)
+        self._retry: collections.deque[tuple[int, Any]] = collections.deque(maxlen=RETRY_MAX)
         # queue_max bounds ops waiting for the writer: 10k saves is ~0.15 s of writing at the
         # measured ~65k rows/s, so a burst of that many finished runs is absorbed without anyone
         # waiting; past it save_assistant waits for space instead of growing memory (a queued
@@ -336,6 +337,8 @@ class Store:
                     self._call(self._space.set)
                 stopped = self._write_batch(conn, ops)
         finally:
+            if self._retry:
+                _log.error("store: closed with %d messages it could not write", len(self._retry))
             conn.close()
             self._settle([(stopped, None, None)])
 
@@ -391,8 +394,11 @@ class Store:
     def _write_retries(self, conn: sqlite3.Connection) -> None:
         """Final saves that failed with their batch, first in the next transaction; they
         are forgotten once it commits."""
-        if self._retry:
-            conn.executemany(INSERT_MESSAGE, self._retry)
+        for kind, args in self._retry:
+            if kind == _SAVE:
+                conn.execute(INSERT_MESSAGE, args)
+            else:
+                begin_turn(conn, *args)
 
     def _set_health(self, exc: Exception | None) -> None:
         """Writer thread: tell the loop when the store starts or stops being writable."""
@@ -475,8 +481,8 @@ class Store:
                 if kind in _OP_NAMES:
                     name = _OP_NAMES[kind]
                     failed[name] = failed.get(name, 0) + (len(op_args) if kind == _PROGRESS else 1)
-                if kind == _SAVE and fut is not None:  # told `saved: false`; tried again
-                    self._retry.append(op_args)
+                if (kind == _SAVE and fut is not None) or (kind == _TURN and fut is None):
+                    self._retry.append((kind, op_args))  # see RETRY_MAX
                 if kind in (_SAVE, _PROGRESS) and fut is None:
                     unreported = unreported or kind == _SAVE
                 else:

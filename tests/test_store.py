@@ -611,13 +611,20 @@ async def test_a_store_that_cannot_write_says_so_counts_it_and_recovers_by_itsel
     with pytest.raises(sqlite3.OperationalError):
         await ask(s, "b")
     assert failures == [("save", 1), ("progress", 1), ("turn", 1)]
+    # A new conversation's first turn is not awaited (its run has started): kept for later.
+    await s.begin_first_turn(conversation_id="n", scene="chat", user_content="new")
+    with pytest.raises(sqlite3.OperationalError):
+        await s.flush()
+    assert failures[-1] == ("turn", 1) and len(failures) == 4
     other.execute("ROLLBACK")  # the lock goes: the probe finds out, nothing else writes
     other.close()
     async with asyncio.timeout(5):
         while not s.writable:  # noqa: ASYNC110 - the store's health has no event to wait on
             await asyncio.sleep(0.02)
     assert s.error is None
-    # The failed final save was written with the probe's commit.
+    # The failed final save and first turn were written with the probe's commit.
     rows = await s.messages("a")
     assert [(m.content, m.status) for m in rows] == [("kept for later", "complete")]
+    assert [(m.turn, m.content) for m in await s.messages("n")] == [(1, "new")]
+    assert await s.messages("b") == []  # an awaited turn was refused, not kept
     await s.close()
