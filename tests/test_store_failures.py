@@ -34,7 +34,7 @@ NDJSON = {"Accept": "application/x-ndjson"}
 NO_WRITES = (0, resource.RLIM_INFINITY)  # soft limit 0: every write to a file fails
 WRITES = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
 
-pytestmark = pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="Linux prlimit")
+pytestmark = pytest.mark.one_loop  # lean serve runs uvloop, whatever the test's loop is
 
 
 def write_config(tmp_path: Path, upstream: str, port: int, flush_interval: float = 1.0) -> Path:
