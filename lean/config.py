@@ -89,6 +89,10 @@ class AuthConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 class StoreConfig(msgspec.Struct, frozen=True, kw_only=True):
     path: str = "lean.db"  # absolute once loaded
+    # Seconds between writes of a running answer's text: what a kill -9 can lose of an
+    # answer. One row update per running answer per interval, all in one commit; 0: only
+    # the row at the start and the final save.
+    flush_interval: float = 1.0
 
 
 class LimitsConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -307,7 +311,8 @@ def _store(values: dict[str, Any], config_path: str) -> StoreConfig:
         raise ConfigError("store", "path", "a file path, e.g. lean.db", path or None)
     base = os.path.dirname(os.path.abspath(config_path))
     path = os.path.join(base, os.path.expanduser(path))  # join keeps an absolute path
-    return StoreConfig(path=path)
+    flush_interval = values.get("flush_interval", StoreConfig().flush_interval)
+    return StoreConfig(path=path, flush_interval=flush_interval)
 
 
 def parse_config(

@@ -135,7 +135,7 @@ KEYS: dict[str, dict[str, _Parser]] = {
         "log_prompts": _bool,
     },
     "auth": {"tokens_env": _str},
-    "store": {"path": _str},
+    "store": {"path": _str, "flush_interval": _float(zero_ok=True)},
     "limits": {
         "max_streams": _COUNT,
         "queue_events": _COUNT,

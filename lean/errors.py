@@ -61,6 +61,13 @@ class ShuttingDown(LeanError):
     status, code, openai_type, retryable = 503, "shutting_down", "server_error", True
 
 
+class StoreUnavailable(LeanError):
+    """The store cannot write (a full disk, a read-only file): no run starts that it could
+    not save. Retryable: lean probes the store and takes runs again once it writes."""
+
+    status, code, openai_type, retryable = 503, "store_unavailable", "server_error", True
+
+
 class UpstreamError(LeanError):
     status, code, openai_type = 502, "upstream_error", "server_error"
 

@@ -90,6 +90,7 @@ class Done(_Event, tag="done", frozen=True):
     usage: Usage
     text: str
     fallback: bool = False
+    saved: bool = True  # False: the answer could not be saved (the store cannot write)
 
 
 class Error(_Event, tag="error", frozen=True):

@@ -327,6 +327,10 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    if request.app[services_key].streams.draining:
+    services = request.app[services_key]
+    if services.streams.draining:
         return web.json_response({"status": "draining"}, status=503)
+    if not services.store.writable:  # runs are refused (store_unavailable) until it writes
+        body = {"status": "store_unavailable", "error": services.store.error}
+        return web.json_response(body, status=503)
     return web.json_response({"status": "ready"})

@@ -13,17 +13,20 @@ from typing import Any
 
 import msgspec
 
-SCHEMA_VERSION = 1  # kept in PRAGMA user_version; a newer file is refused, not guessed at
+SCHEMA_VERSION = 2  # kept in PRAGMA user_version; a newer file is refused, not guessed at
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS messages (
+# Version 2: status `streaming` (a run's answer while it runs, flushed as it grows) and
+# `run_id`. SQLite cannot change a CHECK in place, so a version-1 table is copied into a new
+# one (MIGRATE_1_TO_2), in the same transaction that sets the version.
+_TABLE = """
+CREATE TABLE {name} (
     message_id TEXT PRIMARY KEY,
     conversation_id TEXT NOT NULL,
     turn INTEGER NOT NULL CHECK (turn >= 1),
     role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
     content TEXT NOT NULL,
     status TEXT NOT NULL
-        CHECK (status IN ('complete', 'error', 'cancelled', 'incomplete')),
+        CHECK (status IN ('complete', 'error', 'cancelled', 'incomplete', 'streaming')),
     created_at TEXT NOT NULL,
     scene TEXT NOT NULL,
     model TEXT NOT NULL,
@@ -35,10 +38,26 @@ CREATE TABLE IF NOT EXISTS messages (
     completion_tokens INTEGER,
     first_token_ms REAL,
     duration_ms REAL,
+    run_id TEXT,
     CHECK (role = 'assistant' OR status = 'complete')
 );
-CREATE INDEX IF NOT EXISTS messages_by_turn ON messages (conversation_id, turn);
 """
+_INDEX = "CREATE INDEX IF NOT EXISTS messages_by_turn ON messages (conversation_id, turn);"
+SCHEMA = _TABLE.format(name="IF NOT EXISTS messages") + _INDEX
+_V1_COLUMNS = (
+    "message_id, conversation_id, turn, role, content, status, created_at, scene, model,"
+    " reasoning, tool_calls, finish_reason, error_code, prompt_tokens, completion_tokens,"
+    " first_token_ms, duration_ms"
+)
+MIGRATE_1_TO_2 = (
+    _TABLE.format(name="messages_v2")
+    + f"INSERT INTO messages_v2 ({_V1_COLUMNS}) SELECT {_V1_COLUMNS} FROM messages;"
+    + "DROP TABLE messages; ALTER TABLE messages_v2 RENAME TO messages;"
+    + _INDEX
+)
+# At start-up no run is running: a row still `streaming` is an answer cut by a crash, and
+# keeps the text flushed before it.
+END_STREAMING = "UPDATE messages SET status = 'incomplete' WHERE status = 'streaming'"
 
 
 class MessageRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
@@ -46,7 +65,9 @@ class MessageRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     conversation_id: str
     role: str  # "user" | "assistant"
     content: str
-    status: str  # user: "complete"; assistant: "complete" | "error" | "cancelled" | "incomplete"
+    # user: "complete"; assistant: "complete" | "error" | "cancelled" | "incomplete" |
+    # "streaming" (its run is running, or was when lean died: marked incomplete at start-up)
+    status: str
     created_at: str  # ISO 8601 UTC with milliseconds, "2026-11-21T16:40:00.123Z"
     turn: int
     scene: str = ""
@@ -60,6 +81,7 @@ class MessageRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     completion_tokens: int | None = None
     first_token_ms: float | None = None  # latency to the first visible token
     duration_ms: float | None = None
+    run_id: str | None = None  # the run that wrote an assistant message
 
 
 # Columns in MessageRecord's field order, so a row is msgspec.structs.astuple(record).
@@ -79,9 +101,14 @@ SELECT_HISTORY = (
     "SELECT u.content, a.content FROM messages AS a JOIN messages AS u"
     " ON u.conversation_id = a.conversation_id AND u.turn = a.turn AND u.role = 'user'"
     " WHERE a.conversation_id = ? AND a.role = 'assistant' AND a.content != ''"
+    " AND a.status != 'streaming'"
     " ORDER BY a.turn DESC LIMIT ?"
 )
 SELECT_EXISTS = "SELECT 1 FROM messages WHERE conversation_id = ? LIMIT 1"
+# A running answer's text so far; a row its run has already saved for good is left alone.
+UPDATE_STREAMING = (
+    "UPDATE messages SET content = ?, reasoning = ? WHERE message_id = ? AND status = 'streaming'"
+)
 
 
 def utc_now() -> str:

@@ -43,6 +43,7 @@ class Metrics:
         self.runs: Counter[tuple[str, str, str]] = Counter()  # route, scene, status
         self.upstream_errors: Counter[tuple[str, str]] = Counter()  # provider, code
         self.rejections: Counter[tuple[str]] = Counter()  # reason
+        self.store_failures: Counter[tuple[str]] = Counter()  # op: turn, save, progress
         self.events_relayed = 0
         self.evictions = 0
         self.backpressure_waits = 0
@@ -58,6 +59,9 @@ class Metrics:
         if first_token_s is not None:
             self._ttft_counts[bisect.bisect_left(TTFT_BUCKETS, first_token_s)] += 1
             self._ttft_sum += first_token_s
+
+    def store_failed(self, op: str, count: int) -> None:
+        self.store_failures[(op,)] += count
 
     def render(self, gauges: Iterable[tuple[str, str, float]] = ()) -> bytes:
         out: list[str] = []
@@ -90,6 +94,13 @@ class Metrics:
                 "Requests refused at admission, by reason.",
                 ("reason",),
                 lambda: self.rejections.items(),
+            ),
+            (
+                "lean_store_failures_total",
+                "Store writes that failed, by op: turn (a user message), save (an answer's"
+                " final save), progress (a running answer's text).",
+                ("op",),
+                lambda: self.store_failures.items(),
             ),
         ]
         for name, help_text, names, items in counters:

@@ -5,6 +5,10 @@ how it ends. It writes each event straight to its transport's `Sink` (one
 encode, one write; the write blocks when the client stops reading, which stops
 the upstream read: TCP backpressure end to end, one event held per run).
 
+The answer is saved as it grows: a `streaming` row when the run starts, its text rewritten
+every `[store] flush_interval` (`lean.progress`), and the final save is committed before
+the last event goes out, so `done` says whether it was (`saved`).
+
 How a run ends, and the status saved with the assistant message:
 - `done`                                      -> complete
 - the client cancels, or leaves with `on_disconnect = cancel` -> cancelled
@@ -21,9 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 import uuid
 from typing import Any, Protocol
+
+import msgspec
 
 from lean import events
 from lean.config import ModelConfig, SceneConfig
@@ -35,6 +42,7 @@ from lean.errors import (
     NotFound,
     ShuttingDown,
     SlowClient,
+    StoreUnavailable,
 )
 from lean.guard import Guard
 from lean.messages import MessageRecord, TextBuffer, utc_now
@@ -46,6 +54,10 @@ from lean.tool_round import Call, ToolRound
 from lean.tools import openai_tools
 
 log = logging.getLogger("lean.run")
+
+# Seconds a client refused with `store_unavailable` is asked to wait: lean probes the store
+# every second, but a full disk is rarely freed sooner than this.
+STORE_RETRY_AFTER = 5.0
 
 
 class Sink(Protocol):
@@ -169,6 +181,8 @@ class Run:
         guard = self.guard
         final: events.Event | None = None
         try:
+            await self.services.store.save_assistant(self._record(), wait=False)  # streaming
+            self.services.progress.add(self.message_id, self._text, self._reasoning)
             await self._emit(self._start_event())
             fallback = False
             for round_number in range(self.scene.max_tool_rounds + 1):
@@ -206,10 +220,13 @@ class Run:
             await guard.close()
             self.services.streams.discard(guard)
             self.services.runs.discard(self)
-            # Queued before the last event goes out, and every read of the store waits for
-            # what was queued before it: a client that starts its next turn on `done` finds
-            # this answer in the conversation's history.
-            await self._save()
+            self.services.progress.discard(self.message_id)
+            # Committed before the last event goes out: `done` tells whether the answer is
+            # saved, a client that starts its next turn on `done` finds it in the history,
+            # and a kill -9 after `done` loses nothing.
+            saved = await self._save()
+        if isinstance(final, events.Done) and not saved:
+            final = msgspec.structs.replace(final, saved=False)
         if final is not None:
             await self._emit_final(final)
 
@@ -350,13 +367,14 @@ class Run:
             retryable=error.retryable,
         )
 
-    async def _save(self) -> None:
-        record = MessageRecord(
+    def _record(self, status: str = "streaming") -> MessageRecord:
+        """The answer as it stands, with `status`."""
+        return MessageRecord(
             message_id=self.message_id,
             conversation_id=self.conversation_id,
             role="assistant",
             content=self._text.text(),
-            status=self.status if self.status != "running" else "incomplete",
+            status=status,
             created_at=utc_now(),
             turn=self.turn,
             scene=self.scene.name,
@@ -369,7 +387,12 @@ class Run:
             completion_tokens=self._usage.completion_tokens,
             first_token_ms=self._first_token_ms,
             duration_ms=(time.monotonic() - self._started) * 1000,
+            run_id=self.run_id,
         )
+
+    async def _save(self) -> bool:
+        """Save the answer for good and log the run; whether the save was committed."""
+        record = self._record(self.status if self.status != "running" else "incomplete")
         self.services.metrics.run_ended(
             "scene",
             self.scene.name,
@@ -377,10 +400,14 @@ class Run:
             self.order.seq,
             None if self._first_token_ms is None else self._first_token_ms / 1000,
         )
-        try:  # waits for queue space, not for the write (the store logs a failed write)
+        store_error: str | None = None
+        try:  # the store counts a failed write (lean_store_failures_total)
             await self.services.store.save_assistant(record)
-        except Exception:
+        except sqlite3.Error as exc:  # a full disk, a read-only file: no traceback
+            store_error = str(exc)
+        except Exception as exc:
             log.exception("run %s: saving the answer failed", self.run_id)
+            store_error = str(exc) or type(exc).__name__
         fields: dict[str, Any] = {
             "endpoint": "scene",
             "scene": self.scene.name,
@@ -394,9 +421,15 @@ class Run:
             "completion_tokens": self._usage.completion_tokens,
             "tool_calls": len(self._calls) or None,
         }
+        if store_error is not None:  # the run's status stays its outcome; this says the rest
+            fields["saved"] = False
+            fields["store_error"] = store_error
         if self.services.config.server.log_prompts:
             fields["prompt"] = self._prompt
-        log.info("run", extra={"fields": fields})
+        log.log(
+            logging.INFO if store_error is None else logging.ERROR, "run", extra={"fields": fields}
+        )
+        return store_error is None
 
 
 async def new_run(
@@ -418,19 +451,29 @@ async def new_run(
     if model is None:
         raise NotFound(f"model '{scene.model}' does not exist")
     services.streams.check()
+    store = services.store
+    if not store.writable:  # no run starts that could not be saved
+        raise StoreUnavailable(
+            f"the store cannot write ({store.error})", retry_after=STORE_RETRY_AFTER
+        )
     cid = request.conversation_id
     history: list[tuple[str, str]] = []
     if cid is None:  # a new conversation: no history to read, and its turn is 1
         cid = new_conversation_id()
-        turn = await services.store.begin_first_turn(
+        turn = await store.begin_first_turn(
             conversation_id=cid, scene=scene.name, user_content=user_content
         )
     else:
         if scene.history_turns:
-            history = await services.store.history(cid, scene.history_turns)
-        turn = await services.store.begin_turn(
-            conversation_id=cid, scene=scene.name, user_content=user_content
-        )
+            history = await store.history(cid, scene.history_turns)
+        try:
+            turn = await store.begin_turn(
+                conversation_id=cid, scene=scene.name, user_content=user_content
+            )
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(
+                f"the store cannot write ({exc})", retry_after=STORE_RETRY_AFTER
+            ) from None
     return Run(
         services,
         run_id=run_id,

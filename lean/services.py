@@ -10,7 +10,8 @@ from aiohttp import web
 from lean.config import Config, ConfigError
 from lean.limits import Streams
 from lean.metrics import Metrics
-from lean.store import Store
+from lean.progress import Progress
+from lean.store import Store, StoreError
 from lean.tools import Tools
 from lean.upstream import Upstream
 
@@ -44,8 +45,9 @@ class Services:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.upstream = Upstream(config)
-        self.store = Store(config.store.path)
         self.metrics = Metrics()
+        self.store = Store(config.store.path, on_failure=self.metrics.store_failed)
+        self.progress = Progress(self.store, config.store.flush_interval)
         self.streams = Streams(config.limits.max_streams, self.metrics)
         self.tools = Tools(config.tools)  # imports python tools: a bad path stops start-up
         self.runs = Runs()
@@ -54,14 +56,16 @@ class Services:
     async def start(self) -> None:
         try:
             await self.store.open()
-        except (OSError, sqlite3.Error) as exc:
+        except (OSError, sqlite3.Error, StoreError) as exc:
             raise ConfigError(
                 "store", "path", f"a writable SQLite file ({exc})", self.config.store.path
             ) from None
+        self.progress.start()
         await self.upstream.start()
         await self.tools.start()
 
     async def close(self) -> None:
         await self.upstream.close()
         await self.tools.close()
+        await self.progress.close()
         await self.store.close()  # every pending write is flushed

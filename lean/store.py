@@ -12,11 +12,24 @@ What it guarantees:
 - Turns never race: `begin_turn` allocates the turn on the writer thread, in queue order
   (the highest turn of the conversation + 1: its user row is written in the same step), and
   returns once that row is committed. A conversation exists once it has a message.
-- `save_assistant` only enqueues (it waits for queue space, never for the write) and is
-  idempotent: `INSERT OR REPLACE` keyed on messageId.
-- A failing write is logged and reported: to the awaiting `begin_turn`, or, for a save, to the
-  next `flush`. The writer thread keeps serving.
-- A process that is killed (not stopped) may lose the writes of its last `LINGER`.
+- A run writes its answer's row with status `streaming` as it starts (`save_assistant`,
+  not awaited); `save_progress` rewrites running answers' text (one op for every answer
+  that grew, so one statement per answer per flush interval, never per token);
+  `save_assistant` writes the answer for good (`INSERT OR REPLACE` keyed on messageId)
+  and, awaited, returns once it is committed: a run tells its client the truth about the
+  save. At `open`, rows still `streaming` (their lean was killed) become `incomplete`,
+  keeping the flushed text.
+- A failing write is logged and reported: to the awaiting `begin_turn` or `save_assistant`,
+  or, for a write nobody awaits, to the next `flush`; `on_failure` counts each op that
+  failed. The writer thread keeps serving.
+- Health: a batch that cannot be committed (a full disk, a file that became read-only)
+  clears `writable`; while it is clear the writer tries a real write (a header update) every
+  `PROBE_INTERVAL`, and the next commit that succeeds sets it again. The final saves of a
+  failed batch (answers whose `done` said `saved: false`) and its first turns are kept, up
+  to `RETRY_MAX`, and written with that next commit. `open` fails on a file
+  it cannot write to or whose schema is newer than this lean's (`StoreError`).
+- A process that is killed (not stopped) may lose the writes nobody awaited in its last
+  `LINGER`, and the text a running answer received since its last progress flush.
 - `close` commits every write accepted before it; writes after it raise `StoreClosed`.
   synchronous=NORMAL may lose the last commits on power loss, never on a process crash: a chat
   log can afford that; an fsync per batch would cost far more.
@@ -25,6 +38,7 @@ What it guarantees:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import queue
@@ -36,12 +50,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from lean.messages import (
+    END_STREAMING,
     INSERT_MESSAGE,
+    MIGRATE_1_TO_2,
     SCHEMA,
     SCHEMA_VERSION,
     SELECT_EXISTS,
     SELECT_HISTORY,
     SELECT_MESSAGES,
+    UPDATE_STREAMING,
     MessageRecord,
     begin_turn,
     history,
@@ -58,8 +75,14 @@ class StoreClosed(RuntimeError):
     """A write or read was attempted after `Store.close()`."""
 
 
-# Ops travel as (kind, args, future). Saves carry no future: nobody waits for them.
-_SAVE, _TURN, _FLUSH, _STOP = range(4)
+class StoreError(Exception):
+    """The database file cannot be used by this lean (a newer schema, WAL refused)."""
+
+
+# Ops travel as (kind, args, future); the future is None when nobody waits for the op.
+_SAVE, _TURN, _PROGRESS, _FLUSH, _STOP = range(5)
+# What `on_failure` is told failed, by op kind.
+_OP_NAMES = {_SAVE: "save", _TURN: "turn", _PROGRESS: "progress"}
 _Future = asyncio.Future[Any] | None
 _Op = tuple[int, Any, _Future]
 _Settled = list[tuple[_Future, Any, BaseException | None]]
@@ -69,12 +92,37 @@ _Settled = list[tuple[_Future, Any, BaseException | None]]
 # thread wake-ups per run; what a kill (not a stop) can lose is this much of saving.
 LINGER = 0.02
 
+# Seconds between write probes while the store cannot write: /readyz turns ready again within
+# this after space returns, for one small write per second on a store that is failing anyway.
+PROBE_INTERVAL = 1.0
+
+# Writes kept for another try after their batch could not be committed (a full disk): final
+# saves (their `done` said `saved: false`) and new conversations' first turns (their run had
+# already started). Each holds one message (a few KB), so 1,000 is a few MB at most; past it
+# the oldest is dropped, as it was reported. Written first in the next commit.
+RETRY_MAX = 1000
+
 
 class Store:
-    def __init__(self, path: str, *, queue_max: int = 10_000, batch_max: int = 512) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        queue_max: int = 10_000,
+        batch_max: int = 512,
+        on_failure: Callable[[str, int], None] | None = None,
+    ) -> None:
         if queue_max < 1 or batch_max < 1:
             raise ValueError("queue_max and batch_max must be at least 1")
         self._path = path
+        # Called on the loop with (op kind, how many failed): "turn", "save" or "progress".
+        self._on_failure = on_failure
+        # Loop side: False from a failed commit until a write succeeds (see _run); `error`
+        # says why, for /readyz.
+        self.writable = True
+        self.error: str | None = None
+        self._healthy = True  # the writer thread's own view, which it reports to the loop
+        self._retry: collections.deque[tuple[int, Any]] = collections.deque(maxlen=RETRY_MAX)
         # queue_max bounds ops waiting for the writer: 10k saves is ~0.15 s of writing at the
         # measured ~65k rows/s, so a burst of that many finished runs is absorbed without anyone
         # waiting; past it save_assistant waits for space instead of growing memory (a queued
@@ -154,10 +202,25 @@ class Store:
         await self._put((_TURN, (conversation_id, scene, user_content, utc_now()), None))
         return 1
 
-    async def save_assistant(self, record: MessageRecord) -> None:
-        self._check_open()
+    async def save_assistant(self, record: MessageRecord, *, wait: bool = True) -> None:
+        """Write `record`; with `wait`, return once it is committed (raise if it failed),
+        without, once it is queued (a failure is reported to the next `flush`)."""
+        loop = self._check_open()
         # Encoded here, so a tool call that is not JSON fails the caller, not a later flush.
-        await self._put((_SAVE, row(record), None))
+        values = row(record)
+        if not wait:
+            await self._put((_SAVE, values, None))
+            return
+        saved: asyncio.Future[None] = loop.create_future()
+        await self._put((_SAVE, values, saved))
+        await saved
+
+    async def save_progress(self, rows: list[tuple[str, str, str]]) -> None:
+        """Running answers' text so far, as (content, reasoning, message_id): one op, one
+        statement per row, nobody waiting. A row no longer `streaming` is left alone."""
+        self._check_open()
+        if rows:
+            await self._put((_PROGRESS, rows, None))
 
     async def flush(self, *, report: bool = True) -> None:
         """Wait until everything queued before the call is committed. With `report`, raise
@@ -256,7 +319,11 @@ class Store:
         stopped: _Future = None
         try:
             while stopped is None:
-                ops = [self._queue.get()]
+                try:  # while unhealthy, probe between ops: recovery needs no traffic
+                    ops = [self._queue.get(timeout=None if self._healthy else PROBE_INTERVAL)]
+                except queue.Empty:
+                    self._probe(conn)
+                    continue
                 if ops[0][2] is None:  # nobody waits for it: let others share the commit
                     self._urgent.wait(LINGER)
                 self._urgent.clear()  # before draining: an op queued after is seen next time
@@ -270,67 +337,154 @@ class Store:
                     self._call(self._space.set)
                 stopped = self._write_batch(conn, ops)
         finally:
+            if self._retry:
+                _log.error("store: closed with %d messages it could not write", len(self._retry))
             conn.close()
             self._settle([(stopped, None, None)])
 
     def _connect_writer(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, isolation_level=None)  # explicit BEGIN/COMMIT
         try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:  # before anything writes to a newer lean's file
+                raise StoreError(
+                    f"{self._path} has schema version {version}, from a newer lean; "
+                    f"this one knows up to {SCHEMA_VERSION}"
+                )
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode != "wal":  # reads beside writes need WAL
-                raise RuntimeError(f"store {self._path!r}: journal_mode WAL refused ({mode})")
+                raise StoreError(f"{self._path}: journal_mode WAL refused ({mode})")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=5000")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"store {self._path!r} has schema version {version}; "
-                    f"this lean knows up to {SCHEMA_VERSION}"
-                )
-            if version < SCHEMA_VERSION:
-                conn.executescript(
-                    f"BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-                )
+            if version == 0:
+                schema = SCHEMA
+            elif version == 1:
+                schema = MIGRATE_1_TO_2
+            else:
+                schema = ""
+            # Always a real write (the header's user_version), so a file lean cannot write
+            # to stops start-up here rather than failing the first answer.
+            conn.executescript(
+                f"BEGIN IMMEDIATE; {schema} {END_STREAMING};"
+                f" PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            )
         except BaseException:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
             conn.close()
             raise
         return conn
+
+    def _probe(self, conn: sqlite3.Connection) -> None:
+        """One real write, to see whether the store can write again (writer thread)."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            self._write_retries(conn)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except sqlite3.Error:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            return
+        self._retry.clear()
+        self._set_health(None)
+
+    def _write_retries(self, conn: sqlite3.Connection) -> None:
+        """Final saves that failed with their batch, first in the next transaction; they
+        are forgotten once it commits."""
+        for kind, args in self._retry:
+            if kind == _SAVE:
+                conn.execute(INSERT_MESSAGE, args)
+            else:
+                begin_turn(conn, *args)
+
+    def _set_health(self, exc: Exception | None) -> None:
+        """Writer thread: tell the loop when the store starts or stops being writable."""
+        healthy = exc is None
+        if healthy == self._healthy:
+            return
+        self._healthy = healthy
+        if healthy:
+            _log.warning("store: writing again; /readyz is ready")
+        else:
+            _log.error("store: cannot write (%s); /readyz fails until a write succeeds", exc)
+        self._call(self._health_changed, healthy, None if exc is None else str(exc))
+
+    def _health_changed(self, healthy: bool, error: str | None) -> None:
+        self.writable, self.error = healthy, error
+
+    def _count_failures(self, failed: dict[str, int]) -> None:
+        if self._on_failure is not None and failed:
+            self._call(_report_failures, self._on_failure, failed)
 
     def _write_batch(self, conn: sqlite3.Connection, ops: list[_Op]) -> _Future:
         """Write `ops` in one transaction; return the STOP op's future if there was one."""
         settled: _Settled = []
         stop: _Future = None
+        failed: dict[str, int] = {}
+        writes = False
         try:
             conn.execute("BEGIN IMMEDIATE")
+            self._write_retries(conn)
             for kind, args, fut in ops:
                 if kind == _SAVE:
+                    writes = True
                     try:
                         conn.execute(INSERT_MESSAGE, args)
+                        settled.append((fut, None, None))
                     except Exception as exc:
                         self._op_failed(conn, exc, f"saving message {args[0]!r}")
-                        self._save_failed(exc)
+                        failed["save"] = failed.get("save", 0) + 1
+                        if fut is None:
+                            self._save_failed(exc)
+                        else:
+                            settled.append((fut, None, exc))
                 elif kind == _TURN:
+                    writes = True
                     try:
                         settled.append((fut, begin_turn(conn, *args), None))
                     except Exception as exc:
                         self._op_failed(conn, exc, f"begin_turn in {args[0]!r}")
+                        failed["turn"] = failed.get("turn", 0) + 1
                         settled.append((fut, None, exc))
+                elif kind == _PROGRESS:
+                    writes = True
+                    try:
+                        conn.executemany(UPDATE_STREAMING, args)
+                    except Exception as exc:
+                        self._op_failed(conn, exc, f"saving the progress of {len(args)} answers")
+                        failed["progress"] = failed.get("progress", 0) + len(args)
                 elif kind == _FLUSH:
                     settled.append((fut, None, self._take_failures() if args else None))
                 else:
                     stop = fut
             conn.execute("COMMIT")
+            if writes:
+                self._set_health(None)
+            self._retry.clear()
         except Exception as exc:  # nothing of the batch was written
-            _log.exception("store: a batch of %d writes failed", len(ops))
+            if isinstance(exc, sqlite3.Error):  # a full disk, a read-only file: no traceback
+                _log.error("store: a batch of %d writes failed: %s", len(ops), exc)
+            else:
+                _log.exception("store: a batch of %d writes failed", len(ops))
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-            settled, unreported = [], False
+            self._set_health(exc)
+            settled, unreported, failed = [], False, {}
             for kind, op_args, fut in ops:
                 if kind == _STOP:
                     stop = fut
-                elif kind == _SAVE:
-                    unreported = True
+                    continue
+                if kind in _OP_NAMES:
+                    name = _OP_NAMES[kind]
+                    failed[name] = failed.get(name, 0) + (len(op_args) if kind == _PROGRESS else 1)
+                if (kind == _SAVE and fut is not None) or (kind == _TURN and fut is None):
+                    self._retry.append((kind, op_args))  # see RETRY_MAX
+                if kind in (_SAVE, _PROGRESS) and fut is None:
+                    unreported = unreported or kind == _SAVE
                 else:
                     settled.append((fut, None, exc))
                     if kind == _FLUSH and op_args:  # a reporting flush told of it
@@ -338,6 +492,7 @@ class Store:
                         unreported = False
             if unreported:  # saves after the batch's last flush: tell the next one
                 self._save_failed(exc)
+        self._count_failures(failed)
         self._settle(settled)
         return stop
 
@@ -372,6 +527,11 @@ class Store:
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
             self._loop.call_soon_threadsafe(fn, *args)
+
+
+def _report_failures(on_failure: Callable[[str, int], None], failed: dict[str, int]) -> None:
+    for name, count in failed.items():
+        on_failure(name, count)
 
 
 def _settle_all(settled: _Settled) -> None:

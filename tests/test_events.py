@@ -53,7 +53,7 @@ EXAMPLES: list[tuple[Event, str, set[str]]] = [
     (
         Done(M, "stop", Usage(3, 5), "hi there"),
         "done",
-        {"messageId", "finishReason", "usage", "text", "fallback"},
+        {"messageId", "finishReason", "usage", "text", "fallback", "saved"},
     ),
     (
         Error(M, "cancelled", "the run was cancelled"),

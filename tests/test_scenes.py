@@ -86,7 +86,7 @@ async def saved_answer(lean: Server, cid: str) -> list[dict[str, Any]]:
     async with asyncio.timeout(5):
         while True:
             rows = await saved(lean, cid)
-            if rows[-1]["role"] == "assistant":
+            if rows[-1]["role"] == "assistant" and rows[-1]["status"] != "streaming":
                 return rows
             await asyncio.sleep(0.02)
 
@@ -527,3 +527,35 @@ async def test_admission_applies_to_scene_runs_on_every_transport() -> None:
             assert frame["code"] == "overloaded" and frame["retryable"] is True
             held.close()
         assert len(fake.requests) == 1
+
+
+async def test_a_running_answer_is_listed_streaming_with_its_run_and_text_so_far() -> None:
+    stream = text_stream("one two three four five")
+    stream.stall_after = 1 + 3  # the role chunk and three words, then silence
+    async with FakeOpenAI() as fake:
+        fake.push(stream)
+        async with (
+            running(config(fake, store="flush_interval = 0.05")) as lean,
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"{lean.url}/v1/scenes/chat/stream",
+                json={"message": "count"},
+                headers={"Accept": "application/x-ndjson"},
+            ) as resp,
+        ):
+            seen, start = "", {}
+            async for line in resp.content:
+                event = json.loads(line)
+                if event["type"] == "start":
+                    start = event
+                seen += event.get("text", "")
+                if seen == "one two three ":
+                    break
+            async with asyncio.timeout(5):
+                while True:  # the next flush, within flush_interval
+                    rows = await saved(lean, start["conversationId"])
+                    if rows[-1]["content"] == seen:
+                        break
+                    await asyncio.sleep(0.02)
+            answer = rows[-1]
+            assert (answer["status"], answer["runId"]) == ("streaming", start["runId"])

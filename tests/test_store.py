@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from lean.messages import SCHEMA_VERSION, MessageRecord, TextBuffer
-from lean.store import Store, StoreClosed
+from lean.store import Store, StoreClosed, StoreError
 
 AT = "2026-11-21T16:40:00.123Z"
 
@@ -349,9 +349,9 @@ async def test_use_before_open_is_misuse(tmp_path: Path) -> None:
 async def test_failing_save_surfaces_on_flush_and_writer_keeps_going(
     store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
-    await store.save_assistant(answer("a", 1))
-    await store.save_assistant(answer("a", 2, status="bogus"))  # violates the status CHECK
-    await store.save_assistant(answer("a", 3))
+    await store.save_assistant(answer("a", 1), wait=False)
+    await store.save_assistant(answer("a", 2, status="bogus"), wait=False)  # violates a CHECK
+    await store.save_assistant(answer("a", 3), wait=False)
     with caplog.at_level(logging.ERROR, logger="lean.store"), pytest.raises(sqlite3.IntegrityError):
         await store.flush()
     assert "chat:a:2" in caplog.text
@@ -363,7 +363,7 @@ async def test_failing_save_surfaces_on_flush_and_writer_keeps_going(
 
 async def test_several_failures_reported_together(store: Store) -> None:
     for turn in (1, 2, 3):
-        await store.save_assistant(answer("a", turn, status="bogus"))
+        await store.save_assistant(answer("a", turn, status="bogus"), wait=False)
     with pytest.raises(sqlite3.IntegrityError) as info:
         await store.flush()
     assert "2 more saves failed" in str(info.value.__notes__)
@@ -447,7 +447,7 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     conn.close()
     s = Store(db(tmp_path))
-    with pytest.raises(RuntimeError, match="schema version"):
+    with pytest.raises(StoreError, match="schema version"):
         await s.open()
     with pytest.raises(StoreClosed):
         await ask(s, "a")
@@ -471,7 +471,7 @@ async def test_failed_transaction_fails_its_batch_and_the_writer_recovers(
     other = sqlite3.connect(db(tmp_path), isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
     with caplog.at_level(logging.ERROR, logger="lean.store"):
-        await s.save_assistant(answer("a", 1))
+        await s.save_assistant(answer("a", 1), wait=False)
         with pytest.raises(sqlite3.OperationalError, match="locked"):
             await ask(s, "a")
         with pytest.raises(sqlite3.OperationalError, match="locked"):
@@ -502,3 +502,129 @@ def test_text_buffer_keeps_every_fragment_in_order(count: int) -> None:
     buffer.add("end")  # more after a read still lands at the end
     assert buffer.text() == "".join(fragments) + "end"
     assert buffer.text() is buffer.text()  # held as one string once read
+
+
+# -- answers saved as they grow, schema 2 -------------------------------------------------------
+
+V1_SCHEMA = """
+CREATE TABLE messages (
+    message_id TEXT PRIMARY KEY, conversation_id TEXT NOT NULL,
+    turn INTEGER NOT NULL CHECK (turn >= 1),
+    role TEXT NOT NULL CHECK (role IN ('user', 'assistant')), content TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('complete', 'error', 'cancelled', 'incomplete')),
+    created_at TEXT NOT NULL, scene TEXT NOT NULL, model TEXT NOT NULL, reasoning TEXT NOT NULL,
+    tool_calls TEXT NOT NULL, finish_reason TEXT, error_code TEXT, prompt_tokens INTEGER,
+    completion_tokens INTEGER, first_token_ms REAL, duration_ms REAL,
+    CHECK (role = 'assistant' OR status = 'complete')
+);
+CREATE INDEX messages_by_turn ON messages (conversation_id, turn);
+INSERT INTO messages VALUES ('chat:a:1:user', 'a', 1, 'user', 'hi', 'complete', '{at}', 'chat',
+    '', '', '[]', NULL, NULL, NULL, NULL, NULL, NULL);
+INSERT INTO messages VALUES ('chat:a:1', 'a', 1, 'assistant', 'hello', 'complete', '{at}',
+    'chat', 'm', '', '[]', 'stop', NULL, 3, 4, 12.5, 40.0);
+PRAGMA user_version = 1;
+"""
+
+
+async def test_a_version_1_database_is_migrated_and_keeps_its_messages(tmp_path: Path) -> None:
+    with sqlite3.connect(db(tmp_path)) as conn:
+        conn.executescript(V1_SCHEMA.replace("{at}", AT))
+    conn.close()
+    s = Store(db(tmp_path))
+    await s.open()
+    before = await s.messages("a")
+    assert [(m.role, m.content, m.status, m.run_id) for m in before] == [
+        ("user", "hi", "complete", None),
+        ("assistant", "hello", "complete", None),
+    ]
+    assert (before[1].prompt_tokens, before[1].first_token_ms) == (3, 12.5)
+    await s.save_assistant(answer("a", 2, status="streaming", run_id="run_1"))
+    assert [(m.status, m.run_id) for m in await s.messages("a")][-1] == ("streaming", "run_1")
+    await s.close()
+    with sqlite3.connect(db(tmp_path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+
+
+async def test_streaming_rows_are_incomplete_at_the_next_open_with_their_text(
+    tmp_path: Path,
+) -> None:
+    s = Store(db(tmp_path))
+    await s.open()
+    await s.save_assistant(answer("a", 1, status="streaming", run_id="run_1"))
+    await s.save_progress([("the text so far", "thinking", "chat:a:1")])
+    await s.close()  # as a kill would leave it: a row still streaming
+    s = Store(db(tmp_path))
+    await s.open()
+    [row] = await s.messages("a")
+    assert (row.status, row.content, row.reasoning, row.run_id) == (
+        "incomplete",
+        "the text so far",
+        "thinking",
+        "run_1",
+    )
+    await s.close()
+
+
+async def test_progress_rewrites_only_rows_still_streaming(store: Store) -> None:
+    await store.save_assistant(answer("a", 1, status="streaming"))
+    await store.save_assistant(answer("a", 2, "final", status="complete"))
+    await store.save_progress([("grown", "", "chat:a:1"), ("late progress", "", "chat:a:2")])
+    assert [(m.content, m.status) for m in await store.messages("a")] == [
+        ("grown", "streaming"),
+        ("final", "complete"),
+    ]
+
+
+async def test_history_leaves_out_a_running_answer(store: Store) -> None:
+    await ask(store, "a", "first")
+    await store.save_assistant(answer("a", 1, "one"))
+    await ask(store, "a", "second")
+    await store.save_assistant(answer("a", 2, status="streaming"))
+    await store.save_progress([("half an ans", "", "chat:a:2")])
+    assert await store.history("a", 10) == [("user", "first"), ("assistant", "one")]
+
+
+class QuickBusy(Store):
+    """Gives up on a locked file after 20 ms instead of 5 s."""
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        conn = super()._connect_writer()
+        conn.execute("PRAGMA busy_timeout = 20")
+        return conn
+
+
+async def test_a_store_that_cannot_write_says_so_counts_it_and_recovers_by_itself(
+    tmp_path: Path,
+) -> None:
+    failures: list[tuple[str, int]] = []
+    s = QuickBusy(db(tmp_path), on_failure=lambda op, n: failures.append((op, n)))
+    await s.open()
+    assert s.writable
+    other = sqlite3.connect(db(tmp_path), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock: nothing commits
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        await s.save_assistant(answer("a", 1, "kept for later"))  # awaited: told at once
+    assert not s.writable and s.error is not None and "locked" in s.error
+    await s.save_progress([("x", "", "chat:a:9")])
+    with pytest.raises(sqlite3.OperationalError):
+        await ask(s, "b")
+    assert failures == [("save", 1), ("progress", 1), ("turn", 1)]
+    # A new conversation's first turn is not awaited (its run has started): kept for later.
+    await s.begin_first_turn(conversation_id="n", scene="chat", user_content="new")
+    with pytest.raises(sqlite3.OperationalError):
+        await s.flush()
+    assert failures[-1] == ("turn", 1) and len(failures) == 4
+    other.execute("ROLLBACK")  # the lock goes: the probe finds out, nothing else writes
+    other.close()
+    async with asyncio.timeout(5):
+        while not s.writable:  # noqa: ASYNC110 - the store's health has no event to wait on
+            await asyncio.sleep(0.02)
+    assert s.error is None
+    # The failed final save and first turn were written with the probe's commit.
+    rows = await s.messages("a")
+    assert [(m.content, m.status) for m in rows] == [("kept for later", "complete")]
+    assert [(m.turn, m.content) for m in await s.messages("n")] == [(1, "new")]
+    assert await s.messages("b") == []  # an awaited turn was refused, not kept
+    await s.close()

@@ -152,11 +152,12 @@ async def messages(
 async def saved_answer(
     session: aiohttp.ClientSession, server: Server, cid: str, turn: int = 1
 ) -> dict[str, Any]:
-    """The assistant row of `turn`, polled until the run has saved it."""
+    """The assistant row of `turn`, polled until the run has saved it for good."""
     async with asyncio.timeout(DEADLINE):
         while True:
             for row in await messages(session, server, cid):
-                if row["role"] == "assistant" and row["turn"] == turn:
+                mine = (row["role"], row["turn"]) == ("assistant", turn)
+                if mine and row["status"] != "streaming":
                     return row
             await asyncio.sleep(0.02)
 
@@ -317,9 +318,13 @@ async def test_a_new_conversation_can_be_read_as_soon_as_its_run_starts(
                 await ws.send_json(run_frame(f"r{n}", message=f"question {n}"))
                 start = await recv(ws)
                 assert start["type"] == "start", start
-                # At once: the first turn is written behind the run's back, yet visible.
+                # At once: the first turn is written behind the run's back, yet visible,
+                # and so is the running answer, with its run.
                 rows = await messages(session, server, start["conversationId"])
-                assert [(r["role"], r["content"]) for r in rows] == [("user", f"question {n}")]
+                assert [(r["role"], r["content"], r["status"], r["runId"]) for r in rows] == [
+                    ("user", f"question {n}", "complete", None),
+                    ("assistant", "", "streaming", f"r{n}"),
+                ]
 
 
 async def test_closing_the_socket_with_on_disconnect_finish_saves_the_whole_answer(

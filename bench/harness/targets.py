@@ -76,6 +76,11 @@ def _env(mock: Mock, scenario: Scenario) -> dict[str, str]:
     return env
 
 
+# [store] flush_interval of the lean under test: LEAN_BENCH_FLUSH_INTERVAL=0 measures lean
+# without saving running answers (the default, 1.0, is lean's).
+FLUSH_INTERVAL = os.environ.get("LEAN_BENCH_FLUSH_INTERVAL", "1.0")
+
+
 class Lean(Target):
     name = "lean"
     wires = frozenset({*WIRES, *IDLE_WIRES})
@@ -93,6 +98,7 @@ tokens_env = LEAN_BENCH_NO_TOKENS
 
 [store]
 path = {workdir}/{label}.db
+flush_interval = {FLUSH_INTERVAL}
 
 [limits]
 max_streams = 20000
