@@ -290,6 +290,7 @@ VECTORS: list[bytes] = [
     b"event: add\ndata: 73857293\n\nevent: remove\ndata: 2153\n\nevent: add\ndata: 113411\n\n",
     b"data: a\rdata: b\r\rdata: c\r\n\r\ndata: d\n\n",  # CR, CRLF and LF
     b"data: x\r\r\ndata: y\r\n\r\n",  # CR CR LF: two line ends
+    b"data: a\r\ndata: b\r\n\r\n",  # a CRLF split across reads is one line end
     b"\xef\xbb\xbfdata: bom\n\n\xef\xbb\xbfdata: kept\n\n",  # one leading BOM only
     b"id: a\x00b\ndata: nul id ignored\n\nid: 7\ndata: x\n\ndata: keeps 7\n\nid\ndata: reset\n\n",
     b"retry: 1000\ndata: r\n\nretry: 1x\ndata: s\n\n",
