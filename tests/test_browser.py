@@ -154,7 +154,7 @@ def lean() -> Iterator[Lean]:
     server.stop()
 
 
-SCENARIOS = ["chat", "xss", "stop", "waiting", "tools", "history", "phone", "leanjs"]
+SCENARIOS = ["chat", "xss", "stop", "waiting", "tools", "inputs", "history", "phone", "leanjs"]
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +242,16 @@ def test_tool_cards_show_results_durations_and_errors(lean: Lean, seen: dict[str
     assert clock["result"] == "2026-11-21T16:40:00Z" and clock["label"].endswith(" ms")
     assert boom["name"] == "boom" and boom["state"] == "error" and boom["error"]
     assert "boom" in boom["result"] and boom["label"].startswith("failed")
+
+
+@needs_browser
+def test_scene_inputs_are_fields_of_the_page(lean: Lean, seen: dict[str, Any]) -> None:
+    result = scenario(seen, "inputs")
+    assert result["fields"] == ["words"]
+    assert result["refusedStatus"] == "error" and "words" in result["failure"]
+    assert result["status"] == "complete" and result["text"] == ANSWER
+    messages = lean.get(f"/v1/conversations/{result['conversationId']}/messages")["messages"]
+    assert messages[0]["content"] == "Summarise in 5 words: dear diary"
 
 
 @needs_browser

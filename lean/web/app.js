@@ -241,7 +241,8 @@ async function send(event) {
   const message = $("message").value;
   if (scene.needsMessage && !message.trim()) return;
   const inputs = {};
-  for (const input of $("inputs").querySelectorAll("input")) inputs[input.name] = input.value;
+  // An empty field is left out: lean's 400 then names the input the scene needs.
+  for (const input of $("inputs").querySelectorAll("input")) if (input.value) inputs[input.name] = input.value;
 
   const box = $("messages");
   box.append(userMessage(message || Object.values(inputs).join(" · ")));
@@ -286,6 +287,7 @@ async function send(event) {
     }
     status("");
   } catch (error) {
+    if (!run.runId && !$("message").value) $("message").value = message; // nothing was sent
     answer.end(error.name === "AbortError" ? "cancelled" : "error");
     if (error.name !== "AbortError") answer.fail(error.message);
     failed(error);
@@ -388,6 +390,13 @@ $("menu").addEventListener("click", () => {
   const side = $("side");
   side.classList.toggle("open");
   $("menu").setAttribute("aria-expanded", String(side.classList.contains("open")));
+});
+// On a phone the list covers the page: a tap beside it closes it.
+document.querySelector("main").addEventListener("click", (event) => {
+  if ($("side").classList.contains("open") && !event.target.closest("#menu")) {
+    $("side").classList.remove("open");
+    $("menu").setAttribute("aria-expanded", "false");
+  }
 });
 renderList();
 if ((await loadScenes()) && state.conversation) open(state.conversation);

@@ -161,6 +161,30 @@ const run = {
     return { status, cards, text: await visibleText(answer), conversationId: await conversation(p), errors: p.errors };
   },
 
+  /** A scene with inputs: a field per input; a missing one is lean's 400, shown. */
+  async inputs(context) {
+    const p = await page(context);
+    await signIn(p);
+    await p.selectOption("#scene", "summary");
+    const fields = await p.$$eval("#inputs input", (nodes) => nodes.map((n) => n.name));
+    const refused = await say(p, "dear diary");
+    const refusedStatus = await settled(p, refused);
+    const failure = await refused.$eval(".failure", (n) => n.textContent);
+    await p.fill('#inputs input[name="words"]', "5");
+    const answer = await say(p, "dear diary");
+    const status = await settled(p, answer);
+    await p.screenshot({ path: join(shots, "inputs-desktop.png") });
+    return {
+      fields,
+      refusedStatus,
+      failure,
+      status,
+      text: await visibleText(answer),
+      conversationId: await conversation(p),
+      errors: p.errors,
+    };
+  },
+
   /** A new tab: the conversation list comes from localStorage, the messages from lean. */
   async history(context) {
     const p = await page(context);
