@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config.ini
+BROWSER_DRIVER := tests/browser/node_modules/.package-lock.json
 
 .PHONY: run test check bench lint fmt clean
 
@@ -15,8 +16,16 @@ $(BIN)/lean: pyproject.toml
 run: $(BIN)/lean
 	$(BIN)/lean serve --config $(CONFIG)
 
-test: $(BIN)/lean
+test: $(BIN)/lean $(BROWSER_DRIVER)
 	$(BIN)/python -m pytest -q
+
+# The browser tests' driver (playwright-core; it drives Debian's chromium, downloads none).
+# Without npm, or offline, the browser tests skip and pytest says why.
+$(BROWSER_DRIVER): tests/browser/package-lock.json
+	@if command -v npm >/dev/null; then \
+		npm ci --prefix tests/browser --no-audit --no-fund \
+			|| echo "npm ci failed: the browser tests will skip"; \
+	else echo "npm is missing: the browser tests will skip"; fi
 
 check: $(BIN)/lean
 	$(BIN)/ruff check lean tests bench
@@ -31,4 +40,4 @@ fmt: $(BIN)/lean
 	$(BIN)/ruff check --fix lean tests bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info tests/browser/node_modules

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import WSCloseCode, web
 
-from lean import handlers, scene_handlers, ws
+from lean import handlers, scene_handlers, static, ws
 from lean.config import Config
 from lean.errors import (
     BadRequest,
@@ -30,7 +30,8 @@ log = logging.getLogger("lean")
 GC_THRESHOLDS = (50_000, 20, 20)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+# The page and lean.js hold no secret and need none: the page asks the user for a token.
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", *static.PATHS})
 
 
 def error_response(error: LeanError) -> web.Response:
@@ -108,6 +109,7 @@ def create_app(config: Config) -> web.Application:
     app[services_key] = services
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_get("/v1/models", handlers.models)
+    app.router.add_get("/v1/scenes", scene_handlers.list_scenes)
     app.router.add_post("/v1/scenes/{scene}/stream", scene_handlers.stream_scene)
     app.router.add_get("/v1/scenes/{scene}/stream", scene_handlers.stream_scene)
     app.router.add_post("/v1/runs/{run_id}/cancel", scene_handlers.cancel_run)
@@ -119,6 +121,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", handlers.metrics)
+    static.add_routes(app, web_ui=config.server.web_ui)
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         await services.start()

@@ -80,6 +80,7 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_body_bytes: int = 1048576
     log_format: Literal["logfmt", "json"] = "logfmt"
     log_prompts: bool = False
+    web_ui: bool = True  # the chat page at / (lean.js is served either way)
 
 
 class AuthConfig(msgspec.Struct, frozen=True, kw_only=True):

@@ -133,6 +133,7 @@ KEYS: dict[str, dict[str, _Parser]] = {
         "max_body_bytes": _COUNT,
         "log_format": _choice("logfmt", "json"),
         "log_prompts": _bool,
+        "web_ui": _bool,
     },
     "auth": {"tokens_env": _str},
     "store": {"path": _str, "flush_interval": _float(zero_ok=True)},

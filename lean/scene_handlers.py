@@ -145,3 +145,21 @@ async def conversation_messages(request: web.Request) -> web.Response:
     messages = await store.messages(cid, limit=limit)
     body = msgspec.json.encode({"conversationId": cid, "messages": messages})
     return web.Response(body=body, content_type="application/json")
+
+
+async def list_scenes(request: web.Request) -> web.Response:
+    """`GET /v1/scenes`: each scene's name, model alias, template inputs and tools."""
+    config = request.app[services_key].config
+    listed = [
+        {
+            "name": scene.name,
+            "model": scene.model,
+            "inputs": list(scene.inputs),
+            "tools": list(scene.tools),
+            "needsMessage": scene.uses_message,
+        }
+        for scene in config.scenes.values()
+    ]
+    return web.Response(
+        body=msgspec.json.encode({"scenes": listed}), content_type="application/json"
+    )
