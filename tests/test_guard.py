@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from lean import guard as lean_guard
 from lean.config import Config
 from lean.errors import SlowClient
 from lean.guard import Guard
@@ -44,10 +45,15 @@ kind = python
 function = tests.test_guard:doze
 timeout = 3
 
+[tool.stubborn]
+kind = python
+function = tests.test_guard:stubborn
+timeout = 0.3
+
 [scene.assistant]
 model = default
 template = {message}
-tools = ask_user, doze
+tools = ask_user, doze, stubborn
 
 [scene.plain]
 model = default
@@ -59,6 +65,15 @@ async def doze() -> str:
     """A python tool slower than the upstream's silence limit, within its own timeout."""
     await asyncio.sleep(DOZE)
     return "rested"
+
+
+async def stubborn() -> str:
+    """A python tool that does not stop when its timeout cancels it (for a while)."""
+    try:
+        await asyncio.sleep(30)
+    except asyncio.CancelledError:
+        await asyncio.sleep(5)  # cancelled again when the run ends: nothing is left behind
+    return "too late"
 
 
 def config(fake: FakeOpenAI, *, limits: str = "client_tool_timeout = 3") -> Config:
@@ -166,6 +181,23 @@ async def test_a_server_tool_slower_than_read_timeout_completes() -> None:
     assert end["result"] == "rested" and end["isError"] is False
     assert end["durationMs"] >= DOZE * 1000
     assert run.pings >= 2
+
+
+async def test_a_server_tool_that_outlives_its_own_timeout_ends_the_run_as_tool_timeout() -> None:
+    async with FakeOpenAI() as fake, running(config(fake)) as lean:
+        fake.push(tool_call_stream([("call_stub", "stubborn", "{}")]))
+        async with aiohttp.ClientSession() as http:
+            url = f"{lean.url}/v1/scenes/assistant/stream"
+            async with http.post(url, json={"message": "Try"}) as resp:
+                run = SceneEvents(resp)
+                await run.until("tool_start")
+                started = time.monotonic()
+                error = await run.until("error")
+                waited = time.monotonic() - started
+    assert run.last()[0] == "error"
+    assert error["code"] == "tool_timeout" and "stubborn" in error["message"]
+    assert waited >= 0.3 + lean_guard.TOOL_GRACE - 0.1  # its own timeout, then the grace
+    assert len(fake.requests) == 1
 
 
 async def test_a_client_that_never_answers_ends_with_the_client_tool_code() -> None:
