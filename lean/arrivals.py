@@ -140,7 +140,7 @@ class Arrivals:
 
     async def take(self, content: aiohttp.StreamReader, protocol: Any) -> None:
         """Handle `content` as it arrives, until its end; raise what failed."""
-        leftover = content.read_nowait() if content.exception() is None else b""
+        leftover = _buffered(content)
         content.__class__ = _ArrivingReader
         _ARRIVING[id(content)] = self
         self._protocol = protocol
@@ -158,8 +158,7 @@ class Arrivals:
                 if self.behind:  # nothing more is read from the upstream until it drains
                     self._pause()
                     await self._drain()
-                    self._paused = False
-                    protocol.resume_reading()
+                    self._resume()
                     continue
                 if self.ended:
                     return
@@ -179,11 +178,13 @@ class Arrivals:
                 raise self.failure
 
     async def _drain(self) -> None:
-        """Wait for the client; a failure meanwhile is the client's, not the upstream's."""
+        """Wait for the client; a failure meanwhile is the client's, not the upstream's.
+        Then lean waits for the upstream again: its silence limit starts over."""
         self._handed.receiving = True
         await self._receiver.drain()
         self._handed.receiving = False
         self.behind = False
+        self._guard.waiting(self._read_timeout)
 
     def arrived(self, data: bytes) -> None:
         if self.feed(data):
@@ -192,10 +193,21 @@ class Arrivals:
         elif self.failure is not None:
             self._wake_up()
 
+    # The upstream socket is paused, not aiohttp's protocol: the protocol's pause also
+    # pauses its parser at the next body piece, and a pause taken outside a parse (a
+    # client behind on what `take()` found buffered) stayed set past the resume and held
+    # the rest of the body in the parser for good. The rest of the read in hand is still
+    # parsed and handed over; the receiver holds it until the client drains.
     def _pause(self) -> None:
         if not self._paused and self._protocol is not None:
             self._paused = True
-            self._protocol.pause_reading()
+            if (transport := self._protocol.transport) is not None:
+                transport.pause_reading()
+
+    def _resume(self) -> None:
+        self._paused = False
+        if self._protocol is not None and (transport := self._protocol.transport) is not None:
+            transport.resume_reading()
 
     def end(self) -> None:
         self.ended = True
@@ -241,6 +253,19 @@ class _ArrivingReader(aiohttp.StreamReader):
         arrivals = _ARRIVING.get(id(self))
         if arrivals is not None:
             arrivals.fail(exc)
+
+
+def _buffered(content: aiohttp.StreamReader) -> bytes:
+    """All the body `content` buffered before `take()`. One `read_nowait()` is not enough:
+    taking bytes lets aiohttp resume a reader its buffer had paused, and the resumed
+    parser refills the buffer at once, inside that call (bounded by what aiohttp had read
+    but not parsed); bytes left there would never be read."""
+    if content.exception() is not None:
+        return b""
+    parts = []
+    while part := content.read_nowait():
+        parts.append(part)
+    return b"".join(parts)
 
 
 def _slices(data: bytes) -> list[bytes]:

@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import socket
 import struct
+import sys
+import termios
 
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
@@ -41,6 +44,29 @@ def bound_send_buffer(request: web.Request, size: int) -> None:
     if size and sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
+# Linux's SIOCOUTQ (the same number as TIOCOUTQ): bytes a TCP socket's kernel send queue
+# still holds, sent or not, that its peer has not acknowledged.
+_OUTQ: int | None = termios.TIOCOUTQ if sys.platform == "linux" else None
+_INT = bytes(4)
+
+
+def unsent(transport: asyncio.WriteTransport | None) -> int:
+    """Bytes written to `transport` that its peer has not taken yet: the transport's
+    buffer plus, where the kernel tells (Linux), its send queue. Sampled by the guard while
+    lean waits for a client; when it shrinks, the client took bytes. Without the
+    kernel's part, what the client takes shows only when the kernel frees about a third
+    of the send buffer (`send_buffer_bytes`)."""
+    if transport is None or transport.is_closing():
+        return 0
+    size = transport.get_write_buffer_size()
+    if _OUTQ is not None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):  # not a TCP socket: its buffer only
+                size += struct.unpack("i", fcntl.ioctl(sock.fileno(), _OUTQ, _INT))[0]
+    return size
 
 
 def reset(request: web.Request) -> None:
@@ -79,6 +105,14 @@ class _Frames:
     async def drain(self) -> None:
         """Wait until the transport takes writes again (raises if the client left)."""
         await self._writer.drain()
+
+    def pending(self) -> int:
+        """Bytes written that the client has not taken yet (`unsent`)."""
+        return unsent(self._transport)
+
+    def behind(self) -> bool:
+        """The client has not taken every write yet (lean still buffers some)."""
+        return self._transport.get_write_buffer_size() > 0
 
 
 class BodyWriter(_Frames):

@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from lean.client_io import BodyWriter, bound_send_buffer, reset
+from lean.client_io import BodyWriter, bound_send_buffer, reset, unsent
 from lean.config import Config, ModelConfig
 from lean.errors import Internal, LeanError, NotFound, PayloadTooLarge, openai_error_body
 from lean.guard import Guard
@@ -31,7 +31,7 @@ from lean.openai_compat import (
     new_id,
     parse_request,
 )
-from lean.providers.base import Piece
+from lean.providers.base import Piece, Reasoning, Text
 from lean.relay import Relay
 from lean.services import Services
 
@@ -73,11 +73,15 @@ def new_guard(
         assert response is not None
         await response.write(PING)
 
+    def pending() -> int:
+        return unsent(request.transport)
+
     return Guard(
         ping_interval=services.config.server.ping_interval,
         slow_client_timeout=services.config.limits.slow_client_timeout,
         ping=ping if response is not None else None,
         on_slow_client=abort,
+        pending=pending,
         metrics=services.metrics,
     )
 
@@ -182,8 +186,35 @@ class _Answer:
         pass
 
 
+def coalesce(pieces: list[Piece]) -> list[Piece]:
+    """`pieces` with each run of text (or of reasoning) joined into one piece."""
+    out: list[Piece] = []
+    run: list[str] = []
+    kind: type[Text] | type[Reasoning] | None = None
+    for piece in pieces:
+        if type(piece) is not kind and run:
+            assert kind is not None
+            out.append(kind("".join(run)))
+            run = []
+        if isinstance(piece, Text | Reasoning):
+            kind = type(piece)
+            run.append(piece.text)
+        else:
+            kind = None
+            out.append(piece)
+    if run:
+        assert kind is not None
+        out.append(kind("".join(run)))
+    return out
+
+
 class _Chunks:
-    """One stream's pieces to the client as `chat.completion.chunk` frames."""
+    """One stream's pieces to the client as `chat.completion.chunk` frames.
+
+    Once a write says the client is behind, the pieces that follow are held and go out
+    after the drain with their text joined: a client that is behind gets fewer, larger
+    chunks. What is held is bounded by what arrives before the drain (a read or two,
+    `arrivals.Arrivals`)."""
 
     def __init__(
         self, body: BodyWriter, framer: ChunkFramer, guard: Guard, outcome: _Outcome
@@ -193,10 +224,22 @@ class _Chunks:
         self._framer = framer
         self._guard = guard
         self._outcome = outcome
+        self._held: list[Piece] | None = None  # a list while the client is behind
 
     def push(self, batch: list[Piece]) -> bool:
         """The frames of one upstream read in one write: back-to-back chunks cost one
         syscall, not one each. True when the client is behind: `drain()`."""
+        if self._held is not None:
+            self._held += batch
+            return True
+        if len(batch) > 1 and self._body.behind():  # a read that piled up while it was
+            batch = coalesce(batch)
+        if self._write(batch):
+            self._held = []
+            return True
+        return False
+
+    def _write(self, batch: list[Piece]) -> bool:
         if len(batch) == 1:
             data = self._frame(batch[0])
             if data is None:
@@ -222,10 +265,25 @@ class _Chunks:
             self._guard.wrote()
 
     async def drain(self) -> None:
-        """The client is behind: wait for it, under the slow-client limit."""
+        """The client is behind: wait for it, under the slow-client limit; then what was
+        held meanwhile."""
         self._guard.writing()
         await self._body.drain()
+        while self._held:
+            held, self._held = coalesce(self._held), None
+            if self._write(held):
+                self._held = []
+                self._guard.writing()
+                await self._body.drain()
+        self._held = None
         self._guard.wrote()
+
+    def release(self) -> None:
+        """Write what is held without waiting: the stream ends (an error frame follows)."""
+        held, self._held = self._held, None
+        if held:
+            with contextlib.suppress(ConnectionError):
+                self._write(coalesce(held))
 
 
 async def _stream(
@@ -269,6 +327,7 @@ async def _run_stream(
     error: LeanError | None = None
     framer = ChunkFramer(completion_id=new_id(), model=model.alias, include_usage=include_usage)
     relay = Relay(services, model, body, guard)
+    chunks: _Chunks | None = None
     try:
         chunks = _Chunks(await BodyWriter.start(request, response), framer, guard, outcome)
         await relay.run(chunks)
@@ -293,6 +352,8 @@ async def _run_stream(
             outcome.failed(error, relay.committed)
         outcome.end(services)
     if error is not None and not guard.evicted:
+        if chunks is not None:
+            chunks.release()
         # After the first byte an error travels in band: one `data: {"error": ...}` line.
         with contextlib.suppress(ConnectionError, TimeoutError):
             async with asyncio.timeout(services.config.limits.slow_client_timeout):

@@ -28,7 +28,7 @@ import logging
 import sqlite3
 import time
 import uuid
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import msgspec
 
@@ -66,11 +66,14 @@ class Sink(Protocol):
     `write` queues one event's frame without waiting and says whether the peer is
     behind; only then does the run await `drain` (under its guard's slow-client
     limit). An event the transport takes at once costs no await and no clock reading.
-    Both raise `ConnectionError` once the peer is gone."""
+    Both raise `ConnectionError` once the peer is gone. `pending` is what the peer has
+    not taken yet (bytes): the guard samples it while the run waits for the peer."""
 
     def write(self, name: str, seq: int, payload: bytes) -> bool: ...
 
     async def drain(self) -> None: ...
+
+    def pending(self) -> int: ...
 
     async def ping(self) -> None: ...
 
@@ -119,6 +122,13 @@ class Run:
         self._calls: list[Call] = []  # every round's, for the saved message
         self._round: dict[int, Call] = {}  # the current model call's, by index
         self._round_start = 0  # where the current model call's text begins
+        # Once a write says the client is behind, the text of the pieces that follow is
+        # held and goes out as one delta after the drain: a client that is behind gets
+        # fewer, larger frames. Bounded by what arrives before the drain (a read or two,
+        # `arrivals.Arrivals`); `_held_part` is the part the held text belongs to.
+        self._behind = False
+        self._held: list[str] = []
+        self._held_part: Literal["content", "thinking"] = "content"
         self.tools = ToolRound(
             message_id=self.message_id,
             scene=scene,
@@ -141,22 +151,26 @@ class Run:
         `register` puts it in the app's registry, for `/v1/runs/{runId}/...` requests;
         a WebSocket's runs are named by its client and belong to that socket only.
         """
-        config = self.services.config
         self.services.streams.check()
         if register and self.services.runs.get(self.run_id) is not None:
             raise BadRequest(f"run id '{self.run_id}' is already running")
         self.task = asyncio.create_task(self._execute(), name=self.run_id)
-        self.guard = Guard(
-            ping_interval=config.server.ping_interval,
-            slow_client_timeout=config.limits.slow_client_timeout,
-            ping=self._ping,
-            on_slow_client=self._abort_sink,
-            task=self.task,
-            metrics=self.services.metrics,
-        )
+        self.guard = self._new_guard()
         self.services.streams.add(self.guard)
         if register:
             self.services.runs.add(self)
+
+    def _new_guard(self, *, heartbeats: bool = True) -> Guard:
+        config = self.services.config
+        return Guard(
+            ping_interval=config.server.ping_interval,
+            slow_client_timeout=config.limits.slow_client_timeout,
+            ping=self._ping if heartbeats else None,
+            on_slow_client=self._abort_sink,
+            pending=self._pending,
+            task=self.task,
+            metrics=self.services.metrics,
+        )
 
     def cancel(self, reason: LeanError | None = None) -> None:
         if self.guard is not None:
@@ -176,6 +190,9 @@ class Run:
         if self.sink is not None:
             self.sink.abort()
 
+    def _pending(self) -> int:
+        return self.sink.pending() if self.sink is not None else 0
+
     async def _execute(self) -> None:
         assert self.guard is not None
         guard = self.guard
@@ -194,7 +211,7 @@ class Run:
                 fallback = fallback or relay.fallback
                 if not self._round or round_number == self.scene.max_tool_rounds:
                     break  # a model that ignores tool_choice "none" gets no extra round
-                await self._tool_round(list(self._round.values()))
+                await self._tool_round(list(self._round.values()), guard)
             self.status = "complete"
             final = events.Done(
                 message_id=self.message_id,
@@ -240,30 +257,41 @@ class Run:
         )
 
     async def _emit_final(self, event: events.Event) -> None:
-        """The last event, after the guard is gone: bounded by the slow-client limit."""
+        """The last event, after the run's guard is gone. A `done` carries the whole
+        answer: when the client is behind, a guard of its own waits for it under the same
+        rule (cut when it takes nothing for `slow_client_timeout`), however long it takes
+        a slow but steady client to read."""
         try:
-            async with asyncio.timeout(self.services.config.limits.slow_client_timeout):
-                if self.order.seq == 0:  # interrupted before its first step
-                    await self._emit(self._start_event())
-                await self._emit(event)
-        except TimeoutError:
-            self._abort_sink()
+            behind = False
+            if self.order.seq == 0:  # interrupted before its first step
+                behind = self._write(self._start_event())
+            if self._held:
+                behind = self._write_held() or behind
+            if self._write(event) or behind:
+                self.guard = self._new_guard(heartbeats=False)
+                try:
+                    await self._drain()
+                finally:
+                    await self.guard.close()
         except ClientGone:
             pass
 
     def push(self, batch: list[Piece]) -> bool:
         """One upstream read's pieces, written now (`arrivals.Receiver`); True when the
-        client is behind: `drain()`."""
-        behind = False
+        client is behind: `drain()`. Behind, the text that follows is held (`_held`)."""
+        behind = self._behind
         for piece in batch:
             if isinstance(piece, Text):  # most pieces: handled here, one call less each
                 if self._first_token_ms is None:
                     self._first_token()
                 self._text.add(piece.text)
-                delta = events.Delta(message_id=self.message_id, text=piece.text)
-                behind = self._write(delta) or behind
+                if behind:
+                    self._hold(piece.text, "content")
+                else:
+                    behind = self._write(events.Delta(message_id=self.message_id, text=piece.text))
             else:
-                behind = self._other_piece(piece) or behind
+                behind = self._other_piece(piece, behind) or behind
+        self._behind = behind
         if not behind:
             assert self.guard is not None
             self.guard.wrote()
@@ -271,13 +299,33 @@ class Run:
 
     async def drain(self) -> None:
         await self._drain()
+        while self._held and self._write_held():
+            await self._drain()
+        self._behind = False
         assert self.guard is not None
         self.guard.wrote()
 
-    def _other_piece(self, piece: Piece) -> bool:
+    def _hold(self, text: str, part: Literal["content", "thinking"]) -> None:
+        if part != self._held_part and self._held:
+            self._write_held()  # the other part's text first: each part keeps its order
+        self._held_part = part
+        self._held.append(text)
+
+    def _write_held(self) -> bool:
+        """The held text as one delta; True when the client is behind."""
+        text = "".join(self._held)
+        self._held.clear()
+        return self._write(
+            events.Delta(message_id=self.message_id, text=text, part=self._held_part)
+        )
+
+    def _other_piece(self, piece: Piece, behind: bool) -> bool:
         if isinstance(piece, Reasoning):
             self._first_token()
             self._reasoning.add(piece.text)
+            if behind:
+                self._hold(piece.text, "thinking")
+                return True
             delta = events.Delta(message_id=self.message_id, text=piece.text, part="thinking")
             return self._write(delta)
         if isinstance(piece, ToolCall):
@@ -291,10 +339,10 @@ class Run:
             self._usage = piece
         return False
 
-    async def _tool_round(self, calls: list[Call]) -> None:
+    async def _tool_round(self, calls: list[Call], guard: Guard) -> None:
         """Run the calls the model asked for and give the model their results."""
         self._calls.extend(calls)
-        await self.tools.run(calls, self._emit)
+        await self.tools.run(calls, self._emit, guard)
         messages = self.body["messages"] = list(self.body["messages"])
         messages.append(
             {
@@ -312,6 +360,8 @@ class Run:
             self._first_token_ms = (time.monotonic() - self._started) * 1000
 
     async def _emit(self, event: events.Event) -> None:
+        if self._held:  # text held for a client that was behind goes out first
+            self._write_held()
         if self._write(event):
             await self._drain()
         assert self.guard is not None
@@ -332,7 +382,9 @@ class Run:
     async def _drain(self) -> None:
         """Wait for a client that is behind, under the slow-client limit."""
         sink = self.sink
-        assert sink is not None and self.guard is not None
+        if sink is None:  # the client left after the write that said it was behind
+            return
+        assert self.guard is not None
         guard = self.guard
         guard.writing()
         try:

@@ -51,6 +51,9 @@ class _HttpSink:
         assert self.body is not None, "the run starts after the response"
         await self.body.drain()
 
+    def pending(self) -> int:
+        return self.body.pending() if self.body is not None else 0
+
     async def ping(self) -> None:
         assert self.body is not None, "the run starts after the response"
         if self.body.write(self.PING):

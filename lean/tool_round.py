@@ -7,6 +7,11 @@ answers or `client_tool_timeout` passes. `tool_end` goes out as each call
 finishes, with its result, `durationMs` and `isError`. A failing tool is an
 error result the model sees, never a crashed run. No deltas are sent meanwhile:
 the model is not called again until every result is in.
+
+The run's guard is told whom the round waits for: the client while one of its
+tools is unanswered (`client_tool_timeout`), else the server tools (their longest
+timeout plus `guard.TOOL_GRACE`). The upstream's silence limit does not apply to a
+round, and the guard's heartbeats go on.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 from lean import events
 from lean.config import SceneConfig, ToolConfig
 from lean.errors import BadRequest, ToolTimeout
+from lean.guard import TOOL_GRACE, Guard
 from lean.tools import Tools, as_text
 
 
@@ -79,9 +85,11 @@ class ToolRound:
     def _tool(self, name: str) -> ToolConfig | None:
         return self._tools.config.get(name) if name in self._scene.tools else None
 
-    async def run(self, calls: list[Call], emit: Emit) -> None:
-        """Run `calls`, their events through `emit` (given per call, not kept: a round that
-        held its run's method would make run and round a cycle only the GC frees)."""
+    async def run(self, calls: list[Call], emit: Emit, guard: Guard) -> None:
+        """Run `calls`, their events through `emit`, the waits under `guard` (both given per
+        call, not kept: a round that held its run's method would make run and round a
+        cycle only the GC frees)."""
+        guard.idle()  # the model's answer is over: its silence limit no longer applies
         for call in calls:
             await emit(
                 events.ToolStart(
@@ -114,34 +122,39 @@ class ToolRound:
                 else:
                     future = asyncio.ensure_future(self._tools.run(tool, call.arguments))
                 pending[future] = call
-            await self._finish(pending, started, emit)
+            await self._finish(pending, started, emit, guard)
         finally:
-            for future in pending:
+            why = guard.reason.message if guard.reason else "the run ended first"
+            for future, call in pending.items():
+                if not future.done():  # the run ends without this call's result
+                    call.is_error = True
+                    call.result = f"no result: {why}"
+                    call.duration_ms = (time.monotonic() - started) * 1000
                 future.cancel()
             self._waiting.clear()
 
     async def _finish(
-        self, pending: dict[asyncio.Future[Any], Call], started: float, emit: Emit
+        self, pending: dict[asyncio.Future[Any], Call], started: float, emit: Emit, guard: Guard
     ) -> None:
+        since = asyncio.get_running_loop().time()
+        tools = [tool for call in pending.values() if (tool := self._tool(call.name))]
+        tool_limit = max((t.timeout for t in tools if t.kind != "client"), default=0) + TOOL_GRACE
         left = set(pending)
-        deadline = asyncio.get_running_loop().time() + self._client_timeout
         while left:
-            timeout = None
-            if any(call.id in self._waiting for call in (pending[f] for f in left)):
-                timeout = deadline - asyncio.get_running_loop().time()
-            done, left = await asyncio.wait(
-                left, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-            if not done:
-                for future in left:
-                    call = pending[future]
-                    call.is_error = True
-                    call.result = f"the client did not answer within {self._client_timeout:g} s"
-                    call.duration_ms = (time.monotonic() - started) * 1000
-                names = ", ".join(sorted({pending[f].name for f in left}))
-                raise ToolTimeout(
-                    f"the client did not answer {names} within {self._client_timeout:g} s"
+            # Set again after every `tool_end`: a write that waited for the client ends
+            # the guard's phase.
+            waiting = {pending[f].name for f in left if pending[f].id in self._waiting}
+            if waiting:
+                limit = self._client_timeout
+                expiry = (
+                    f"the client did not answer {', '.join(sorted(waiting))} within {limit:g} s"
                 )
+            else:
+                limit = tool_limit
+                running = ", ".join(sorted({pending[f].name for f in left}))
+                expiry = f"tool {running} did not finish within {limit:g} s"
+            guard.tools(client=bool(waiting), since=since, limit=limit, expiry=ToolTimeout(expiry))
+            done, left = await asyncio.wait(left, return_when=asyncio.FIRST_COMPLETED)
             for future in done:
                 call = pending[future]
                 if call.id in self._waiting:

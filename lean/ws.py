@@ -66,6 +66,9 @@ class WSSink:
     async def drain(self) -> None:
         await self._frames.drain()
 
+    def pending(self) -> int:
+        return self._frames.pending()
+
     async def ping(self) -> None:
         """aiohttp's own heartbeat pings the socket."""
 
