@@ -94,7 +94,7 @@ class Connections:
 
     def opened(self, protocol: Protocol, now: float) -> None:
         if len(self._open) - len(self._reserve) >= self.max_connections:
-            victim = next(iter(self._idle), None) or next(iter(self._heads), None)
+            victim = self._longest_idle()
             if victim is not None:
                 self._close(victim)
             elif len(self._reserve) < RESERVED:
@@ -128,6 +128,16 @@ class Connections:
             self._idle[protocol] = now
 
     # --- inside ---
+
+    def _longest_idle(self) -> Protocol | None:
+        """The regular connection idle the longest: between requests first, then one still
+        sending its head (a slowloris, or a slow client). Closing a reserved one frees no
+        regular place: at most RESERVED are skipped."""
+        for table in (self._idle, self._heads):
+            for protocol in table:
+                if protocol not in self._reserve:
+                    return protocol
+        return None
 
     def _forget(self, protocol: Protocol) -> None:
         self._open.discard(protocol)
