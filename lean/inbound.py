@@ -48,7 +48,7 @@ def decode(decoder: msgspec.json.Decoder[T], data: bytes | str, what: str = "req
         return decoder.decode(data)
     except msgspec.ValidationError as exc:
         said = str(exc)
-        if " - at `$" not in said:  # about the whole body, which is a JSON object
+        if said.startswith("Expected `object`") and " - at `$" not in said:
             said = f"the body must be a JSON object ({said})"
         raise BadRequest(f"invalid {what}: {clip(said)}") from None
     except msgspec.DecodeError as exc:
