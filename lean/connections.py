@@ -10,9 +10,10 @@ The rules here, with `[server]` keys:
   first byte for later ones on a kept-alive connection. Else the connection is closed.
 - `keepalive_timeout`: a connection idle between requests (no byte since its last
   response) is closed after this.
-- `max_connections`: at the bound, a new connection makes room by closing the one idle
-  the longest (no request running: between requests, or still sending its head), so
-  slowloris and idle sockets give way to new clients. When every connection is running
+- `max_connections`: at the bound, a new connection makes room by closing one with no
+  request running: the one idle the longest between requests, else the one that has
+  been sending its head the longest. So idle and slowloris sockets give way to new
+  clients. When every connection is running
   a request, up to `RESERVED` more are let in for `/healthz` and `/readyz` (anything
   else there gets 503 `overloaded` and the connection closes); past those, a new
   connection is closed at once. So the probes stay answerable at the bound.
