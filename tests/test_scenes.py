@@ -492,7 +492,8 @@ async def test_a_client_that_stops_reading_is_cut_on_every_transport(transport: 
                 request = raw_post("/v1/scenes/chat/stream", body)
                 if transport == "ndjson":
                     request = request.replace(
-                        b"Host: 127.0.0.1\r\n", b"Host: 127.0.0.1\r\nAccept: application/x-ndjson\r\n"
+                        b"Host: 127.0.0.1\r\n",
+                        b"Host: 127.0.0.1\r\nAccept: application/x-ndjson\r\n",
                     )
                 writer.write(request)
             await writer.drain()
