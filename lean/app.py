@@ -80,7 +80,7 @@ def connections_middleware(
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         protocol = request.protocol
-        if connections.reserved(protocol) and request.path not in PUBLIC_PATHS:
+        if request.path not in PUBLIC_PATHS and connections.refuses(protocol):
             limit = connections.max_connections
             response = error_response(
                 Overloaded(f"lean holds its limit of {limit} client connections", retry_after=1)
@@ -130,12 +130,17 @@ async def draining_middleware(request: web.Request, handler: Handler) -> web.Str
 
 
 def create_app(config: Config) -> web.Application:
+    services = Services(config)
+    rejections = services.metrics.rejections
     connections = Connections(
         header_timeout=config.server.header_timeout,
         keepalive_timeout=config.server.keepalive_timeout,
         max_connections=config.server.max_connections,
+        rejections=rejections,
     )
-    browsers = Browsers(config.server.cors_origins, tokens=bool(config.auth.tokens))
+    browsers = Browsers(
+        config.server.cors_origins, tokens=bool(config.auth.tokens), rejections=rejections
+    )
     middlewares: list[Callable[..., Awaitable[web.StreamResponse]]] = [
         connections_middleware(connections),
         errors_middleware,
@@ -145,7 +150,6 @@ def create_app(config: Config) -> web.Application:
         middlewares.append(auth_middleware(tuple(t.reveal().encode() for t in config.auth.tokens)))
     middlewares.append(draining_middleware)
     app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=middlewares)
-    services = Services(config)
     app[services_key] = services
     app[connections_key] = connections
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)

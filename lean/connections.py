@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from typing import Any
 
 from aiohttp import web_protocol, web_server
@@ -56,7 +57,12 @@ class Connections:
     """The client connections of one server, and the rules above."""
 
     def __init__(
-        self, *, header_timeout: float, keepalive_timeout: float, max_connections: int
+        self,
+        *,
+        header_timeout: float,
+        keepalive_timeout: float,
+        max_connections: int,
+        rejections: Counter[tuple[str]] | None = None,
     ) -> None:
         self.header_timeout = header_timeout
         self.keepalive_timeout = keepalive_timeout
@@ -67,8 +73,9 @@ class Connections:
         self._idle: dict[Protocol, float] = {}  # no byte since the last response, since
         self._reserve: set[Protocol] = set()  # let in past the bound: probes only
         self._sweeper: asyncio.Task[None] | None = None
-        self.closed_timeout = 0  # closed by a deadline
-        self.closed_bound = 0  # closed to make room, or refused, at the bound
+        # lean_admission_rejections_total{reason}: "header_timeout", "max_connections"
+        # (closed to make room, or refused); an idle connection closed is no rejection.
+        self._rejections: Counter[tuple[str]] = Counter() if rejections is None else rejections
 
     def __len__(self) -> int:
         return len(self._open)
@@ -101,7 +108,7 @@ class Connections:
             elif len(self._reserve) < RESERVED:
                 self._reserve.add(protocol)
             else:
-                self.closed_bound += 1
+                self._rejections[("max_connections",)] += 1
                 protocol.force_close()
                 return
         self._open.add(protocol)
@@ -115,8 +122,13 @@ class Connections:
         if self._idle.pop(protocol, None) is not None:
             self._heads[protocol] = now
 
-    def reserved(self, protocol: Any) -> bool:
-        return protocol in self._reserve
+    def refuses(self, protocol: Any) -> bool:
+        """Whether a request other than the probes is refused on `protocol` (counted):
+        true on a connection let in past the bound."""
+        if protocol in self._reserve:
+            self._rejections[("max_connections",)] += 1
+            return True
+        return False
 
     def busy(self, protocol: Any) -> None:
         """A request runs on `protocol`: no deadline here until it ends."""
@@ -147,7 +159,7 @@ class Connections:
         self._idle.pop(protocol, None)
 
     def _close(self, protocol: Protocol) -> None:
-        self.closed_bound += 1
+        self._rejections[("max_connections",)] += 1
         self._forget(protocol)  # now: its connection_lost comes in a later loop turn
         protocol.force_close()
 
@@ -157,15 +169,18 @@ class Connections:
         while True:
             await asyncio.sleep(every)
             now = loop.time()
-            self._expire(self._heads, now - self.header_timeout)
-            self._expire(self._idle, now - self.keepalive_timeout)
+            self._expire(self._heads, now - self.header_timeout, "header_timeout")
+            self._expire(self._idle, now - self.keepalive_timeout, None)
 
-    def _expire(self, table: dict[Protocol, float], started_before: float) -> None:
+    def _expire(
+        self, table: dict[Protocol, float], started_before: float, reason: str | None
+    ) -> None:
         while table:
             protocol, since = next(iter(table.items()))
             if since > started_before:
                 return  # the table is in the order the clocks started
-            self.closed_timeout += 1
+            if reason is not None:
+                self._rejections[(reason,)] += 1
             self._forget(protocol)
             protocol.force_close()
 

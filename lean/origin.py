@@ -25,6 +25,7 @@ and preflights for listed origins (the browser issue) are to extend `Browsers`.
 from __future__ import annotations
 
 import ipaddress
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
@@ -96,10 +97,18 @@ def is_loopback_host(value: str) -> bool:
 class Browsers:
     """The browser rules above for one config: `check` raises `Forbidden` or returns."""
 
-    def __init__(self, cors_origins: tuple[str, ...], *, tokens: bool) -> None:
+    def __init__(
+        self,
+        cors_origins: tuple[str, ...],
+        *,
+        tokens: bool,
+        rejections: Counter[tuple[str]] | None = None,
+    ) -> None:
         self.any_origin = "*" in cors_origins
         self.origins = frozenset(o for o in cors_origins if o != "*")
         self.loopback_only = not tokens
+        # lean_admission_rejections_total{reason}: "host", "origin", "fetch_site"
+        self._rejections: Counter[tuple[str]] = Counter() if rejections is None else rejections
 
     def listed(self, origin: str | None) -> bool:
         if origin is None:
@@ -110,6 +119,7 @@ class Browsers:
         headers = request.headers
         host = headers.get("Host")
         if self.loopback_only and host is not None and not is_loopback_host(host):
+            self._rejections[("host",)] += 1
             raise Forbidden(
                 f"Host '{clip(host, 80)}' is not a loopback name or address: without client "
                 "tokens lean answers only requests addressed to localhost or 127.0.0.1 "
@@ -117,12 +127,14 @@ class Browsers:
             )
         origin = headers.get("Origin")
         if origin is not None and not (self.listed(origin) or _own(origin, host)):
+            self._rejections[("origin",)] += 1
             raise Forbidden(
                 f"Origin '{clip(origin, 80)}' is not allowed: it is not lean's own and not "
                 "in [server] cors_origins"
             )
         site = headers.get("Sec-Fetch-Site")
         if site is not None and site.lower() in _CROSS and not self.listed(origin):
+            self._rejections[("fetch_site",)] += 1
             raise Forbidden(
                 f"a {clip(site.lower(), 20)} request from a browser needs an Origin listed "
                 "in [server] cors_origins"

@@ -122,6 +122,9 @@ async def test_a_foreign_page_starts_nothing_on_any_route(
                 assert error["code"] == "forbidden"
         async with http.get(lean.url + "/healthz", headers=headers) as resp:
             assert resp.status == 200  # the probes stay open
+        async with http.get(lean.url + "/metrics") as resp:
+            reason = "origin" if "Origin" in headers else "fetch_site"
+            assert f'lean_admission_rejections_total{{reason="{reason}"}} 3' in await resp.text()
     assert fake.requests == []
 
 
