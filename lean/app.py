@@ -1,8 +1,10 @@
-"""App wiring: routes, middlewares (errors, auth), and the server's life from start to drain."""
+"""App wiring: routes, middlewares (connections, errors, browsers, auth, draining), and the
+server's life from start to drain."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import hmac
 import logging
@@ -12,17 +14,21 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import WSCloseCode, web
 
 from lean import handlers, scene_handlers, static, ws
-from lean.config import Config
+from lean.config import Config, ConfigError
+from lean.connections import Connections
 from lean.errors import (
     BadRequest,
     Internal,
     LeanError,
     NotFound,
+    Overloaded,
     ShuttingDown,
     Unauthorized,
+    clip,
     openai_error_body,
 )
-from lean.handlers import services_key
+from lean.handlers import connections_key, services_key
+from lean.origin import Browsers
 from lean.services import Services
 
 log = logging.getLogger("lean")
@@ -30,8 +36,12 @@ log = logging.getLogger("lean")
 GC_THRESHOLDS = (50_000, 20, 20)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-# The page and lean.js hold no secret and need none: the page asks the user for a token.
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", *static.PATHS})
+# Answered on a connection let in past `max_connections` (lean.connections): the probes only.
+PROBE_PATHS = frozenset({"/healthz", "/readyz"})
+# No token and no Origin check: the probes, and the page and lean.js, which hold no secret (the
+# page asks the user for a token, and starts nothing from another origin: its /v1 calls are
+# checked).
+PUBLIC_PATHS = PROBE_PATHS | static.PATHS
 
 
 def error_response(error: LeanError) -> web.Response:
@@ -53,7 +63,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if exc.status < 400:
             raise
         kind = NotFound if exc.status == 404 else BadRequest
-        error: LeanError = kind(f"{request.method} {request.path}: {exc.reason}")
+        error: LeanError = kind(f"{request.method} {clip(request.path)}: {exc.reason}")
         error.status = exc.status
         response = error_response(error)
         if "Allow" in exc.headers:  # a 405 must say which methods are allowed
@@ -64,6 +74,31 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(Internal("internal error; see lean's log"))
+
+
+def connections_middleware(
+    connections: Connections,
+) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Tells `connections` which connections run a request (no deadline then); answers
+    only the probes on a connection let in past the bound (lean.connections)."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        protocol = request.protocol
+        if request.path not in PROBE_PATHS and connections.refuses(protocol):
+            limit = connections.max_connections
+            response = error_response(
+                Overloaded(f"lean holds its limit of {limit} client connections", retry_after=1)
+            )
+            response.force_close()
+            return response
+        connections.busy(protocol)
+        try:
+            return await handler(request)
+        finally:
+            connections.done(protocol, asyncio.get_running_loop().time())
+
+    return middleware
 
 
 def _token_of(request: web.Request) -> str:
@@ -100,13 +135,28 @@ async def draining_middleware(request: web.Request, handler: Handler) -> web.Str
 
 
 def create_app(config: Config) -> web.Application:
-    middlewares: list[Callable[..., Awaitable[web.StreamResponse]]] = [errors_middleware]
+    services = Services(config)
+    rejections = services.metrics.rejections
+    connections = Connections(
+        header_timeout=config.server.header_timeout,
+        keepalive_timeout=config.server.keepalive_timeout,
+        max_connections=config.server.max_connections,
+        rejections=rejections,
+    )
+    browsers = Browsers(
+        config.server.cors_origins, tokens=bool(config.auth.tokens), rejections=rejections
+    )
+    middlewares: list[Callable[..., Awaitable[web.StreamResponse]]] = [
+        connections_middleware(connections),
+        errors_middleware,
+        browsers.middleware(PUBLIC_PATHS),
+    ]
     if config.auth.tokens:
         middlewares.append(auth_middleware(tuple(t.reveal().encode() for t in config.auth.tokens)))
     middlewares.append(draining_middleware)
     app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=middlewares)
-    services = Services(config)
     app[services_key] = services
+    app[connections_key] = connections
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_get("/v1/models", handlers.models)
     app.router.add_get("/v1/scenes", scene_handlers.list_scenes)
@@ -139,12 +189,17 @@ class Server:
         self.config = config
         self.app = create_app(config)
         self._port = config.server.port if port is None else port
+        server = config.server
         self._runner = web.AppRunner(
             self.app,
             handler_cancellation=True,  # a client that leaves cancels its handler at once
             access_log=None,
             shutdown_timeout=2.0,
+            # lean.connections keeps the deadlines; aiohttp's own timer (not reset by
+            # bytes) is only a backstop that never fires before them.
+            keepalive_timeout=server.keepalive_timeout + server.header_timeout,
         )
+        self.connections = self.app[connections_key]
         self.port = 0
 
     @property
@@ -154,9 +209,17 @@ class Server:
 
     async def start(self) -> None:
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.server.host, self._port, backlog=1024)
-        await site.start()
+        assert self._runner.server is not None
+        self.connections.watch(self._runner.server)
+        host = self.config.server.host
+        site = web.TCPSite(self._runner, host, self._port, backlog=1024)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise _bind_error(host, self._port, exc) from None
         self.port = self._runner.addresses[0][1]
+        self.connections.start()
 
     async def stop(self) -> None:
         """Drain: /readyz fails, no new connections, running streams get `drain_timeout`."""
@@ -179,7 +242,19 @@ class Server:
             ),
             return_exceptions=True,
         )
+        await self.connections.stop()
         await self._runner.cleanup()
+
+
+def _bind_error(host: str, port: int, exc: OSError) -> ConfigError:
+    """lean cannot listen where the config says: one line naming it, exit 2."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return ConfigError("server", "port", f"a free port ({address} is already in use)")
+    if exc.errno == errno.EACCES:
+        return ConfigError("server", "port", f"a port lean may bind ({address}: permission denied)")
+    reason = exc.strerror or type(exc).__name__
+    return ConfigError("server", "host", f"an address of this machine ({address}: {reason})")
 
 
 async def serve(config: Config) -> None:

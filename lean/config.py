@@ -81,6 +81,20 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     log_format: Literal["logfmt", "json"] = "logfmt"
     log_prompts: bool = False
     web_ui: bool = True  # the chat page at / (lean.js is served either way)
+    # Browser origins allowed besides lean's own (protocol.md §6); "*" needs client tokens.
+    cors_origins: tuple[str, ...] = ()
+    # A request's head (line and headers) must arrive within this, counted from the
+    # connection's start or the request's first byte: nginx's client_header_timeout is
+    # 60 s; a phone on a poor network sends a 1 KB head in well under 10.
+    header_timeout: float = 10.0
+    # An idle connection between requests is closed after this. Above nginx's upstream
+    # keepalive_timeout (60 s), so a proxy that reuses connections to lean closes first
+    # and never sends on a connection lean is closing (aiohttp's own default: 3,630 s).
+    keepalive_timeout: float = 75.0
+    # Client connections at once. Each streaming one holds two descriptors (the client's
+    # and the upstream's): 10,000 fit the unit's LimitNOFILE=65536 and its MemoryMax
+    # (the bench's crowd: 10,000 sockets in <= 279 MB). See lean.connections for the bound.
+    max_connections: int = 10000
 
 
 class AuthConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -353,6 +367,10 @@ def parse_config(
     if not auth.tokens and not is_loopback(server.host):
         expected = f"a loopback address, or client tokens in ${auth.tokens_env}"
         raise ConfigError("server", "host", expected, server.host)
+    if not auth.tokens and "*" in server.cors_origins:
+        # Any page could then spend the keys of a lean that asks no token.
+        expected = f"listed origins, or client tokens in ${auth.tokens_env} for '*'"
+        raise ConfigError("server", "cors_origins", expected, "*")
 
     providers = {n: _provider(f"provider.{n}", n, v, env) for n, v in sections["provider"].items()}
     models = {n: _model(f"model.{n}", n, v, providers) for n, v in sections["model"].items()}

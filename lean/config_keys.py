@@ -7,11 +7,14 @@ its Structs and checks the references between sections.
 """
 
 import configparser
+import ipaddress
 import json
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, get_args
+
+from lean.origin import normalise_origin
 
 ProviderKind = Literal["openai", "anthropic", "gemini", "demo"]
 ToolKind = Literal["python", "http", "client"]
@@ -94,6 +97,36 @@ def _choice(*options: str) -> _Parser:
     return parse
 
 
+def _host(section: str, key: str, raw: str) -> str:
+    """A host name or IP address to listen on; `[::1]` is written as `::1`."""
+    host = raw.strip()
+    bracketed = host.startswith("[") and host.endswith("]")
+    name = host[1:-1] if bracketed else host
+    if ":" in name or bracketed:
+        try:
+            ipaddress.IPv6Address(name)
+        except ValueError:
+            raise ConfigError(
+                section, key, "a host name or IP address, without a port", raw
+            ) from None
+    if any(c.isspace() or c in "/[]" for c in name):  # "" (every interface) is allowed
+        raise ConfigError(section, key, "a host name or IP address, without a port", raw)
+    return name
+
+
+def _origins(section: str, key: str, raw: str) -> tuple[str, ...]:
+    """Comma-separated `scheme://host[:port]` origins, or `*`; kept as browsers write them."""
+    origins = []
+    for item in _list(section, key, raw):
+        origin = "*" if item == "*" else normalise_origin(item)
+        if origin is None:
+            raise ConfigError(
+                section, key, "origins like https://app.example.com or http://localhost:5173", item
+            )
+        origins.append(origin)
+    return tuple(origins)
+
+
 def _list(section: str, key: str, raw: str) -> tuple[str, ...]:
     return tuple(item for item in (part.strip() for part in raw.split(",")) if item)
 
@@ -126,7 +159,7 @@ _POSITIVE = _float()
 # keep the Struct's default.
 KEYS: dict[str, dict[str, _Parser]] = {
     "server": {
-        "host": _str,
+        "host": _host,
         "port": _int(1, 65535),
         "ping_interval": _POSITIVE,
         "drain_timeout": _POSITIVE,
@@ -134,6 +167,10 @@ KEYS: dict[str, dict[str, _Parser]] = {
         "log_format": _choice("logfmt", "json"),
         "log_prompts": _bool,
         "web_ui": _bool,
+        "cors_origins": _origins,
+        "header_timeout": _POSITIVE,
+        "keepalive_timeout": _POSITIVE,
+        "max_connections": _COUNT,
     },
     "auth": {"tokens_env": _str},
     "store": {"path": _str, "flush_interval": _float(zero_ok=True)},

@@ -7,9 +7,14 @@ Upstream failures are translated into these once, at the upstream boundary
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import msgspec
+
+# The most characters of a client's value an error message repeats (a model name, an id,
+# a path): a 900 KB model name must not come back as a 900 KB error, nor land in the log.
+MAX_ECHO_CHARS = 200
 
 
 class LeanError(Exception):
@@ -35,6 +40,10 @@ class BadRequest(LeanError):
 
 class PayloadTooLarge(BadRequest):
     status = 413
+
+
+class UnsupportedMediaType(BadRequest):
+    status = 415
 
 
 class Unauthorized(LeanError):
@@ -117,9 +126,93 @@ def openai_error_body(error: LeanError) -> bytes:
     return _encode(_ErrorBody(_ErrorDetail(error.message, error.openai_type, error.code)))
 
 
+def clip(text: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """`text` as an error message may repeat it: whole when short, else its start and end
+    around the count of what was cut (the end of a decoder's message names the field)."""
+    if len(text) <= limit:
+        return text
+    tail = limit // 4
+    head = limit - tail
+    return f"{text[:head]}...[{len(text) - head - tail} characters]...{text[-tail:]}"
+
+
+REDACTED = "[redacted]"
+# What a recognisable part of a key is (decisions.md, "keys"):
+# - any run of MIN_RUN or more consecutive characters of a key, anywhere;
+# - a masked key: a mask (MASK) with a key's first MIN_PREFIX or more characters before it,
+#   or its last MIN_SUFFIX or more after it; the whole "prefix mask suffix" goes, as in
+#   OpenAI's "sk-proj-abcdef****...wxyz" (first 14 and last 4 characters of the key).
+MIN_RUN = 8
+MIN_PREFIX = 4
+MIN_SUFFIX = 4
+MASK = re.compile(r"\*{3,}|\u2022{3,}|\.{3,}|\u2026")
+
+
 def redact(text: str, secrets: Iterable[str]) -> str:
-    """Remove every secret from text that may have come from an upstream."""
-    for secret in secrets:
-        if secret and secret in text:
-            text = text.replace(secret, "[redacted]")
-    return text
+    """`text` (which may have come from an upstream) without any recognisable part of a
+    secret. Called on error paths only: the work is linear in the text per secret."""
+    keys = [secret for secret in secrets if secret]
+    if not keys:
+        return text
+    spans: list[tuple[int, int]] = []
+    for key in keys:
+        spans += _runs_of(key, text)
+        spans += _masked(key, text)
+    if not spans:
+        return text
+    spans.sort()
+    out: list[str] = []
+    end = 0
+    for start, stop in spans:
+        if start > end or not out:
+            out.append(text[end:start])
+            out.append(REDACTED)
+        end = max(end, stop)
+    out.append(text[end:])
+    return "".join(out)
+
+
+def _runs_of(key: str, text: str) -> list[tuple[int, int]]:
+    """Spans of `text` made of runs of `MIN_RUN`+ consecutive characters of `key`."""
+    if len(key) < MIN_RUN:
+        found = []
+        start = text.find(key)
+        while start >= 0:
+            found.append((start, start + len(key)))
+            start = text.find(key, start + 1)
+        return found
+    grams = {key[i : i + MIN_RUN] for i in range(len(key) - MIN_RUN + 1)}
+    spans: list[tuple[int, int]] = []
+    for i in range(len(text) - MIN_RUN + 1):
+        if text[i : i + MIN_RUN] in grams:
+            if spans and spans[-1][1] >= i + MIN_RUN - 1:
+                spans[-1] = (spans[-1][0], i + MIN_RUN)
+            else:
+                spans.append((i, i + MIN_RUN))
+    return spans
+
+
+def _masked(key: str, text: str) -> list[tuple[int, int]]:
+    """Spans of `text` that are `key` masked: a prefix or a suffix of it around a mask."""
+    spans = []
+    for mask in MASK.finditer(text):
+        start, stop = mask.span()
+        before = next(
+            (
+                n
+                for n in range(min(len(key), start), MIN_PREFIX - 1, -1)
+                if text.startswith(key[:n], start - n)
+            ),
+            0,
+        )
+        after = next(
+            (
+                n
+                for n in range(min(len(key), len(text) - stop), MIN_SUFFIX - 1, -1)
+                if text.startswith(key[-n:], stop)
+            ),
+            0,
+        )
+        if before or after:
+            spans.append((start - before, stop + after))
+    return spans

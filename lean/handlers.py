@@ -21,8 +21,10 @@ from aiohttp import web
 
 from lean.client_io import BodyWriter, bound_send_buffer, reset, unsent
 from lean.config import Config, ModelConfig
-from lean.errors import Internal, LeanError, NotFound, PayloadTooLarge, openai_error_body
+from lean.connections import Connections
+from lean.errors import Internal, LeanError, NotFound, PayloadTooLarge, clip, openai_error_body
 from lean.guard import Guard
+from lean.inbound import require_json
 from lean.openai_compat import (
     ChunkFramer,
     completion_body,
@@ -46,9 +48,12 @@ SSE_HEADERS = {
 PING = b": ping\n\n"
 
 services_key = web.AppKey("services", Services)
+connections_key = web.AppKey("connections", Connections)
 
 
-async def read_body(request: web.Request) -> bytes:
+async def read_json(request: web.Request) -> bytes:
+    """The body of a JSON endpoint: 415 unless it says it is JSON, 413 past the limit."""
+    require_json(request)
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -59,7 +64,7 @@ async def read_body(request: web.Request) -> bytes:
 def find_model(config: Config, alias: str) -> ModelConfig:
     model = config.models.get(alias)
     if model is None:
-        raise NotFound(f"model '{alias}' does not exist; GET /v1/models lists the aliases")
+        raise NotFound(f"model '{clip(alias)}' does not exist; GET /v1/models lists the aliases")
     return model
 
 
@@ -88,7 +93,7 @@ def new_guard(
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     services = request.app[services_key]
-    chat, body = parse_request(await read_body(request))
+    chat, body = parse_request(await read_json(request))
     model = find_model(services.config, chat.model)
     services.streams.check()
     if chat.stream:
@@ -377,6 +382,11 @@ async def metrics(request: web.Request) -> web.Response:
             ("lean_active_streams", "Streams and runs in progress.", len(services.streams)),
             ("lean_active_scene_runs", "Scene runs in progress.", len(services.runs)),
             ("lean_draining", "1 while lean shuts down.", 1 if services.streams.draining else 0),
+            (
+                "lean_client_connections",
+                "Client connections open, of [server] max_connections.",
+                len(request.app[connections_key]),
+            ),
         ]
     )
     return web.Response(

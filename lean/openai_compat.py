@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from lean.errors import BadRequest
+from lean.inbound import decode
 from lean.providers.base import Finish, Piece, Reasoning, Text, ToolCall, Usage
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
@@ -44,23 +44,15 @@ class ChatRequest(msgspec.Struct):
     temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
 
 
-_decode_request = msgspec.json.Decoder(ChatRequest).decode
-_decode_any = msgspec.json.Decoder(dict[str, Any]).decode
+_decode_request = msgspec.json.Decoder(ChatRequest)
+_decode_any = msgspec.json.Decoder(dict[str, Any])
 _encode = msgspec.json.Encoder().encode
 
 
 def parse_request(body: bytes) -> tuple[ChatRequest, dict[str, Any]]:
     """The validated request and the body to send upstream; `BadRequest` names the field."""
-    try:
-        raw = _decode_any(body)
-    except msgspec.ValidationError:
-        raise BadRequest("invalid request: the body must be a JSON object") from None
-    except msgspec.DecodeError as exc:
-        raise BadRequest(f"invalid request: the body is not valid JSON ({exc})") from None
-    try:
-        request = _decode_request(body)
-    except msgspec.ValidationError as exc:
-        raise BadRequest(f"invalid request: {exc}") from None
+    raw = decode(_decode_any, body)
+    request = decode(_decode_request, body)
     raw.pop("stream_options", None)
     raw.pop("stream", None)
     return request, raw

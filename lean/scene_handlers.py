@@ -14,8 +14,9 @@ from aiohttp import web
 
 from lean import events, scenes
 from lean.client_io import BodyWriter, bound_send_buffer, reset
-from lean.errors import BadRequest, NotFound
-from lean.handlers import SSE_HEADERS, read_body, services_key
+from lean.errors import BadRequest, NotFound, clip
+from lean.handlers import SSE_HEADERS, read_json, services_key
+from lean.inbound import ClientId, decode
 from lean.run import new_run, new_run_id
 
 NDJSON = "application/x-ndjson"
@@ -84,7 +85,7 @@ async def stream_scene(request: web.Request) -> web.StreamResponse:
             return web.Response(status=204)
         scene_request = scenes.parse_query(request.query)
     else:
-        scene_request = scenes.parse_body(await read_body(request))
+        scene_request = scenes.parse_body(await read_json(request))
     ndjson = request.method == "POST" and NDJSON in request.headers.get("Accept", "")
     response = web.StreamResponse(headers=NDJSON_HEADERS if ndjson else SSE_HEADERS)
     sink = NDJSONSink(request) if ndjson else SSESink(request)
@@ -105,29 +106,26 @@ async def cancel_run(request: web.Request) -> web.Response:
     run_id = request.match_info["run_id"]
     run = request.app[services_key].runs.get(run_id)
     if run is None:
-        raise NotFound(f"run '{run_id}' is not running")
+        raise NotFound(f"run '{clip(run_id)}' is not running")
     run.cancel()
     return web.json_response({"runId": run_id, "status": "cancelling"}, status=202)
 
 
 class ToolResult(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
-    tool_call_id: str
+    tool_call_id: ClientId
     result: Any = None
 
 
-_decode_tool_result = msgspec.json.Decoder(ToolResult).decode
+_decode_tool_result = msgspec.json.Decoder(ToolResult)
 
 
 async def tool_result(request: web.Request) -> web.Response:
     """Answers a `waiting` event: `{"toolCallId", "result"}`."""
     run_id = request.match_info["run_id"]
-    try:
-        answer = _decode_tool_result(await read_body(request))
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise BadRequest(f"invalid request: {exc}") from None
+    answer = decode(_decode_tool_result, await read_json(request))
     run = request.app[services_key].runs.get(run_id)
     if run is None:
-        raise NotFound(f"run '{run_id}' is not running")
+        raise NotFound(f"run '{clip(run_id)}' is not running")
     run.tools.answer(answer.tool_call_id, answer.result)
     return web.json_response(
         {"runId": run_id, "toolCallId": answer.tool_call_id, "status": "accepted"}
@@ -144,7 +142,7 @@ async def conversation_messages(request: web.Request) -> web.Response:
     if not 1 <= limit <= 10_000:
         raise BadRequest("limit must be between 1 and 10000")
     if not await store.conversation_exists(cid):
-        raise NotFound(f"conversation '{cid}' does not exist")
+        raise NotFound(f"conversation '{clip(cid)}' does not exist")
     messages = await store.messages(cid, limit=limit)
     body = msgspec.json.encode({"conversationId": cid, "messages": messages})
     return web.Response(body=body, content_type="application/json")

@@ -16,7 +16,8 @@ from typing import Any
 import msgspec
 
 from lean.config import Config, SceneConfig
-from lean.errors import BadRequest, NotFound
+from lean.errors import BadRequest, NotFound, clip
+from lean.inbound import decode
 
 Scalar = str | int | float | bool
 
@@ -30,26 +31,20 @@ class SceneRequest(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     conversation_id: str | None = None
 
 
-_decode = msgspec.json.Decoder(SceneRequest).decode
+_decode = msgspec.json.Decoder(SceneRequest)
 
 
 def find_scene(config: Config, name: str) -> SceneConfig:
     scene = config.scenes.get(name)
     if scene is None:
-        raise NotFound(f"scene '{name}' does not exist")
+        raise NotFound(f"scene '{clip(name)}' does not exist")
     return scene
 
 
 def parse_body(body: bytes) -> SceneRequest:
     if not body.strip():
         return SceneRequest()
-    try:
-        request = _decode(body)
-    except msgspec.ValidationError as exc:
-        raise BadRequest(f"invalid request: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise BadRequest(f"invalid request: the body is not valid JSON ({exc})") from None
-    return validated(request)
+    return validated(decode(_decode, body))
 
 
 def parse_query(query: Mapping[str, str]) -> SceneRequest:
@@ -59,7 +54,7 @@ def parse_query(query: Mapping[str, str]) -> SceneRequest:
             inputs[key[len("inputs.") :]] = value
         elif key not in ("message", "conversationId", "access_token"):
             raise BadRequest(
-                f"invalid request: unknown query parameter '{key}' "
+                f"invalid request: unknown query parameter '{clip(key)}' "
                 "(expected inputs.NAME, message, conversationId)"
             )
     return validated(

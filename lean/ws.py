@@ -22,6 +22,7 @@ from lean import events, scenes
 from lean.client_io import TextFrames, bound_send_buffer, reset
 from lean.errors import BadRequest, LeanError, NotFound, Overloaded
 from lean.handlers import services_key
+from lean.inbound import ClientId, decode, is_client_id
 from lean.run import Run, new_run
 from lean.services import Services
 
@@ -29,7 +30,7 @@ log = logging.getLogger("lean.ws")
 
 
 class _Frame(msgspec.Struct, tag_field="type", rename="camel", forbid_unknown_fields=True):
-    run_id: str
+    run_id: ClientId
 
 
 class RunFrame(_Frame, tag="run"):
@@ -44,12 +45,12 @@ class CancelFrame(_Frame, tag="cancel"):
 
 
 class ToolResultFrame(_Frame, tag="tool_result"):
-    tool_call_id: str
+    tool_call_id: ClientId
     result: Any = None
 
 
-_decode = msgspec.json.Decoder(RunFrame | CancelFrame | ToolResultFrame).decode
-_decode_loose = msgspec.json.Decoder(dict[str, Any]).decode
+_decode = msgspec.json.Decoder(RunFrame | CancelFrame | ToolResultFrame)
+_decode_loose = msgspec.json.Decoder(dict[str, Any])
 
 
 class WSSink:
@@ -101,9 +102,9 @@ class Socket:
 
     async def handle(self, data: str | bytes) -> None:
         try:
-            frame = _decode(data)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            await self.error(_run_id_of(data), BadRequest(f"invalid frame: {exc}"))
+            frame = decode(_decode, data, "frame")
+        except BadRequest as exc:
+            await self.error(_run_id_of(data), exc)
             return
         try:
             if isinstance(frame, RunFrame):
@@ -147,11 +148,12 @@ class Socket:
 
 
 def _run_id_of(data: str | bytes) -> str | None:
+    """The runId of a frame that failed, to address its error; None unless a valid id."""
     try:
-        run_id = _decode_loose(data).get("runId")
-    except (msgspec.ValidationError, msgspec.DecodeError):
+        run_id = decode(_decode_loose, data).get("runId")
+    except BadRequest:
         return None
-    return run_id if isinstance(run_id, str) else None
+    return run_id if is_client_id(run_id) else None
 
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:

@@ -92,7 +92,7 @@ async def test_a_client_that_never_reads_is_cut_and_its_upstream_closed() -> Non
             _, writer = await asyncio.open_connection("127.0.0.1", lean.port)
             body = json.dumps(chat_body()).encode()
             writer.write(
-                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
                 % (len(body), body)
             )
@@ -145,7 +145,7 @@ async def test_what_lean_holds_for_a_client_that_never_reads_is_bounded() -> Non
                 _, writer = await asyncio.open_connection("127.0.0.1", lean.port)
                 body = json.dumps(chat_body()).encode()
                 writer.write(
-                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
                     % (len(body), body)
                 )

@@ -303,7 +303,7 @@ async def raw_request(lean: Server) -> tuple[asyncio.StreamReader, asyncio.Strea
     reader, writer = await asyncio.open_connection("127.0.0.1", lean.port)
     body = json.dumps(chat_body()).encode()
     writer.write(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
     )
     await writer.drain()

@@ -457,7 +457,7 @@ BIG = sse({"choices": [{"index": 0, "delta": {"content": "z" * 4000}}]})
 def raw_post(path: str, body: dict[str, Any]) -> bytes:
     data = json.dumps(body).encode()
     return (
-        b"POST %b HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST %b HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n%b" % (path.encode(), len(data), data)
     )
 
@@ -482,7 +482,7 @@ async def test_a_client_that_stops_reading_is_cut_on_every_transport(transport: 
             body = {"message": "x", "conversationId": f"slow-{transport}"}
             if transport == "ws":
                 writer.write(
-                    b"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                    b"GET /v1/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
                     b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
                 )
@@ -492,7 +492,8 @@ async def test_a_client_that_stops_reading_is_cut_on_every_transport(transport: 
                 request = raw_post("/v1/scenes/chat/stream", body)
                 if transport == "ndjson":
                     request = request.replace(
-                        b"Host: x\r\n", b"Host: x\r\nAccept: application/x-ndjson\r\n"
+                        b"Host: 127.0.0.1\r\n",
+                        b"Host: 127.0.0.1\r\nAccept: application/x-ndjson\r\n",
                     )
                 writer.write(request)
             await writer.drain()

@@ -92,6 +92,7 @@ class Lean(Target):
 host = 127.0.0.1
 port = {port}
 drain_timeout = 2
+max_connections = 25000
 
 [auth]
 tokens_env = LEAN_BENCH_NO_TOKENS
