@@ -1,4 +1,4 @@
-"""config.ini -> frozen, typed Structs, checked once at start-up (protocol.md §4).
+"""config.ini -> frozen, typed Structs, checked once at start-up (docs/protocol.md §4).
 
 When `load_config` returns, every value has its type and range, every reference resolves
 (model -> provider, fallback -> model, scene -> model and tools), provider keys and client
@@ -81,7 +81,7 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     log_format: Literal["logfmt", "json"] = "logfmt"
     log_prompts: bool = False
     web_ui: bool = True  # the chat page at / (lean.js is served either way)
-    # Browser origins allowed besides lean's own (protocol.md §6); "*" needs client tokens.
+    # Browser origins allowed besides lean's own (docs/protocol.md §6); "*" needs client tokens.
     cors_origins: tuple[str, ...] = ()
     # A request's head (line and headers) must arrive within this, counted from the
     # connection's start or the request's first byte: nginx's client_header_timeout is

@@ -1,4 +1,4 @@
-# Unified scene events (protocol.md §2, §3): Structs, the one shared encoder, transport framing
+# Unified scene events (docs/protocol.md §2, §3): Structs, the one shared encoder, transport framing
 # and the per-run order machine. Pure code, no I/O.
 #
 # Order (§2), enforced by RunEvents: one `start`; any number of delta / tool_start / tool_end /

@@ -8,7 +8,7 @@ less the stack in use; 100,000 levels of `[` must be a 400, not a 500 with a tra
 
 A JSON endpoint takes only `application/json` (or a `+json` type, any parameters): a
 browser sends `text/plain` from any web page without a preflight, so accepting it would
-let any page start runs (protocol.md §6). Anything else is a 415 before the body is read.
+let any page start runs (docs/protocol.md §6). Anything else is a 415 before the body is read.
 
 Ids a client chooses or repeats (`runId`, `toolCallId`; `conversationId` has its own,
 narrower rule in `scenes`) are echoed in every frame and logged: `ClientId` bounds them.

@@ -1,4 +1,4 @@
-"""Who may call lean from a browser (protocol.md §6): one check, before any handler.
+"""Who may call lean from a browser (docs/protocol.md §6): one check, before any handler.
 
 lean's provider keys are spent by whoever reaches it, and a web page the user visits
 can reach a lean on loopback: a `text/plain` POST, an `EventSource`, an `<img src>` or

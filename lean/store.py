@@ -1,4 +1,4 @@
-"""Conversations and messages in SQLite, never blocking the event loop (protocol.md §1, §2).
+"""Conversations and messages in SQLite, never blocking the event loop (docs/protocol.md §1, §2).
 
 What it guarantees:
 - The loop never waits on SQLite. One writer thread owns the only write connection (WAL,

@@ -1,4 +1,4 @@
-"""`GET /v1/ws`: one WebSocket, several concurrent runs (protocol.md §3).
+"""`GET /v1/ws`: one WebSocket, several concurrent runs (docs/protocol.md §3).
 
 Client frames are `run`, `cancel` and `tool_result`; server frames are the
 events of §2 with `runId` added. Each run writes its own frames, each in one

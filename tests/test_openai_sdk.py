@@ -1,5 +1,5 @@
 """lean as the official `openai` SDK sees it: a real client nobody here wrote, against lean
-on a real socket, against the fake upstream (protocol.md §1, "OpenAI compatibility").
+on a real socket, against the fake upstream (docs/protocol.md §1, "OpenAI compatibility").
 Each async test runs on asyncio and on uvloop (conftest.py)."""
 
 from __future__ import annotations

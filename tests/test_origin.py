@@ -1,4 +1,4 @@
-"""A web page cannot spend the keys (issue 10, protocol.md §6): media types, Origin,
+"""A web page cannot spend the keys (issue 10, docs/protocol.md §6): media types, Origin,
 Sec-Fetch-Site and Host, each from a real HTTP or WebSocket client against lean on
 127.0.0.1, and every refused request provably never reaches the fake upstream."""
 

@@ -1,5 +1,5 @@
 """lean as an operator sees it: client tokens, start-up checks, `lean serve` in a real
-process (signals, drain), response headers, heartbeats (protocol.md §1, §4).
+process (signals, drain), response headers, heartbeats (docs/protocol.md §1, §4).
 Each async test runs on asyncio and on uvloop (conftest.py); `lean serve` itself always
 runs on uvloop, as it does in production."""
 

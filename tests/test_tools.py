@@ -1,4 +1,4 @@
-"""The tool loop of scene runs (protocol.md §2, §4; issue 4 "Tools").
+"""The tool loop of scene runs (docs/protocol.md §2, §4; issue 4 "Tools").
 
 lean runs for real (tests.support.running); the model is FakeOpenAI, scripted to
 ask for tools (`tool_call_stream`) and then to answer; python tools live in

@@ -1,4 +1,4 @@
-"""`GET /v1/ws`: one WebSocket carrying several scene runs (protocol.md §2, §3).
+"""`GET /v1/ws`: one WebSocket carrying several scene runs (docs/protocol.md §2, §3).
 
 lean runs for real (tests.support.running), its upstream is FakeOpenAI, the client
 is aiohttp's own `ws_connect`. Saved answers are read back over HTTP from
