@@ -261,7 +261,15 @@ async def serve(config: Config) -> None:
     """Run until SIGTERM or SIGINT, then drain and return."""
     server = Server(config)
     await server.start()
-    log.info("lean listening on %s", server.url)
+    # The one start-up line says what this lean serves and how it lets clients in.
+    fields = {
+        "config": config.path,
+        "models": ",".join(config.models),
+        "scenes": ",".join(config.scenes) or None,
+        "auth": "tokens" if config.auth.tokens else "none (loopback only)",
+        "page": f"{server.url}/" if config.server.web_ui else "off",
+    }
+    log.info("lean listening on %s", server.url, extra={"fields": fields})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

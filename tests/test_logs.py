@@ -200,6 +200,10 @@ async def test_one_run_line_per_completion_and_scene_run_and_none_per_chunk(
     # Start-up, then only the four run lines (a 200-chunk answer writes one line, like a
     # 2-chunk one), then shutdown.
     assert messages[0].startswith("lean listening on")
+    start = records[0]  # what this lean serves, and how clients get in
+    assert start["config"].endswith(".ini") and start["models"] == "default"
+    assert start["scenes"] == "chat" and start["auth"] == "none (loopback only)"
+    assert start["page"] == messages[0].removeprefix("lean listening on ") + "/"
     assert messages[1:5] == ["run"] * 4
     assert all(m.startswith("lean stopping") for m in messages[5:]), messages
     two, many, whole, run = run_lines(records)
