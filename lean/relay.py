@@ -13,7 +13,9 @@ The plan for each alias, in order (`[model.X] fallback = a, b`):
    exponential backoff and full jitter, or the upstream's `Retry-After` when it
    is at most `MAX_RETRY_AFTER`;
 2. the provider's non-streaming path, once (a provider with `stream = false`
-   starts here);
+   starts here); its whole answer is charged to the shared budget of whole answers
+   (`lean.budget`) until it was handed on, and refused (retryable `overloaded`)
+   when that budget is spent;
 3. then the next alias. The last failure is raised when every alias failed.
 """
 
@@ -25,6 +27,7 @@ import random
 from typing import Any
 
 from lean.arrivals import Handed, Receiver
+from lean.budget import BudgetExhausted
 from lean.config import ModelConfig
 from lean.errors import LeanError
 from lean.guard import Guard
@@ -94,21 +97,25 @@ class Relay:
                             break
             if throttled:
                 continue  # the provider asked for a pause longer than lean waits
-            try:
-                pieces = await self._upstream.complete(model, self._body, self._guard)
-            except LeanError as exc:
-                self._count(model, exc)
-                last = exc
-                self._log(model, "non-stream", exc)
-                continue
-            self.fallback = True
-            self._metrics.fallbacks += 1
-            await handed.deliver(receiver, pieces)
-            return
+            with self._upstream.budget.lease() as lease:  # held until the pieces went out
+                try:
+                    pieces = await self._upstream.complete(model, self._body, self._guard, lease)
+                except LeanError as exc:
+                    self._count(model, exc)
+                    last = exc
+                    self._log(model, "non-stream", exc)
+                    continue
+                self.fallback = True
+                self._metrics.fallbacks += 1
+                await handed.deliver(receiver, pieces)
+                return
         assert last is not None
         raise last
 
     def _count(self, model: ModelConfig, error: LeanError) -> None:
+        if isinstance(error, BudgetExhausted):  # lean's own limit, not the provider's fault
+            self._metrics.rejections[("fallback_budget",)] += 1
+            return
         self._metrics.upstream_errors[(model.provider, error.code)] += 1
 
     def _log(self, model: ModelConfig, path: str, error: LeanError) -> None:
