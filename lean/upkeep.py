@@ -47,6 +47,7 @@ class Upkeep:
         self._busy = False  # streams ran since the last trim
         self._quiet = 0  # ticks in a row without a stream
         self.trims = 0
+        self.auto_trim = True  # bench/bursts.py turns it off to measure what it gives
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="lean-upkeep")
@@ -67,9 +68,9 @@ class Upkeep:
             if late > STALL:
                 self._metrics.loop_stalls += 1
                 log.warning(
-                    "the event loop was blocked for %.2f s: every stream waited. Likely an "
-                    "async tool (or other async code) that blocks: make a blocking tool a "
-                    "plain def, so it runs on a tool thread",
+                    "the event loop was blocked for %.2f s: every stream waited. An async "
+                    "tool that blocks (time.sleep, sync I/O) does this: make it a plain def, "
+                    "so it runs on a tool thread",
                     late,
                 )
             self.trim()
@@ -88,7 +89,7 @@ class Upkeep:
             self._busy = True
             self._quiet = 0
             return
-        if not self._busy or self._malloc_trim is None:
+        if not self._busy or self._malloc_trim is None or not self.auto_trim:
             return
         self._quiet += 1
         if self._quiet >= TRIM_AFTER_QUIET:

@@ -11,6 +11,7 @@ free again afterwards. The memory the burst holds is measured with tracemalloc.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import tracemalloc
 from typing import Any
@@ -19,6 +20,8 @@ import aiohttp
 import pytest
 
 from lean.app import Server
+from lean.guard import Guard
+from lean.relay import Relay
 from tests.fakes import FakeOpenAI, Reply, Stream, completion, error_body
 from tests.support import chat_body, lean_config, read_sse_data, running
 
@@ -160,3 +163,39 @@ async def test_an_answer_bigger_than_the_whole_budget_is_refused(sized: bool) ->
     assert outcome[0] == "error"
     assert outcome[1]["status"] == 503 and outcome[1]["code"] == "overloaded"
     assert held_after == 0
+
+
+# --- what stays after a burst (item 12) --------------------------------------------------------
+
+
+def alive_of(*kinds: type) -> list[object]:
+    return [o for o in gc.get_objects() if isinstance(o, kinds)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("answered", [True, False])
+async def test_a_request_after_a_failed_attempt_is_freed_by_reference_counting(
+    kind: str, answered: bool
+) -> None:
+    """A failed attempt's error, kept to be raised if nothing answers, must not hold the
+    request's frames in a cycle: they held each fallback's whole answer (16 MB) until a
+    full collection, which lean serve runs rarely (measured in bench/bursts.py)."""
+    async with FakeOpenAI() as fake:
+        config = lean_config(fake.base_url, extra=CHAT_SCENE)
+        answer = Reply(body=completion("The whole answer.")) if answered else Reply(status=400)
+        only_the_fallback_answers(fake, answer)
+        async with running(config) as lean:
+            await ask(lean, kind)  # connections, caches: what the first request builds
+            gc.collect()
+            gc.disable()
+            try:
+                status, _ = await ask(lean, kind)
+                for _ in range(100):  # the request's tasks end just after its last byte
+                    left = alive_of(Relay, Guard)
+                    if not left:
+                        break
+                    await asyncio.sleep(0.01)
+            finally:
+                gc.enable()
+    assert status == ("ok" if answered else "error")
+    assert left == []
