@@ -39,6 +39,9 @@ MAX_ERROR_BYTES = 64 * 1024
 # A whole non-streaming answer; a long one is ~100 KB, this leaves room for big tool calls.
 # What all of them hold at once is bounded by [limits] fallback_budget_mb (lean.budget).
 MAX_ANSWER_BYTES = 16 * MIB
+# Charged before a non-streaming request is sent: when the budget has not even this
+# left, the request is refused before the provider generates (and bills) an answer.
+ANSWER_FLOOR = 64 * 1024
 
 
 class _ErrorDetail(msgspec.Struct):
@@ -84,7 +87,8 @@ async def read_answer(
     if length is not None:
         if length > MAX_ANSWER_BYTES:
             raise too_big
-        lease.charge(length)
+        if length > lease.held:
+            lease.charge(length - lease.held)
     body = bytearray()
     while chunk := await content.readany():
         size = len(body) + len(chunk)
@@ -263,6 +267,7 @@ class Upstream:
         provider = self.provider(model)
         if provider.kind == "demo":
             return demo.answer(body)
+        lease.charge(ANSWER_FLOOR)  # refused here, no provider is asked
         wire = adapter(provider.kind)
         request = wire.build_request(provider, model, body, stream=False)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=provider.connect_timeout)

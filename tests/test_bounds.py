@@ -199,3 +199,36 @@ async def test_a_request_after_a_failed_attempt_is_freed_by_reference_counting(
                 gc.enable()
     assert status == ("ok" if answered else "error")
     assert left == []
+
+
+async def test_a_spent_budget_refuses_before_the_provider_is_asked() -> None:
+    """While one whole answer holds the budget, the next fallback is refused before its
+    non-streaming request is sent: no answer is generated (and billed) to be thrown away."""
+    async with FakeOpenAI() as fake:
+        config = lean_config(fake.base_url, limits="fallback_budget_mb = 1", extra=CHAT_SCENE)
+        only_the_fallback_answers(fake, slow_whole_answer(big_text()))  # 1 MiB: all of it
+        async with running(config) as lean:
+            first = asyncio.ensure_future(ask(lean, "complete"))
+            for _ in range(200):  # until the first answer's body is in (its last byte is not)
+                if await metric(lean, "lean_whole_answer_bytes") >= ANSWER_BYTES - 1:
+                    break
+                await asyncio.sleep(0.01)
+            second = await ask(lean, "complete")
+            assert not first.done()
+            assert (await first)[0] == "ok"
+    assert second[0] == "error" and second[1]["code"] == "overloaded"
+    paths = [r.body["stream"] for r in fake.requests]
+    assert paths == [True, False, True]  # the second request never reached the non-stream path
+
+
+async def test_a_streaming_request_answered_whole_is_charged_too() -> None:
+    """An upstream that ignores "stream" and sends one JSON body: the same budget applies."""
+    body = json.dumps(completion(big_text() * 2), separators=(",", ":")).encode()
+    async with FakeOpenAI() as fake:
+        config = lean_config(fake.base_url, limits="fallback_budget_mb = 1", extra=CHAT_SCENE)
+        fake.default = lambda _: Reply(raw=body)  # application/json, to either path
+        async with running(config) as lean:
+            outcome = await ask(lean, "openai")
+            held_after = await metric(lean, "lean_whole_answer_bytes")
+    assert outcome[0] == "error" and outcome[1]["code"] == "overloaded"
+    assert held_after == 0
