@@ -1,5 +1,6 @@
 """`python -m bench` (`make bench`): the load bench of issue 5.
 
+    python -m bench soak [--minutes 30] [--users N] ...   (the long soak: bench/soak.py)
     python -m bench [--scenarios a,b] [--targets direct,relay,lean] [--wires openai,scene-sse,...]
                     [--budget-mb N] [--quick] [--retries N] [--output PATH]
 
@@ -35,6 +36,11 @@ def _names(value: str, known: Mapping[str, object], what: str) -> list[str]:
 
 
 def cli(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["soak"]:
+        from bench import soak
+
+        return soak.cli(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--scenarios",

@@ -117,6 +117,13 @@ class LimitsConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_runs_per_socket: int = 16
     client_tool_timeout: float = 300.0
     send_buffer_bytes: int = 131072  # SO_SNDBUF of a streaming client's socket; 0: the kernel's
+    # Whole (non-streaming) answers held at once, together (lean.budget): three of the
+    # 16 MiB maximum, or hundreds of ordinary ones (~100 KB); parsing one peaks near twice
+    # its size, so a burst stays well inside systemd/lean.service's MemoryMax=384M.
+    fallback_budget_mb: int = 48
+    # Threads for sync python tools (lean.tools): a call holds one until it returns, also
+    # past its timeout; when all are busy a new sync call gets an error result at once.
+    tool_threads: int = 16
 
 
 class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True):

@@ -181,6 +181,8 @@ KEYS: dict[str, dict[str, _Parser]] = {
         "max_runs_per_socket": _COUNT,
         "client_tool_timeout": _POSITIVE,
         "send_buffer_bytes": _int(0),
+        "fallback_budget_mb": _COUNT,
+        "tool_threads": _COUNT,
     },
     "provider": {
         "kind": _choice(*get_args(ProviderKind)),

@@ -344,7 +344,7 @@ async def _run_stream(
             outcome.status = "cancelled"  # the client left; the upstream was closed
             raise
     except LeanError as exc:
-        error = exc
+        error = exc.with_traceback(None)  # kept with its traceback, this frame is a cycle
     except ConnectionError:
         outcome.status = "cancelled"
     except Exception:  # a bug: end this stream with a typed error, never a silent hang

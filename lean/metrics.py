@@ -48,6 +48,11 @@ class Metrics:
         self.evictions = 0
         self.backpressure_waits = 0
         self.fallbacks = 0
+        self.tool_overruns = 0  # sync tool calls still running on their thread past the timeout
+        self.tool_refusals = 0  # sync tool calls refused: every tool thread was busy
+        self.loop_stalls = 0  # times the event loop was seen blocked (lean.upkeep)
+        # Gauges read when /metrics is scraped: (name, help, read the value).
+        self.gauges: list[tuple[str, str, Callable[[], float]]] = []
         self._ttft_counts = [0] * (len(TTFT_BUCKETS) + 1)
         self._ttft_sum = 0.0
 
@@ -69,7 +74,7 @@ class Metrics:
         def family(name: str, kind: str, help_text: str) -> None:
             out.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
 
-        for name, help_text, value in gauges:
+        for name, help_text, value in (*gauges, *((n, h, f()) for n, h, f in self.gauges)):
             family(name, "gauge", help_text)
             out.append(f"{name} {value:g}\n")
         family("lean_resident_memory_bytes", "gauge", "Resident memory of the lean process.")
@@ -123,6 +128,21 @@ class Metrics:
                 "lean_fallbacks_total",
                 "Answers that came from a non-streaming path.",
                 self.fallbacks,
+            ),
+            (
+                "lean_tool_overruns_total",
+                "Sync tool calls that outlived their timeout (their thread stays busy).",
+                self.tool_overruns,
+            ),
+            (
+                "lean_tool_refusals_total",
+                "Sync tool calls refused because every tool thread was busy.",
+                self.tool_refusals,
+            ),
+            (
+                "lean_loop_stalls_total",
+                "Times the event loop was found blocked (e.g. an async tool that blocks).",
+                self.loop_stalls,
             ),
         ):
             family(name, "counter", help_text)

@@ -13,7 +13,9 @@ The plan for each alias, in order (`[model.X] fallback = a, b`):
    exponential backoff and full jitter, or the upstream's `Retry-After` when it
    is at most `MAX_RETRY_AFTER`;
 2. the provider's non-streaming path, once (a provider with `stream = false`
-   starts here);
+   starts here); its whole answer is charged to the shared budget of whole answers
+   (`lean.budget`) until it was handed on, and refused (retryable `overloaded`)
+   when that budget is spent;
 3. then the next alias. The last failure is raised when every alias failed.
 """
 
@@ -25,6 +27,7 @@ import random
 from typing import Any
 
 from lean.arrivals import Handed, Receiver
+from lean.budget import BudgetExhausted
 from lean.config import ModelConfig
 from lean.errors import LeanError
 from lean.guard import Guard
@@ -43,6 +46,14 @@ def backoff(attempt: int, error: LeanError) -> float | None:
     if error.retry_after is not None:
         return error.retry_after if error.retry_after <= MAX_RETRY_AFTER else None
     return random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1)))
+
+
+def _kept(error: LeanError) -> LeanError:
+    """`error` without its traceback, to be raised later if nothing answers. Kept with it,
+    the traceback holds this frame, whose `last` holds the error: a cycle that kept the
+    request (and a fallback's whole answer) alive until a full collection, which lean
+    serve runs rarely (measured with bench/bursts.py; tests/test_bounds.py checks it)."""
+    return error.with_traceback(None)
 
 
 class Relay:
@@ -87,28 +98,35 @@ class Relay:
                         self._count(model, exc)
                         if self.committed:
                             raise
-                        last = exc
+                        last = _kept(exc)
                         throttled = (exc.retry_after or 0) > MAX_RETRY_AFTER
                         self._log(model, "stream", exc)
                         if not exc.retryable:
                             break
             if throttled:
                 continue  # the provider asked for a pause longer than lean waits
-            try:
-                pieces = await self._upstream.complete(model, self._body, self._guard)
-            except LeanError as exc:
-                self._count(model, exc)
-                last = exc
-                self._log(model, "non-stream", exc)
-                continue
-            self.fallback = True
-            self._metrics.fallbacks += 1
-            await handed.deliver(receiver, pieces)
-            return
+            with self._upstream.budget.lease() as lease:  # held until the pieces went out
+                try:
+                    pieces = await self._upstream.complete(model, self._body, self._guard, lease)
+                except LeanError as exc:
+                    self._count(model, exc)
+                    last = _kept(exc)
+                    self._log(model, "non-stream", exc)
+                    continue
+                self.fallback = True
+                self._metrics.fallbacks += 1
+                await handed.deliver(receiver, pieces)
+                return
         assert last is not None
-        raise last
+        try:
+            raise last
+        finally:
+            del last  # its traceback holds this frame: without it in the frame, no cycle
 
     def _count(self, model: ModelConfig, error: LeanError) -> None:
+        if isinstance(error, BudgetExhausted):  # lean's own limit, not the provider's fault
+            self._metrics.rejections[("fallback_budget",)] += 1
+            return
         self._metrics.upstream_errors[(model.provider, error.code)] += 1
 
     def _log(self, model: ModelConfig, path: str, error: LeanError) -> None:

@@ -403,7 +403,8 @@ class Run:
 
     def _fail(self, error: LeanError) -> events.Error | None:
         """Record how the run failed; the `error` event to send, if any."""
-        self._error = error
+        # Without its traceback, which holds this run's frames: kept, a cycle (bench/bursts.py).
+        self._error = error.with_traceback(None)
         if isinstance(error, Cancelled):
             self.status = "cancelled"
         elif isinstance(error, ShuttingDown) or self._text.size:

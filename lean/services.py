@@ -13,6 +13,7 @@ from lean.metrics import Metrics
 from lean.progress import Progress
 from lean.store import Store, StoreError
 from lean.tools import Tools
+from lean.upkeep import Upkeep
 from lean.upstream import Upstream
 
 if TYPE_CHECKING:
@@ -49,8 +50,22 @@ class Services:
         self.store = Store(config.store.path, on_failure=self.metrics.store_failed)
         self.progress = Progress(self.store, config.store.flush_interval)
         self.streams = Streams(config.limits.max_streams, self.metrics)
-        self.tools = Tools(config.tools)  # imports python tools: a bad path stops start-up
+        # Imports python tools: a bad path stops start-up.
+        self.tools = Tools(config.tools, threads=config.limits.tool_threads, metrics=self.metrics)
         self.runs = Runs()
+        self.upkeep = Upkeep(self.metrics, lambda: len(self.streams))
+        self.metrics.gauges += [
+            (
+                "lean_tool_threads_busy",
+                "Tool threads running a sync tool call, including calls past their timeout.",
+                lambda: self.tools.busy,
+            ),
+            (
+                "lean_whole_answer_bytes",
+                "Bytes of whole (non-streaming) answers held now; bounded by fallback_budget_mb.",
+                lambda: self.upstream.budget.held,
+            ),
+        ]
         self.sockets: set[web.WebSocketResponse] = set()  # closed with 1001 on shutdown
 
     async def start(self) -> None:
@@ -63,8 +78,10 @@ class Services:
         self.progress.start()
         await self.upstream.start()
         await self.tools.start()
+        self.upkeep.start()
 
     async def close(self) -> None:
+        await self.upkeep.close()
         await self.upstream.close()
         await self.tools.close()
         await self.progress.close()

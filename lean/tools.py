@@ -12,6 +12,9 @@ redirects are not followed, and the answer is read up to `max_response_bytes`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import functools
 import importlib
 import inspect
 from collections.abc import Callable
@@ -22,10 +25,15 @@ import msgspec
 import yarl
 
 from lean.config import ConfigError, ToolConfig
+from lean.metrics import Metrics
 from lean.upstream import read_at_most
 
 _encode = msgspec.json.Encoder().encode
 _decode_args = msgspec.json.Decoder(dict[str, Any]).decode
+
+
+class ToolsBusy(Exception):
+    """Every tool thread is busy: the call becomes an error result at once."""
 
 
 def openai_tools(tools: list[ToolConfig]) -> list[dict[str, Any]]:
@@ -65,13 +73,45 @@ def as_text(value: Any) -> str:
         return str(value)
 
 
+def _bounded(tool: ToolConfig, value: Any) -> tuple[str, bool]:
+    """(result, is_error) for a python tool's value: its text, or an error past the bound."""
+    limit = tool.max_response_bytes
+    if isinstance(value, str):
+        text = value
+        size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+    else:
+        try:
+            raw = _encode(value)
+        except TypeError:
+            raw = str(value).encode("utf-8", "surrogatepass")
+        size = len(raw)
+        text = "" if size > limit else raw.decode("utf-8", "replace")
+    if size > limit:
+        return (
+            f"tool '{tool.name}' returned {size} bytes, more than its max_response_bytes "
+            f"({limit}); the result was dropped",
+            True,
+        )
+    return text, False
+
+
 class Tools:
-    def __init__(self, tools: dict[str, ToolConfig]) -> None:
+    def __init__(
+        self, tools: dict[str, ToolConfig], *, threads: int = 16, metrics: Metrics | None = None
+    ) -> None:
         self.config = tools
         self._functions = {
             name: _import(tool) for name, tool in tools.items() if tool.kind == "python"
         }
         self._session: aiohttp.ClientSession | None = None
+        self._metrics = metrics if metrics is not None else Metrics()
+        self.threads = threads  # [limits] tool_threads
+        # Threads are started as calls need them, up to `threads` (none for check-config).
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="lean-tool"
+        )
+        self.busy = 0  # threads running a call, including calls past their timeout
+        self._late: set[concurrent.futures.Future[Any]] = set()  # calls past their timeout
 
     async def start(self) -> None:
         if any(tool.kind == "http" for tool in self.config.values()):
@@ -80,6 +120,8 @@ class Tools:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+        # Calls not started are dropped; a running one cannot be stopped (see above).
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def run(self, tool: ToolConfig, arguments: str) -> tuple[str, bool]:
         """(result, is_error) for one call; never raises but on cancellation."""
@@ -90,10 +132,12 @@ class Tools:
         try:
             async with asyncio.timeout(tool.timeout):
                 if tool.kind == "python":
-                    return as_text(await self._python(tool, args)), False
+                    return _bounded(tool, await self._python(tool, args))
                 return await self._http(tool, args)
         except TimeoutError:
             return f"tool '{tool.name}' timed out after {tool.timeout:g} s", True
+        except ToolsBusy as exc:
+            return str(exc), True
         except Exception as exc:
             return f"tool '{tool.name}' failed: {type(exc).__name__}: {exc}", True
 
@@ -102,7 +146,34 @@ class Tools:
         if inspect.iscoroutinefunction(function):
             return await function(**args)
         # A sync tool may block: it runs on a thread so the loop keeps streaming.
-        return await asyncio.to_thread(function, **args)
+        if self.busy >= self.threads:
+            self._metrics.tool_refusals += 1
+            raise ToolsBusy(
+                f"tool '{tool.name}' was not run: all {self.threads} tool threads are busy "
+                f"({len(self._late)} with calls past their timeout); [limits] tool_threads"
+            )
+        loop = asyncio.get_running_loop()
+        future = self._executor.submit(functools.partial(function, **args))
+        self.busy += 1
+        future.add_done_callback(functools.partial(self._ended_threadsafe, loop))
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if future.running():  # timed out or its run was cancelled: the thread goes on
+                self._late.add(future)
+                self._metrics.tool_overruns += 1
+            raise
+
+    def _ended_threadsafe(
+        self, loop: asyncio.AbstractEventLoop, future: concurrent.futures.Future[Any]
+    ) -> None:
+        """A call's thread is free again (called on that thread, or on cancel)."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: lean has stopped
+            loop.call_soon_threadsafe(self._ended, future)
+
+    def _ended(self, future: concurrent.futures.Future[Any]) -> None:
+        self.busy -= 1
+        self._late.discard(future)
 
     async def _http(self, tool: ToolConfig, args: dict[str, Any]) -> tuple[str, bool]:
         assert self._session is not None

@@ -18,6 +18,7 @@ import aiohttp
 import msgspec
 
 from lean.arrivals import Arrivals, Handed, Receiver
+from lean.budget import MIB, Budget, Lease
 from lean.config import Config, ModelConfig, ProviderConfig
 from lean.errors import (
     BadRequest,
@@ -36,7 +37,11 @@ from lean.sse import SSEParser, SSEProtocolError
 # An error body is read only to find its message; more than this is not an error message.
 MAX_ERROR_BYTES = 64 * 1024
 # A whole non-streaming answer; a long one is ~100 KB, this leaves room for big tool calls.
-MAX_ANSWER_BYTES = 16 * 1024 * 1024
+# What all of them hold at once is bounded by [limits] fallback_budget_mb (lean.budget).
+MAX_ANSWER_BYTES = 16 * MIB
+# Charged before a non-streaming request is sent: when the budget has not even this
+# left, the request is refused before the provider generates (and bills) an answer.
+ANSWER_FLOOR = 64 * 1024
 
 
 class _ErrorDetail(msgspec.Struct):
@@ -66,6 +71,33 @@ async def read_at_most(content: aiohttp.StreamReader, limit: int) -> bytes:
         chunks.append(chunk)
         size += len(chunk)
     return b"".join(chunks)
+
+
+async def read_answer(
+    content: aiohttp.StreamReader, length: int | None, lease: Lease, provider: str
+) -> bytearray:
+    """A whole answer's body in one buffer, each byte charged to `lease` as it arrives.
+
+    No list of chunks joined at the end: the body exists once (plus one read). A
+    Content-Length is charged before the first byte is read, so a refused answer costs
+    nothing; a chunked body is charged as it grows. Raises `BudgetExhausted` past the
+    budget, `UpstreamError` past MAX_ANSWER_BYTES.
+    """
+    too_big = UpstreamError(f"upstream {provider} answer exceeds {MAX_ANSWER_BYTES // MIB} MiB")
+    if length is not None:
+        if length > MAX_ANSWER_BYTES:
+            raise too_big
+        if length > lease.held:
+            lease.charge(length - lease.held)
+    body = bytearray()
+    while chunk := await content.readany():
+        size = len(body) + len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            raise too_big
+        if size > lease.held:
+            lease.charge(size - lease.held)
+        body += chunk
+    return body
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -112,6 +144,8 @@ class Upstream:
     def __init__(self, config: Config) -> None:
         self._config = config
         self._session: aiohttp.ClientSession | None = None
+        # Whole answers held at once (lean.budget); shared by every request.
+        self.budget = Budget(config.limits.fallback_budget_mb * MIB)
         self.secrets = [p.api_key.reveal() for p in config.providers.values() if p.api_key]
 
     async def start(self) -> None:
@@ -182,7 +216,13 @@ class Upstream:
                     )
                 if resp.content_type == "application/json":
                     # A server that ignored "stream": the whole answer in one body.
-                    await handed.deliver(receiver, wire.parse_completion(await resp.read()))
+                    with self.budget.lease() as lease:
+                        body_bytes = await read_answer(
+                            resp.content, resp.content_length, lease, provider.name
+                        )
+                        pieces = wire.parse_completion(body_bytes)
+                        del body_bytes  # parsed: only the pieces are held while they go out
+                        await handed.deliver(receiver, pieces)
                     return
                 content = resp.content
                 arrivals = Arrivals(parser, translator, receiver, handed, guard, read_timeout)
@@ -210,12 +250,24 @@ class Upstream:
             raise self._transport_error(provider, exc) from None
 
     async def complete(
-        self, model: ModelConfig, body: dict[str, Any], guard: Guard | None = None
+        self,
+        model: ModelConfig,
+        body: dict[str, Any],
+        guard: Guard | None = None,
+        lease: Lease | None = None,
     ) -> list[Piece]:
-        """The whole answer without streaming (the fallback path and `stream = false`)."""
+        """The whole answer without streaming (the fallback path and `stream = false`).
+
+        Its body is charged to `lease` (the caller keeps it until the pieces are handed
+        on); without one, to a lease of its own released on return.
+        """
+        if lease is None:
+            with self.budget.lease() as own:
+                return await self.complete(model, body, guard, own)
         provider = self.provider(model)
         if provider.kind == "demo":
             return demo.answer(body)
+        lease.charge(ANSWER_FLOOR)  # refused here, no provider is asked
         wire = adapter(provider.kind)
         request = wire.build_request(provider, model, body, stream=False)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=provider.connect_timeout)
@@ -235,9 +287,9 @@ class Upstream:
                         resp.headers,
                         provider.name,
                     )
-                body_bytes = await read_at_most(resp.content, MAX_ANSWER_BYTES)
-                if len(body_bytes) > MAX_ANSWER_BYTES:
-                    raise UpstreamError(f"upstream {provider.name} answer exceeds 16 MiB")
+                body_bytes = await read_answer(
+                    resp.content, resp.content_length, lease, provider.name
+                )
                 return list(wire.parse_completion(body_bytes))
         except TimeoutError:
             raise UpstreamTimeout(

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -693,3 +695,132 @@ def test_check_config_imports_python_tools(function: str, code: int, said: str) 
     if code:
         assert "[tool.broken] function" in out and function in out
         assert "Traceback" not in out
+
+
+# --- bounds: tool threads, result sizes, a blocked loop (issue 10, items 8 and 9) -------------
+
+MAX_PY_BYTES = 1000
+BOUNDED_TOOLS = f"""
+[tool.clock]
+kind = python
+function = tests.toolbox:clock
+
+[tool.stuck]
+kind = python
+function = tests.toolbox:stuck
+timeout = 0.2
+
+[tool.huge]
+kind = python
+function = tests.toolbox:huge
+max_response_bytes = {MAX_PY_BYTES}
+
+[tool.freeze]
+kind = python
+function = tests.toolbox:freeze
+
+[scene.bounded]
+model = default
+template = {{message}}
+tools = clock, stuck, huge, freeze
+"""
+
+
+async def metric(lean: Server, name: str) -> float:
+    async with aiohttp.ClientSession() as http, http.get(f"{lean.url}/metrics") as resp:
+        text = await resp.text()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} is not in /metrics")
+
+
+async def test_overrunning_sync_tools_keep_their_threads_and_new_calls_are_refused() -> None:
+    """tool_threads = 2: two `stuck` calls time out but hold both threads; the third call of
+    the round and a later run's sync tool get an error result at once, and the runs go on.
+    When the stuck calls return, sync tools run again."""
+    toolbox.RELEASE = release = threading.Event()
+    stuck = [("s1", "stuck", "{}"), ("s2", "stuck", "{}"), ("s3", "stuck", "{}")]
+    try:
+        async with FakeOpenAI() as fake:
+            config = lean_config(fake.base_url, limits="tool_threads = 2", extra=BOUNDED_TOOLS)
+            async with running(config) as lean:
+                fake.push(tool_call_stream(stuck), text_stream(ANSWER))
+                first = await run_scene(lean, scene="bounded")
+                fake.push(tool_call_stream([("c1", "clock", "{}")]), text_stream(ANSWER))
+                second = await run_scene(lean, scene="bounded")
+                busy = await metric(lean, "lean_tool_threads_busy")
+                overruns = await metric(lean, "lean_tool_overruns_total")
+                refusals = await metric(lean, "lean_tool_refusals_total")
+                release.set()
+                for _ in range(100):  # the threads return as soon as they are released
+                    if await metric(lean, "lean_tool_threads_busy") == 0:
+                        break
+                    await asyncio.sleep(0.02)
+                fake.push(tool_call_stream([("c2", "clock", "{}")]), text_stream(ANSWER))
+                third = await run_scene(lean, scene="bounded")
+    finally:
+        release.set()
+    for run in (first, second, third):
+        assert_order(run.names())
+        assert run.of("done")[0]["text"] == ANSWER
+    ends = {e["toolCallId"]: e for e in first.of("tool_end")}
+    timed_out = [i for i, e in ends.items() if "timed out after 0.2 s" in e["result"]]
+    refused = [i for i, e in ends.items() if "all 2 tool threads are busy" in e["result"]]
+    assert len(timed_out) == 2 and len(refused) == 1
+    assert all(e["isError"] for e in ends.values())
+    clock = second.of("tool_end")[0]
+    assert clock["isError"] is True
+    assert "all 2 tool threads are busy (2 with calls past their timeout)" in clock["result"]
+    assert "tool_threads" in clock["result"]
+    assert (busy, overruns, refusals) == (2, 2, 2)
+    again = third.of("tool_end")[0]
+    assert again["isError"] is False and again["result"] == toolbox.CLOCK
+
+
+@pytest.mark.parametrize("structured", [False, True])
+async def test_a_python_tool_result_over_max_response_bytes_is_an_error_result(
+    structured: bool,
+) -> None:
+    flag = ', "structured": true' if structured else ""
+    calls = [
+        ("small", "huge", '{"size": 10' + flag + "}"),
+        ("big", "huge", '{"size": 50000' + flag + "}"),  # 100 KB in UTF-8
+    ]
+    async with (
+        FakeOpenAI() as fake,
+        running(lean_config(fake.base_url, extra=BOUNDED_TOOLS)) as lean,
+    ):
+        fake.push(tool_call_stream(calls), text_stream(ANSWER))
+        run = await run_scene(lean, scene="bounded", conversationId="huge")
+        row = await saved_answer(lean, "huge")
+    assert_order(run.names())
+    ends = {e["toolCallId"]: e for e in run.of("tool_end")}
+    assert ends["small"]["isError"] is False
+    assert "é" * 10 in ends["small"]["result"]
+    big = ends["big"]
+    assert big["isError"] is True
+    assert f"more than its max_response_bytes ({MAX_PY_BYTES})" in big["result"]
+    assert len(big["result"]) < 300
+    sent = tool_messages(fake.requests[1].body)  # the model sees the error, not the 100 KB
+    assert sent["big"] == big["result"]
+    assert len(json.dumps(row)) < 5000  # nor is the big result saved
+
+
+async def test_an_async_tool_that_blocks_the_loop_is_reported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="lean.upkeep")
+    async with (
+        FakeOpenAI() as fake,
+        running(lean_config(fake.base_url, extra=BOUNDED_TOOLS)) as lean,
+    ):
+        fake.push(tool_call_stream([("f1", "freeze", "{}")]), text_stream(ANSWER))
+        run = await run_scene(lean, scene="bounded")
+        await asyncio.sleep(0.3)  # one more tick of the watch after the freeze
+        stalls = await metric(lean, "lean_loop_stalls_total")
+    assert_order(run.names())
+    assert run.of("tool_end")[0]["result"] == "thawed"
+    assert stalls >= 1
+    warnings = [r.getMessage() for r in caplog.records if r.name == "lean.upkeep"]
+    assert any("event loop was blocked for" in m and "async tool" in m for m in warnings)

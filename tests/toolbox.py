@@ -8,6 +8,7 @@ calls, so the same config serves every test.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Any
 
@@ -41,6 +42,29 @@ async def sleepy() -> str:
     """Async, so the timeout's cancellation really stops it (a sync sleeper would hold a thread)."""
     await asyncio.sleep(SLEEPY)
     return "woke up"
+
+
+# `stuck` blocks its thread until a test sets this (tests replace it with a fresh Event).
+RELEASE = threading.Event()
+FREEZE = 0.8  # seconds `freeze` blocks the event loop
+
+
+def stuck() -> str:
+    """Sync and blocking past any timeout: its thread stays busy until RELEASE is set."""
+    RELEASE.wait(20)
+    return "released"
+
+
+def huge(size: int, structured: bool = False) -> Any:
+    """Sync: a result of `size` characters (2 bytes each in UTF-8), as text or in a dict."""
+    text = "é" * size
+    return {"text": text} if structured else text
+
+
+async def freeze() -> str:
+    """Async but blocking: the mistake that freezes every stream (lean can only notice it)."""
+    time.sleep(FREEZE)  # noqa: ASYNC251 - the point of this tool
+    return "thawed"
 
 
 NOT_A_FUNCTION = 42  # `function = tests.toolbox:NOT_A_FUNCTION` is not callable

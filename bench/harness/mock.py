@@ -16,6 +16,10 @@ To stay far from being the bottleneck, every frame is encoded once per size, and
 with `interval` 0 the chunks go out `BURST` per write, as back-to-back tokens reach a
 proxy anyway (coalesced into ~4 KB reads). `GET /stats` counts the streams started,
 completed and cut by the peer (how lean's evictions reach the provider).
+
+For lean's non-streaming fallback (bench/bursts.py): with `[bench whole]` in the
+last message a streaming request gets HTTP 500 and a non-streaming one gets the
+whole answer (`chunks` x `size` characters) as one chat.completion.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class _Request(msgspec.Struct):
 
 _decode = msgspec.json.Decoder(_Request).decode
 _ASK = re.compile(r"\[bench chunks=(\d+) interval=([0-9.]+) size=(\d+)\]")
+_WHOLE = "[bench whole]"
 _encode = msgspec.json.Encoder().encode
 
 
@@ -112,6 +117,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
         chunks = spec.bench_chunks
     if spec.bench_interval is not None:
         interval = spec.bench_interval
+    if isinstance(last, str) and _WHOLE in last:
+        return whole(spec.stream, chunks * size)
     f = frames(size if spec.bench_size is None else spec.bench_size)
     usage = bool(spec.stream_options and spec.stream_options.include_usage)
     stats = request.app[stats_key]
@@ -149,6 +156,21 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return response
     stats.completed += 1
     return response
+
+
+@lru_cache(maxsize=4)
+def _completion(chars: int) -> bytes:
+    message = {"role": "assistant", "content": "w" * chars}
+    choice = {"index": 0, "message": message, "finish_reason": "stop"}
+    return _encode({"id": "chatcmpl-mock", "object": "chat.completion", "choices": [choice]})
+
+
+def whole(stream: bool, chars: int) -> web.Response:
+    """The streaming path fails before its first byte; the non-streaming one answers whole."""
+    if stream:
+        body = _encode({"error": {"message": "mock: the stream is down", "type": "server_error"}})
+        return web.Response(status=500, body=body, content_type="application/json")
+    return web.Response(body=_completion(chars), content_type="application/json")
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -431,7 +431,9 @@ def main(
     print()
     print(text.split("## Scenarios", 1)[1].split("Logs of this run", 1)[0].strip())
     if output != "-" and not interrupted:
-        Path(output).write_text(text)
+        from bench.soak import kept_section  # the soak's section outlives a bench run
+
+        Path(output).write_text(text + kept_section(Path(output)))
         print(f"\nwritten to {output}")
     if interrupted:
         return 130

@@ -370,7 +370,7 @@ class StreamTranslator:
             )
 
 
-def parse_completion(body: bytes) -> list[Piece]:
+def parse_completion(body: bytes | bytearray) -> list[Piece]:
     """A non-streaming Messages answer, as the pieces a stream would have carried."""
     try:
         answer = _decode_answer(body)

@@ -340,7 +340,7 @@ class StreamTranslator:
             )
 
 
-def parse_completion(body: bytes, *, nonce: str | None = None) -> list[Piece]:
+def parse_completion(body: bytes | bytearray, *, nonce: str | None = None) -> list[Piece]:
     """A non-streaming GenerateContentResponse, as the pieces a stream would have carried."""
     try:
         response = _decode(body)

@@ -197,7 +197,7 @@ class StreamTranslator:
             )
 
 
-def parse_completion(body: bytes) -> list[Piece]:
+def parse_completion(body: bytes | bytearray) -> list[Piece]:
     """A non-streaming answer, as the pieces a stream would have carried."""
     try:
         completion = _decode_completion(body)
