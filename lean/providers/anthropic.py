@@ -12,6 +12,10 @@ Only `message_stop` completes a stream; bytes that end without it were truncated
 raise, so no finish is ever fabricated. `ping` is ignored; an `error` event raises the
 matching upstream error. Thinking signatures come out as opaque `Signature` pieces, never
 as text. Tool calls are numbered by their own order (0, 1, ...), not by block index.
+
+A body that came in as an Anthropic request (`/v1/messages`) carries that request as a
+`Native` under `NATIVE`: it is sent as the client wrote it, so nothing is lost in a round
+trip through the OpenAI shape (see `Native`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import msgspec
 from lean.config import ModelConfig, ProviderConfig
 from lean.errors import LeanError, Overloaded, RateLimited, UpstreamError, UpstreamTimeout
 from lean.providers.base import (
+    NATIVE,
     Finish,
     HttpRequest,
     Piece,
@@ -105,9 +110,29 @@ _encode = msgspec.json.Encoder().encode
 # --- request -----------------------------------------------------------------------------
 
 
+class Native(msgspec.Struct, frozen=True, kw_only=True):
+    """An Anthropic Messages request as a client sent it (lean/dialects/anthropic.py).
+
+    An Anthropic upstream gets it as it is, lean setting only `model` and `stream`, so what
+    the OpenAI shape cannot hold arrives unchanged: `cache_control` on the system prompt,
+    blocks and tools, thinking blocks with their `signature`, `redacted_thinking`, `top_k`,
+    `thinking`, `metadata`, server tools, and fields lean does not know. Messages lean adds
+    to the chat body after the request came in (past the first `messages`) are translated
+    and appended, so a run that grows the conversation still sends all of it.
+    """
+
+    body: dict[str, Any]
+    messages: int  # how many chat-body messages the client's request became
+    version: str | None = None  # the client's `anthropic-version` header
+    beta: str | None = None  # the client's `anthropic-beta` header
+
+
 def build_request(
     provider: ProviderConfig, model: ModelConfig, body: dict[str, Any], *, stream: bool
 ) -> HttpRequest:
+    native = body.get(NATIVE)
+    if isinstance(native, Native):
+        return _native_request(provider, model, body, native, stream=stream)
     system, messages = _messages(body.get("messages") or [])
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
     payload: dict[str, Any] = {
@@ -136,15 +161,57 @@ def build_request(
             payload["tool_choice"] = choice
     if stream:
         payload["stream"] = True
+    return HttpRequest(
+        provider.base_url + "/messages", _headers(provider, stream, None), _encode(payload)
+    )
+
+
+def _headers(provider: ProviderConfig, stream: bool, native: Native | None) -> dict[str, str]:
     headers = {
         "Content-Type": "application/json",
         "Accept": "text/event-stream" if stream else "application/json",
-        "anthropic-version": VERSION,
+        "anthropic-version": (native and native.version) or VERSION,
     }
+    if native is not None and native.beta:
+        headers["anthropic-beta"] = native.beta
     if provider.api_key is not None:
         headers["x-api-key"] = provider.api_key.reveal()
     headers.update(provider.headers)
-    return HttpRequest(provider.base_url + "/messages", headers, _encode(payload))
+    return headers
+
+
+def _native_request(
+    provider: ProviderConfig,
+    model: ModelConfig,
+    body: dict[str, Any],
+    native: Native,
+    *,
+    stream: bool,
+) -> HttpRequest:
+    payload = dict(native.body)
+    payload["model"] = model.upstream_model
+    payload.pop("stream", None)
+    if stream:
+        payload["stream"] = True
+    thinking = payload.get("thinking")
+    thinks = isinstance(thinking, dict) and thinking.get("type") not in (None, "disabled")
+    if model.temperature is not None and "temperature" not in payload and not thinks:
+        payload["temperature"] = min(model.temperature, 1.0)  # Anthropic refuses it with thinking
+    _, added = _messages((body.get("messages") or [])[native.messages :])
+    if added:
+        messages = list(payload.get("messages") or [])
+        for message in added:
+            if messages and messages[-1].get("role") == message["role"]:
+                last = messages[-1]
+                prior = last.get("content")
+                blocks = _blocks(prior) if isinstance(prior, str) else list(prior or [])
+                messages[-1] = {**last, "content": blocks + message["content"]}
+            else:
+                messages.append(message)
+        payload["messages"] = messages
+    return HttpRequest(
+        provider.base_url + "/messages", _headers(provider, stream, native), _encode(payload)
+    )
 
 
 def _text_of(content: Any) -> str:

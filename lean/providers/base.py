@@ -55,6 +55,12 @@ Piece = Text | Reasoning | ToolCall | Finish | Usage | Signature
 VISIBLE = (Text, Reasoning, ToolCall)
 
 
+# The key of an internal chat body under which a client dialect leaves its request as the
+# client sent it, for an upstream of the same API (lean/dialects). Its value is a Struct, which
+# no JSON body can hold, so a client cannot forge it; builders of other kinds drop the key.
+NATIVE = "lean_native"
+
+
 class HttpRequest(msgspec.Struct, frozen=True):
     url: str
     headers: dict[str, str]

@@ -23,6 +23,7 @@ import msgspec
 from lean.config import ModelConfig, ProviderConfig
 from lean.errors import LeanError, Overloaded, RateLimited, UpstreamError
 from lean.providers.base import (
+    NATIVE,
     Finish,
     HttpRequest,
     Piece,
@@ -112,6 +113,7 @@ def build_request(
     final answer always has token counts.
     """
     payload = dict(body)
+    payload.pop(NATIVE, None)  # another API's request, kept for its own upstream kind
     payload["model"] = model.upstream_model
     payload["stream"] = stream
     if stream:
