@@ -15,7 +15,7 @@ The text counted is every message's text, tool calls' names and arguments, tool 
 and the tools' definitions. The constants lean toward counting too much: an estimate
 that is high makes a client compact early; one that is low lets it overflow the
 upstream's context. Measured against real tokenizers (o200k_base, cl100k_base) on the
-fixtures of `bench/estimate_tokens.py`; the figures are in docs/performance.md.
+fixtures of `bench/estimate_tokens.py`; the figures are in bench/RESULTS.md.
 """
 
 from __future__ import annotations
