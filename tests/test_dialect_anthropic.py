@@ -190,7 +190,6 @@ async def test_sdk_tool_turns_with_thinking_become_a_chat_body() -> None:
         "parallel_tool_calls": False,
         "stop": ["END"],
         "top_p": 0.9,
-        "user": "u-42",
     }
 
 

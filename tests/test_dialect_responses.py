@@ -126,7 +126,8 @@ async def test_sdk_simple_request() -> None:
                 tool_choice={"type": "function", "name": "get_weather"},
                 parallel_tool_calls=False,
                 text={"format": {"type": "json_schema", "name": "w", "schema": {"type": "object"}}},
-                safety_identifier="u-1",
+                safety_identifier="u-1",  # OpenAI's own: not sent on
+                prompt_cache_key="conv-1",
             )
         )
     ).last
@@ -151,7 +152,6 @@ async def test_sdk_simple_request() -> None:
         "temperature": 0.2,
         "top_p": 0.9,
         "parallel_tool_calls": False,
-        "safety_identifier": "u-1",
     }
 
 
@@ -383,8 +383,9 @@ def test_messages_of_each_role_and_part() -> None:
         )
     )
     assert body.body["tool_choice"] == "auto" and body.untranslated == ["$.tool_choice.tools"]
-    # no tools: no tool_choice (an upstream refuses one alone)
-    assert "tool_choice" not in parse_request(request_with(tool_choice="none")).body
+    # no tools: no tool_choice nor parallel_tool_calls (an upstream refuses them alone)
+    alone = parse_request(request_with(tool_choice="none", parallel_tool_calls=True)).body
+    assert "tool_choice" not in alone and "parallel_tool_calls" not in alone
 
 
 async def test_an_unknown_previous_response_is_the_sdks_not_found() -> None:

@@ -12,8 +12,9 @@ takes, so any model alias can answer it:
   them back);
 - `tools` (`input_schema` as `parameters`), `tool_choice` (auto/any/tool/none, and
   `disable_parallel_tool_use` as `parallel_tool_calls: false`), `max_tokens`,
-  `stop_sequences` (as `stop`), `temperature`, `top_p`, `metadata.user_id` (as `user`).
-`thinking`, `top_k`, server tools and fields lean does not know have no Chat Completions
+  `stop_sequences` (as `stop`), `temperature`, `top_p`.
+`thinking`, `top_k`, `metadata` (Claude Code's `user_id` is longer than some servers take
+as `user`), server tools and fields lean does not know have no Chat Completions
 form: they reach an Anthropic upstream only. For that, the body carries the request as
 the client sent it (`providers.anthropic.Native` under `NATIVE`); the Anthropic adapter
 sends that, so `cache_control`, thinking signatures and `redacted_thinking` round-trip
@@ -191,8 +192,6 @@ def parse_request(
         chat["temperature"] = request.temperature
     if request.top_p is not None:
         chat["top_p"] = request.top_p
-    if request.metadata is not None and request.metadata.user_id:
-        chat["user"] = request.metadata.user_id
     raw.pop("stream", None)
     chat[NATIVE] = Native(body=raw, messages=len(messages), version=version, beta=beta)
     return Request(model=request.model, stream=request.stream, body=chat, untranslated=untranslated)

@@ -15,7 +15,7 @@ the OpenAI Chat Completions shape every provider adapter takes:
   functions taking `{"input": string}` (their names in `Request.custom_tools`, for the
   encoder to answer in kind), `tool_choice`, `max_output_tokens` (as `max_tokens`),
   `reasoning.effort` (as `reasoning_effort`), `text.format` (as `response_format`),
-  `temperature`, `top_p`, `parallel_tool_calls` and the few identifiers both APIs share.
+  `temperature`, `top_p`, `user`, and `parallel_tool_calls` (with tools only).
 Hosted tools (`web_search`, `file_search`, ...) have no Chat Completions form: they are
 listed in `Request.untranslated`. What lean cannot serve statelessly (`item_reference`,
 `conversation`, `background`, files by id) is a `BadRequest` naming the field; errors go
@@ -62,9 +62,6 @@ class _Request(msgspec.Struct):
     top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
     parallel_tool_calls: bool | None = None
     user: str | None = None
-    safety_identifier: str | None = None
-    prompt_cache_key: str | None = None
-    service_tier: str | None = None
     background: bool | None = None
     conversation: Any = None
 
@@ -149,8 +146,10 @@ CUSTOM_PARAMETERS = {
     "properties": {"input": {"type": "string"}},
     "required": ["input"],
 }
-_PASSED = ("temperature", "top_p", "parallel_tool_calls", "user", "safety_identifier")
-_PASSED_TOO = ("prompt_cache_key", "service_tier")
+# Passed on as they are: Chat Completions has them under the same names, and compatible
+# servers know them. `prompt_cache_key`, `safety_identifier`, `service_tier` and `include`
+# are OpenAI's own and are not: a compatible server may refuse a field it does not know.
+_PASSED = ("temperature", "top_p", "user")
 
 
 def parse_request(body: bytes) -> Request:
@@ -176,13 +175,15 @@ def parse_request(body: bytes) -> Request:
             choice = _tool_choice(request.tool_choice, untranslated)
             if choice is not None:
                 chat["tool_choice"] = choice
+        if request.parallel_tool_calls is not None:  # refused without tools
+            chat["parallel_tool_calls"] = request.parallel_tool_calls
     if request.max_output_tokens is not None:
         chat["max_tokens"] = request.max_output_tokens
     if request.reasoning is not None and request.reasoning.effort:
         chat["reasoning_effort"] = request.reasoning.effort
     if request.text is not None:
         _text(request.text, chat)
-    for name in (*_PASSED, *_PASSED_TOO):
+    for name in _PASSED:
         value = getattr(request, name)
         if value is not None:
             chat[name] = value
