@@ -257,8 +257,17 @@ async def test_sdk_stream_and_count_tokens_bodies() -> None:
     assert "max_tokens" not in counted.body
     with pytest.raises(BadRequest, match="`max_tokens`"):
         parse_request(counted.raw)  # a Messages request must say it
-    counting = parse_request(counted.raw, counting=True)
+    counting = parse_request(
+        counted.raw, version=counted.headers["anthropic-version"], counting=True
+    )
     assert "max_tokens" not in counting.body
+    # An Anthropic upstream counts with its own count_tokens, on the body as the client sent it.
+    http = anthropic_provider.build_count_request(
+        provider("anthropic"), MODEL, counting.body[NATIVE]
+    )
+    assert http.url == "http://127.0.0.1:9/v1/messages/count_tokens"
+    assert json.loads(http.body) == dict(counted.body, model="claude-upstream")
+    assert http.headers["anthropic-version"] == counted.headers["anthropic-version"]
     # Two images (1,600 each), the texts, six messages and one tool: never a constant.
     tokens = estimate_tokens(counting.body)
     assert 3200 < tokens < 3400, tokens
@@ -267,6 +276,18 @@ async def test_sdk_stream_and_count_tokens_bodies() -> None:
     assert estimate_tokens(parse_request(json.dumps(more).encode(), counting=True).body) > (
         tokens + 200
     )
+
+
+def test_an_upstream_count_is_read_or_raised() -> None:
+    assert anthropic_provider.parse_count(b'{"input_tokens": 2095}') == 2095
+    overloaded = (
+        b'{"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}'
+    )
+    with pytest.raises(Overloaded):
+        anthropic_provider.parse_count(overloaded)
+    for broken in (b"{", b"{}"):
+        with pytest.raises(UpstreamError):
+            anthropic_provider.parse_count(broken)
 
 
 # --- other upstream kinds -----------------------------------------------------------------

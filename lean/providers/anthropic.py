@@ -214,6 +214,42 @@ def _native_request(
     )
 
 
+def build_count_request(
+    provider: ProviderConfig, model: ModelConfig, native: Native
+) -> HttpRequest:
+    """`POST /messages/count_tokens` for a client's own count request, aimed at the
+    upstream model: Anthropic counts, lean does not estimate."""
+    payload = dict(native.body)
+    payload["model"] = model.upstream_model
+    return HttpRequest(
+        provider.base_url + "/messages/count_tokens",
+        _headers(provider, False, native),
+        _encode(payload),
+    )
+
+
+class _Count(msgspec.Struct):
+    input_tokens: int | None = None
+    type: str = ""
+    error: _Error | None = None
+
+
+_decode_count = msgspec.json.Decoder(_Count).decode
+
+
+def parse_count(body: bytes | bytearray) -> int:
+    """The `input_tokens` of a count_tokens answer; its error raised as an upstream error."""
+    try:
+        count = _decode_count(body)
+    except (msgspec.DecodeError, ValueError) as exc:
+        raise UpstreamError(f"unparseable upstream answer: {exc}", retryable=True) from None
+    if count.type == "error" or count.error is not None:
+        raise _error(count.error or _Error())
+    if count.input_tokens is None:
+        raise UpstreamError("upstream count has no input_tokens", retryable=True)
+    return count.input_tokens
+
+
 def _text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
