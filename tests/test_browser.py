@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from aiohttp import web
 
 from lean.sse import SSEParser
