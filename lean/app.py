@@ -106,9 +106,11 @@ def _token_of(request: web.Request) -> str:
     scheme, _, token = header.partition(" ")
     if scheme.lower() == "bearer" and token:
         return token.strip()
-    if request.method == "GET":  # EventSource cannot set headers
-        return request.query.get("access_token", "")
-    return ""
+    if request.method != "GET":
+        return ""
+    if request.path == "/v1/ws" and (token := ws.protocol_token(request)):
+        return token  # a browser's WebSocket: `lean.bearer.<token>` (lean.ws)
+    return request.query.get("access_token", "")  # EventSource cannot set headers
 
 
 def auth_middleware(tokens: tuple[bytes, ...]) -> Callable[..., Awaitable[web.StreamResponse]]:

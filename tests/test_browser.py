@@ -396,7 +396,7 @@ def asked(fake: FakeOpenAI | None, words: str) -> int:
 
 
 @needs_browser
-def test_a_listed_origin_imports_lean_js_and_streams_over_fetch_eventsource_and_websocket(
+def test_a_listed_origin_imports_lean_js_and_streams_over_fetch_eventsource_and_websockets(
     elsewhere: Elsewhere, seen: dict[str, Any]
 ) -> None:
     result = scenario(seen, "crossOrigin")
@@ -409,9 +409,12 @@ def test_a_listed_origin_imports_lean_js_and_streams_over_fetch_eventsource_and_
     assert source["how"] == "done" and source["text"] == ANSWER
     assert source["ids"][0] == "1" and source["done"]["text"] == ANSWER
     assert result["ws"]["types"][-1] == "done" and result["ws"]["text"] == ANSWER
+    by_protocol = result["bySubprotocol"]  # the token as a subprotocol, not in the URL
+    assert by_protocol["protocol"] == "lean" and by_protocol["types"][-1] == "done"
+    assert by_protocol["text"] == ANSWER
     assert result["chatText"] == ANSWER
     assert result["refused"] == {"status": 401, "code": "unauthorized"}  # readable: CORS on errors
-    assert asked(elsewhere.listed_fake, "hello from afar") == 4
+    assert asked(elsewhere.listed_fake, "hello from afar") == 5
 
 
 @needs_browser

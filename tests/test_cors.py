@@ -6,6 +6,7 @@ HTTP clients (and a raw socket for the upgrade's headers) against lean on 127.0.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -346,3 +347,42 @@ def test_the_allowed_headers_cover_what_the_sdks_send() -> None:
     for name in SDK_HEADERS:
         assert name in ALLOWED_HEADERS or name.startswith(ALLOWED_HEADER_PREFIX), name
     assert "cookie" not in ALLOWED_HEADERS
+
+
+# --- WebSocket auth for browsers: the subprotocol token ---
+
+
+async def test_a_browser_websocket_may_send_its_token_as_a_subprotocol_never_logged(
+    fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    url = "/v1/ws"
+    async with running(config(fake)) as lean, aiohttp.ClientSession() as http:
+        origin = {"Origin": LISTED}
+        async with http.ws_connect(
+            lean.url + url, protocols=("lean", f"lean.bearer.{TOKEN}"), headers=origin
+        ) as ws:
+            assert ws.protocol == "lean"  # the token is never echoed
+            await ws.send_json({"type": "run", "runId": "r1", "scene": "chat", "message": "Hi"})
+            while (frame := await ws.receive_json(timeout=10))["type"] not in ("done", "error"):
+                pass
+            assert frame["type"] == "done"
+        refusals = [
+            (("lean", "lean.bearer.wrong-token"), "", 401),
+            (("lean",), "", 401),
+            # `lean` not offered: refused before aiohttp's handshake would log the list.
+            ((f"lean.bearer.{TOKEN}",), "", 400),
+            ((f"other.{TOKEN}",), f"?access_token={TOKEN}", 400),
+        ]
+        for protocols, query, status in refusals:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect(lean.url + url + query, protocols=protocols, headers=origin)
+            assert refused.value.status == status, protocols
+        # The subprotocol is for the upgrade only, not a way to authenticate other requests.
+        async with http.get(
+            lean.url + "/v1/models", headers={"Sec-WebSocket-Protocol": f"lean.bearer.{TOKEN}"}
+        ) as resp:
+            assert resp.status == 401
+    assert len(fake.requests) == 1
+    logged = caplog.text + "".join(str(r.args) for r in caplog.records)
+    assert TOKEN not in logged

@@ -387,6 +387,22 @@ Object.assign(run, {
         const overWs = [];
         for await (const e of session.run("chat", { message: "hello from afar" })) overWs.push(e);
         session.close();
+        // The token as a subprotocol, out of the URL: lean answers "lean".
+        const bySubprotocol = await new Promise((resolve) => {
+          const socket = new WebSocket(`${base.replace("http", "ws")}/v1/ws`, ["lean", `lean.bearer.${token}`]);
+          const types = [];
+          socket.onopen = () =>
+            socket.send(JSON.stringify({ type: "run", runId: "p1", scene: "chat", message: "hello from afar" }));
+          socket.onmessage = (m) => {
+            const frame = JSON.parse(m.data);
+            types.push(frame.type);
+            if (frame.type === "done" || frame.type === "error") {
+              resolve({ protocol: socket.protocol, types, text: frame.text });
+              socket.close();
+            }
+          };
+          socket.onclose = (e) => resolve({ protocol: socket.protocol, types, code: e.code });
+        });
         let chatText = "";
         for await (const chunk of lean.chatCompletions({
           model: "default",
@@ -410,6 +426,7 @@ Object.assign(run, {
           saved: history.find((m) => m.role === "assistant")?.content,
           eventSource,
           ws: { types: overWs.map((e) => e.type), text: overWs.at(-1).text },
+          bySubprotocol,
           chatText,
           refused,
         };
