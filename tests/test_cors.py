@@ -386,3 +386,25 @@ async def test_a_browser_websocket_may_send_its_token_as_a_subprotocol_never_log
     assert len(fake.requests) == 1
     logged = caplog.text + "".join(str(r.args) for r in caplog.records)
     assert TOKEN not in logged
+
+
+async def test_the_503_of_a_full_lean_carries_the_cors_headers(fake: FakeOpenAI) -> None:
+    """Answered by the outermost middleware (lean.connections), before any route: still CORS."""
+    cfg = lean_config(
+        fake.base_url,
+        server=f"cors_origins = {LISTED}\nmax_connections = 1",
+        extra=SCENE + AUTH,
+        environ={"LEAN_TOKENS": TOKEN},
+    )
+    async with running(cfg) as lean, aiohttp.ClientSession() as http:
+        busy = await http.ws_connect(f"{lean.url}/v1/ws?access_token={TOKEN}")
+        try:
+            async with aiohttp.ClientSession() as other:
+                async with other.get(
+                    lean.url + "/v1/models", headers={**BEARER, "Origin": LISTED}
+                ) as resp:
+                    assert resp.status == 503
+                    assert resp.headers["Retry-After"] == "1"
+                    assert_cors(resp.headers, LISTED)
+        finally:
+            await busy.close()
