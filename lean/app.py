@@ -106,9 +106,11 @@ def _token_of(request: web.Request) -> str:
     scheme, _, token = header.partition(" ")
     if scheme.lower() == "bearer" and token:
         return token.strip()
-    if request.method == "GET":  # EventSource cannot set headers
-        return request.query.get("access_token", "")
-    return ""
+    if request.method != "GET":
+        return ""
+    if request.path == "/v1/ws" and (token := ws.protocol_token(request)):
+        return token  # a browser's WebSocket: `lean.bearer.<token>` (lean.ws)
+    return request.query.get("access_token", "")  # EventSource cannot set headers
 
 
 def auth_middleware(tokens: tuple[bytes, ...]) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -144,7 +146,10 @@ def create_app(config: Config) -> web.Application:
         rejections=rejections,
     )
     browsers = Browsers(
-        config.server.cors_origins, tokens=bool(config.auth.tokens), rejections=rejections
+        config.server.cors_origins,
+        tokens=bool(config.auth.tokens),
+        rejections=rejections,
+        same_origin=frozenset(static.PAGE),
     )
     middlewares: list[Callable[..., Awaitable[web.StreamResponse]]] = [
         connections_middleware(connections),
@@ -155,6 +160,8 @@ def create_app(config: Config) -> web.Application:
         middlewares.append(auth_middleware(tuple(t.reveal().encode() for t in config.auth.tokens)))
     middlewares.append(draining_middleware)
     app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=middlewares)
+    if browsers.cors:  # CORS headers on every response as it starts, errors and streams too
+        app.on_response_prepare.append(browsers.add_cors_headers)
     app[services_key] = services
     app[connections_key] = connections
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)

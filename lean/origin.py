@@ -18,8 +18,25 @@ A client that sends neither `Origin` nor `Sec-Fetch-Site` is not a browser (curl
 `lean chat`): nothing here stops it. The scheme of an `Origin` is not compared with
 lean's: behind a TLS proxy lean sees plain HTTP for a page served over HTTPS.
 
-JSON endpoints also refuse other media types (`inbound.require_json`). The CORS headers
-and preflights for listed origins (the browser issue) are to extend `Browsers`.
+JSON endpoints also refuse other media types (`inbound.require_json`).
+
+CORS, for the origins in `cors_origins` (all of them with `*`, which needs tokens):
+
+- every response to a listed `Origin` carries `Access-Control-Allow-Origin` (that origin,
+  echoed) and `Access-Control-Expose-Headers`, streams, WebSocket upgrades and errors
+  included: one `on_response_prepare` hook adds them as any response starts, so no
+  handler has to, and a stream's headers are right before its first byte. Every such
+  response says `Vary: Origin` (a cache must not hand one origin's answer to another);
+- a preflight (`OPTIONS` with `Origin` and `Access-Control-Request-Method`) is answered
+  here, before auth and before any handler: `204` with the methods, the requested headers
+  that lean allows (echoed: `Allow-Headers` has no prefix wildcard, and the SDKs send a
+  family of `x-stainless-*` headers) and a `Max-Age`; from an origin not listed, `403`
+  with no CORS header;
+- no `Access-Control-Allow-Credentials`: lean's credential is a bearer token the page
+  puts in a header (or `access_token`), never a cookie or HTTP auth, so a page has no
+  ambient credential to send and lean never asks a browser to attach one;
+- lean's chat page (`same_origin` paths) gets none of this: it is served to lean's own
+  origin only.
 """
 
 from __future__ import annotations
@@ -33,11 +50,51 @@ from aiohttp import web
 
 from lean.errors import Forbidden, clip
 
-__all__ = ["Browsers", "is_loopback_host", "normalise_origin"]
+__all__ = [
+    "ALLOWED_HEADERS",
+    "ALLOWED_HEADER_PREFIX",
+    "EXPOSED_HEADERS",
+    "Browsers",
+    "is_loopback_host",
+    "normalise_origin",
+]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _CROSS = frozenset({"cross-site", "same-site"})
+
+# The request headers a listed page may send (beyond the CORS-safelisted ones): lean's own
+# (bearer token, JSON bodies, an EventSource's resume cursor) and what the official OpenAI
+# and Anthropic JS SDKs send from a browser (openai 6.49, @anthropic-ai/sdk 1.16: their
+# client.js and internal/detect-platform.js). Firefox lets a page set `User-Agent`, which
+# then needs a preflight; the SDKs set it.
+ALLOWED_HEADERS = frozenset(
+    {
+        "authorization",
+        "content-type",
+        "accept",
+        "last-event-id",
+        "x-api-key",
+        "anthropic-version",
+        "anthropic-beta",
+        "anthropic-dangerous-direct-browser-access",
+        "openai-organization",
+        "openai-project",
+        "user-agent",
+    }
+)
+# x-stainless-arch, -lang, -os, -package-version, -runtime, -runtime-version, -retry-count,
+# -timeout, -helper, -helper-method, -poll-helper, -custom-poll-interval, ... (more with
+# each SDK release: hence a prefix, and the requested names echoed).
+ALLOWED_HEADER_PREFIX = "x-stainless-"
+ALLOWED_METHODS = "GET, POST, OPTIONS"
+# What a page reads from lean's responses: when to retry a 429/503, and the AI SDK's
+# stream marker. Add a header here when lean starts sending one that clients read.
+EXPOSED_HEADERS = "Retry-After, x-vercel-ai-ui-message-stream"
+# Seconds a browser may reuse a preflight's answer: Chromium caps it at 7200 (Firefox at
+# 86400). A longer reuse opens nothing: removing an origin from the list makes lean refuse
+# its requests (the Origin check) whatever the browser remembers.
+PREFLIGHT_MAX_AGE = "7200"
 
 
 def normalise_origin(origin: str) -> str | None:
@@ -103,9 +160,12 @@ class Browsers:
         *,
         tokens: bool,
         rejections: Counter[tuple[str]] | None = None,
+        same_origin: frozenset[str] = frozenset(),
     ) -> None:
         self.any_origin = "*" in cors_origins
         self.origins = frozenset(o for o in cors_origins if o != "*")
+        self.cors = bool(cors_origins)
+        self.same_origin = same_origin  # paths served to lean's own origin only (the page)
         self.loopback_only = not tokens
         # lean_admission_rejections_total{reason}: "host", "origin", "fetch_site"
         self._rejections: Counter[tuple[str]] = Counter() if rejections is None else rejections
@@ -113,7 +173,8 @@ class Browsers:
     def listed(self, origin: str | None) -> bool:
         if origin is None:
             return False
-        return self.any_origin or normalise_origin(origin) in self.origins
+        # Browsers send origins already normal: the set lookup is the usual answer.
+        return self.any_origin or origin in self.origins or normalise_origin(origin) in self.origins
 
     def check(self, request: web.Request) -> None:
         headers = request.headers
@@ -140,11 +201,56 @@ class Browsers:
                 "in [server] cors_origins"
             )
 
+    def preflight(self, request: web.Request) -> web.Response:
+        """A CORS preflight: `204` for a listed origin (the CORS headers are added as the
+        response starts, by `add_cors_headers`), `Forbidden` for any other."""
+        self.check(request)  # Host (DNS rebinding), and an origin neither own nor listed
+        origin = request.headers["Origin"]
+        if not self.listed(origin):  # lean's own: a same-origin request needs no preflight
+            self._rejections[("origin",)] += 1
+            raise Forbidden(
+                f"Origin '{clip(origin, 80)}' is not in [server] cors_origins: no cross-origin "
+                "request is allowed from it"
+            )
+        headers = {
+            "Access-Control-Allow-Methods": ALLOWED_METHODS,
+            "Access-Control-Max-Age": PREFLIGHT_MAX_AGE,
+        }
+        # Echo the requested names lean allows (the list is bounded by aiohttp's header
+        # size limit); a name left out makes the browser refuse, naming it in its console.
+        requested = request.headers.get("Access-Control-Request-Headers", "")
+        allowed = [
+            name
+            for name in (part.strip().lower() for part in requested.split(","))
+            if name in ALLOWED_HEADERS or name.startswith(ALLOWED_HEADER_PREFIX)
+        ]
+        if allowed:
+            headers["Access-Control-Allow-Headers"] = ", ".join(allowed)
+        return web.Response(status=204, headers=headers)
+
+    async def add_cors_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        """`on_response_prepare`: every response but the page's, as it starts (streams,
+        WebSocket upgrades and error answers all start here). Wired only with CORS on."""
+        if request.path in self.same_origin:
+            return
+        headers = response.headers
+        vary = headers.get("Vary")
+        headers["Vary"] = f"{vary}, Origin" if vary else "Origin"
+        origin = request.headers.get("Origin")
+        if origin is not None and self.listed(origin):
+            headers["Access-Control-Allow-Origin"] = origin
+            headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
+
     def middleware(self, public: frozenset[str]) -> Callable[..., Awaitable[web.StreamResponse]]:
-        """The check on every path but `public` (health probes expose nothing)."""
+        """Preflights answered here (no auth, no handler); the check on every path but
+        `public` (health probes expose nothing; the page and lean.js hold no secret)."""
 
         @web.middleware
         async def browsers(request: web.Request, handler: Handler) -> web.StreamResponse:
+            if request.method == "OPTIONS" and request.path not in self.same_origin:
+                headers = request.headers
+                if "Origin" in headers and "Access-Control-Request-Method" in headers:
+                    return self.preflight(request)
             if request.path not in public:
                 self.check(request)
             return await handler(request)

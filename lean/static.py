@@ -7,11 +7,18 @@ revalidates with `If-None-Match` (a `304`, no body) and sees a new lean's files 
 the URLs carry no version to bust a longer cache with.
 
 Every file goes out with `X-Content-Type-Options: nosniff` and `Cross-Origin-Resource-Policy:
-same-origin` (only lean's own pages load them, until CORS lands); the page also gets a
-strict Content-Security-Policy (its scripts and styles are files of lean's own origin, never
-inline; it cannot be framed). The page and its files need no token: they hold none, and the
-page asks the user for one. `[server] web_ui = false` leaves the page out (404);
-`/lean.js` and `/lean.d.ts` are served either way, for pages that other apps serve.
+same-origin`; the page also gets a strict Content-Security-Policy (its scripts and styles are
+files of lean's own origin, never inline; it cannot be framed). The page and its files need
+no token: they hold none, and the page asks the user for one. `[server] web_ui = false`
+leaves the page out (404); `/lean.js` and `/lean.d.ts` are served either way, for pages
+that other apps serve.
+
+A page on an origin in `[server] cors_origins` may import `/lean.js`: a module import is a
+CORS request, and `origin.Browsers` adds `Access-Control-Allow-Origin` for a listed origin
+to these files' answers (never to the page's: `/` stays same-origin). CORP stays
+`same-origin`: browsers apply it only to no-CORS loads (an `<img>`, a classic `<script>`),
+which carry no `Origin` to check against the list, and a module import passes without it
+(the browser test imports lean.js from another origin under it).
 """
 
 from __future__ import annotations

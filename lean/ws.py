@@ -7,6 +7,12 @@ frame; a client that stops reading blocks those writes and each run's guard cuts
 it as on SSE. A bad frame gets an `error` frame for its run (or with `runId`
 null) and the socket stays open. Compression is off: permessage-deflate costs
 ~100 KB per socket.
+
+A browser cannot set headers on the upgrade: it sends its token as `?access_token=`
+or, kept out of URLs (and so out of proxies' access logs), as a subprotocol:
+`new WebSocket(url, ["lean", "lean.bearer." + token])`. lean answers `lean`, never
+the token. A client offering subprotocols without `lean` is refused (400) before the
+handshake: aiohttp would log the offered list, which may hold a token.
 """
 
 from __future__ import annotations
@@ -27,6 +33,22 @@ from lean.run import Run, new_run
 from lean.services import Services
 
 log = logging.getLogger("lean.ws")
+
+PROTOCOL = "lean"
+BEARER_PROTOCOL = "lean.bearer."  # + the token: letters, digits, - _ . (token_urlsafe's)
+
+
+def _offered(request: web.Request) -> list[str]:
+    header = request.headers.get("Sec-WebSocket-Protocol", "")
+    return [name for name in (part.strip() for part in header.split(",")) if name]
+
+
+def protocol_token(request: web.Request) -> str:
+    """The token a browser offered as the subprotocol `lean.bearer.<token>`, or ""."""
+    for name in _offered(request):
+        if name.startswith(BEARER_PROTOCOL):
+            return name[len(BEARER_PROTOCOL) :]
+    return ""
 
 
 class _Frame(msgspec.Struct, tag_field="type", rename="camel", forbid_unknown_fields=True):
@@ -159,7 +181,14 @@ def _run_id_of(data: str | bytes) -> str | None:
 async def websocket(request: web.Request) -> web.WebSocketResponse:
     services = request.app[services_key]
     config = services.config
+    offered = _offered(request)
+    if offered and PROTOCOL not in offered:  # never echo the list: it may hold a token
+        raise BadRequest(
+            f"offer the WebSocket subprotocol '{PROTOCOL}' (with '{BEARER_PROTOCOL}<token>' "
+            "to send a token); lean speaks no other"
+        )
     ws = web.WebSocketResponse(
+        protocols=(PROTOCOL,),
         compress=False,
         heartbeat=config.server.ping_interval,
         max_msg_size=config.server.max_body_bytes,

@@ -5,6 +5,11 @@ tests/browser/run.mjs runs every scenario in one browser and reports what the pa
 each test checks one scenario against that report and against what lean saved. The fake
 answers by the last user message, so the scenarios need no shared queue.
 
+For the cross-origin scenarios another thread serves a page of "another app" on another
+port (another origin), a second lean whose `cors_origins` lists that origin, and a third
+lean without tokens (loopback only) that lists the same page as http://localhost:PORT (a
+different origin from http://127.0.0.1:PORT), each lean with its own fake upstream.
+
 Skips, saying why, without /usr/bin/chromium, node or tests/browser/node_modules
 (`npm ci --prefix tests/browser`; .ci/run installs both).
 """
@@ -24,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from lean.sse import SSEParser
 from tests.fakes import FakeOpenAI, Stream, text_stream, tool_call_stream
@@ -101,13 +107,12 @@ def behave(body: Any) -> Stream:
     return text_stream(ANSWER, reasoning=THOUGHT)
 
 
-class Lean(threading.Thread):
-    """lean and its fake upstream on their own event loop, for the module's lifetime."""
+class Background(threading.Thread):
+    """Servers on their own event loop, for the module's lifetime (`serve` sets them up)."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
         self.ready = threading.Event()
-        self.url = ""
         self.error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._done: asyncio.Event | None = None
@@ -122,46 +127,128 @@ class Lean(threading.Thread):
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._done = asyncio.Event()
-        async with FakeOpenAI() as fake:
-            fake.default = behave
-            config = lean_config(fake.base_url, extra=SCENES, environ={"LEAN_TOKENS": TOKEN})
-            async with running(config) as server:
-                self.url = server.url
-                self.ready.set()
-                await self._done.wait()
+        await self.serve(self._done)
+
+    async def serve(self, done: asyncio.Event) -> None:
+        raise NotImplementedError
+
+    def begin(self) -> None:
+        self.start()
+        assert self.ready.wait(10), f"{type(self).__name__} did not start"
+        if self.error is not None:
+            raise self.error
 
     def stop(self) -> None:
         if self._loop is not None and self._done is not None:
             self._loop.call_soon_threadsafe(self._done.set)
         self.join(10)
 
+
+def get(url: str, token: str | None = TOKEN) -> Any:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(request, timeout=5) as response:
+        body = response.read()
+        return json.loads(body) if response.headers["Content-Type"].endswith("json") else body
+
+
+class Lean(Background):
+    """lean (tokens on, no cors_origins) and its fake upstream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.url = ""
+        self.fake: FakeOpenAI | None = None
+
+    async def serve(self, done: asyncio.Event) -> None:
+        async with FakeOpenAI() as fake:
+            fake.default = behave
+            self.fake = fake
+            config = lean_config(fake.base_url, extra=SCENES, environ={"LEAN_TOKENS": TOKEN})
+            async with running(config) as server:
+                self.url = server.url
+                self.ready.set()
+                await done.wait()
+
     def get(self, path: str) -> Any:
-        request = urllib.request.Request(
-            self.url + path, headers={"Authorization": f"Bearer {TOKEN}"}
-        )
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return json.loads(response.read())
+        return get(self.url + path)
+
+
+OTHER_PAGE = b"<!doctype html><meta charset=utf-8><title>another app</title><p>another app"
+
+
+class Elsewhere(Background):
+    """Another app's page on another origin; a lean that lists it; a lean without tokens that
+    lists only the same page reached by the name localhost."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.page = self.page_by_name = self.listed = self.open = ""
+        self.listed_fake: FakeOpenAI | None = None
+        self.open_fake: FakeOpenAI | None = None
+
+    async def serve(self, done: asyncio.Event) -> None:
+        app = web.Application()
+
+        async def page(request: web.Request) -> web.Response:
+            return web.Response(body=OTHER_PAGE, content_type="text/html")
+
+        app.router.add_get("/", page)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        self.page = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        try:
+            async with FakeOpenAI() as listed_fake, FakeOpenAI() as open_fake:
+                listed_fake.default = open_fake.default = behave
+                self.listed_fake, self.open_fake = listed_fake, open_fake
+                listed = lean_config(
+                    listed_fake.base_url,
+                    server=f"cors_origins = {self.page}",
+                    extra=SCENES,
+                    environ={"LEAN_TOKENS": TOKEN},
+                )
+                # Loopback, no tokens; lists the same page reached as localhost, another origin.
+                self.page_by_name = self.page.replace("127.0.0.1", "localhost")
+                unguarded = lean_config(
+                    open_fake.base_url, server=f"cors_origins = {self.page_by_name}", extra=SCENES
+                )
+                async with running(listed) as one, running(unguarded) as other:
+                    self.listed, self.open = one.url, other.url
+                    self.ready.set()
+                    await done.wait()
+        finally:
+            await runner.cleanup()
 
 
 @pytest.fixture(scope="module")
 def lean() -> Iterator[Lean]:
     server = Lean()
-    server.start()
-    assert server.ready.wait(10), "lean did not start"
-    if server.error is not None:
-        raise server.error
+    server.begin()
     yield server
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def elsewhere() -> Iterator[Elsewhere]:
+    servers = Elsewhere()
+    servers.begin()
+    yield servers
+    servers.stop()
+
+
 SCENARIOS = ["chat", "xss", "stop", "waiting", "tools", "inputs", "history", "phone", "leanjs"]
+SCENARIOS += ["crossOrigin", "crossOriginRefused", "unlistedLoopback"]
 
 
 @pytest.fixture(scope="module")
-def seen(lean: Lean, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def seen(
+    lean: Lean, elsewhere: Elsewhere, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
     """What the browser saw, per scenario (one browser, one run of run.mjs)."""
     shots = os.environ.get("LEAN_SCREENSHOTS") or str(tmp_path_factory.mktemp("shots"))
-    args = {"url": lean.url, "token": TOKEN, "shots": shots, "scenarios": SCENARIOS}
+    cross = {"page": elsewhere.page, "listed": elsewhere.listed, "open": elsewhere.open}
+    args = {"url": lean.url, "token": TOKEN, "shots": shots, "scenarios": SCENARIOS, "cross": cross}
     assert NODE is not None
     done = subprocess.run(
         [NODE, str(HERE / "run.mjs"), json.dumps(args)],
@@ -288,6 +375,85 @@ def test_lean_js_streams_over_fetch_and_websocket_and_chat_completions(
 
     assert result["chat"]["text"] == ANSWER and result["chat"]["chunks"] > 3
     assert result["unknownModel"] == {"status": 404, "code": "not_found"}
+
+
+# --- from a page on another origin ---
+
+
+def rejections(url: str, reason: str) -> int:
+    """lean_admission_rejections_total{reason} from a lean without tokens, or with TOKEN."""
+    text = get(url + "/metrics").decode()
+    line = f'lean_admission_rejections_total{{reason="{reason}"}} '
+    return next((int(float(x[len(line) :])) for x in text.splitlines() if x.startswith(line)), 0)
+
+
+def asked(fake: FakeOpenAI | None, words: str) -> int:
+    """How many requests the fake upstream got whose last message says `words`."""
+    assert fake is not None
+    return sum(
+        words in json.dumps(r.body["messages"][-1]) for r in fake.requests if r.body is not None
+    )
+
+
+@needs_browser
+def test_a_listed_origin_imports_lean_js_and_streams_over_fetch_eventsource_and_websockets(
+    elsewhere: Elsewhere, seen: dict[str, Any]
+) -> None:
+    result = scenario(seen, "crossOrigin")
+    assert result["origin"] == elsewhere.page != elsewhere.listed  # another origin indeed
+    assert result["console"] == []  # no CORS complaint from the browser
+    fetch = result["fetch"]
+    assert fetch["types"][0] == "start" and fetch["types"][-1] == "done"
+    assert fetch["text"] == ANSWER and result["saved"] == ANSWER
+    source = result["eventSource"]
+    assert source["how"] == "done" and source["text"] == ANSWER
+    assert source["ids"][0] == "1" and source["done"]["text"] == ANSWER
+    assert result["ws"]["types"][-1] == "done" and result["ws"]["text"] == ANSWER
+    by_protocol = result["bySubprotocol"]  # the token as a subprotocol, not in the URL
+    assert by_protocol["protocol"] == "lean" and by_protocol["types"][-1] == "done"
+    assert by_protocol["text"] == ANSWER
+    assert result["chatText"] == ANSWER
+    assert result["refused"] == {"status": 401, "code": "unauthorized"}  # readable: CORS on errors
+    assert asked(elsewhere.listed_fake, "hello from afar") == 5
+
+
+@needs_browser
+def test_an_origin_not_listed_is_refused_by_the_browser_and_by_lean(
+    lean: Lean, seen: dict[str, Any]
+) -> None:
+    result = scenario(seen, "crossOriginRefused")
+    assert result["imported"] == "TypeError"  # no Access-Control-Allow-Origin on lean.js
+    failure = result["fetchError"]  # the preflight refused: fetch fails, no status to read
+    assert failure["name"] == "LeanError" and failure["status"] == 0
+    assert failure["message"].startswith("cannot reach lean")
+    assert result["eventSource"]["types"] == [] and result["eventSource"]["how"] == "closed"
+    assert result["ws"]["opened"] is False and result["ws"]["code"] == 1006
+    assert asked(lean.fake, "refused from afar") == 0
+    # lean itself refused them (not only the browser): the preflight, the EventSource, the socket.
+    assert rejections(lean.url, "origin") >= 3
+
+
+@needs_browser
+def test_a_page_not_listed_starts_no_run_on_a_loopback_lean_without_tokens(
+    elsewhere: Elsewhere, seen: dict[str, Any]
+) -> None:
+    result = scenario(seen, "unlistedLoopback")
+    assert result["json"] == "TypeError"  # the preflight got 403
+    assert result["simple"] == "opaque"  # sent (a no-cors POST), refused by lean
+    assert result["eventSource"]["types"] == [] and result["eventSource"]["how"] == "closed"
+    assert result["ws"]["opened"] is False
+    assert result["image"] == "error" and result["form"] == "submitted"
+    # Each reached lean and was refused there: JSON preflight, no-cors POST, EventSource,
+    # WebSocket and form carry an Origin; the <img> only Sec-Fetch-Site.
+    assert rejections(elsewhere.open, "origin") == 5
+    assert rejections(elsewhere.open, "fetch_site") == 1
+    # The one request the fake upstream saw: the same page reached as localhost, listed.
+    listed = result["fromListed"]
+    assert listed["origin"] == elsewhere.page_by_name and listed["status"] == 200
+    assert listed["text"] == ANSWER
+    assert elsewhere.open_fake is not None
+    assert [asked(elsewhere.open_fake, w) for w in ("spend it", "from localhost")] == [0, 1]
+    assert len(elsewhere.open_fake.requests) == 1
 
 
 # --- lean.js's SSE reader against lean/sse.py, at every split (node only, no browser) ----

@@ -2,7 +2,13 @@
 // against a lean the test started. One browser for all scenarios; each scenario is a fresh
 // page (fresh sessionStorage) and reports what a person would see, as JSON on stdout.
 //
-//   node run.mjs '{"url": "http://127.0.0.1:PORT", "token": "...", "shots": "/dir", "scenarios": [...]}'
+//   node run.mjs '{"url": "http://127.0.0.1:PORT", "token": "...", "shots": "/dir", "scenarios": [...],
+//                  "cross": {"page": "http://127.0.0.1:P2", "listed": "http://127.0.0.1:P3",
+//                            "open": "http://127.0.0.1:P4"}}'
+//
+// The cross-origin scenarios run on `cross.page`, another origin's page (another port): `listed`
+// is a lean whose cors_origins lists it, `url` a lean that does not, `open` one without tokens
+// that lists only the same page reached as http://localhost:P2 (another origin).
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -20,7 +26,7 @@ const FLAGS = [
 ];
 const WAIT = 10_000; // ms: any one step; lean and its fake upstream answer in well under 1 s
 
-const { url, token, shots, scenarios } = JSON.parse(process.argv[2]);
+const { url, token, shots, scenarios, cross } = JSON.parse(process.argv[2]);
 
 async function page(context, { width = 1100, height = 760 } = {}) {
   const p = await context.newPage();
@@ -63,6 +69,57 @@ function visibleText(answer) {
     Array.from(a.querySelectorAll(":scope > .text"), (t) => t.textContent).join(""),
   );
 }
+
+/** A page of another app, on another origin: no CSP, nothing of lean's. */
+async function otherPage(context, origin = cross.page) {
+  const p = await context.newPage();
+  p.setDefaultTimeout(WAIT);
+  p.errors = [];
+  p.console = [];
+  p.on("pageerror", (error) => p.errors.push(String(error)));
+  // The favicon's 404 and a 401 a scenario asks for are "Failed to load resource": not a fault.
+  p.on("console", (m) => m.type() === "error" && !m.text().startsWith("Failed to load resource") && p.console.push(m.text()));
+  await p.goto(origin + "/");
+  return p;
+}
+
+/** In the page: how each way a page reaches lean fares (event types seen, or how it failed). */
+const ATTEMPTS = `
+window.viaEventSource = (href, settle = 5000) =>
+  new Promise((resolve) => {
+    const source = new EventSource(href);
+    const seen = { types: [], ids: [], text: "" };
+    const end = (how) => {
+      source.close();
+      resolve({ ...seen, how, readyState: source.readyState });
+    };
+    for (const type of ["start", "delta", "tool_start", "tool_end", "waiting", "error"]) {
+      source.addEventListener(type, (e) => {
+        if (!(e instanceof MessageEvent)) return; // "error" is also a failed connection's event
+        seen.types.push(type);
+        seen.ids.push(e.lastEventId);
+        const data = JSON.parse(e.data);
+        if (type === "delta" && data.part === "content") seen.text += data.text;
+      });
+    }
+    source.addEventListener("done", (e) => {
+      seen.types.push("done");
+      seen.done = JSON.parse(e.data);
+      end("done");
+    });
+    source.onerror = () => end(source.readyState === EventSource.CLOSED ? "closed" : "error");
+    setTimeout(() => end("timeout"), settle);
+  });
+window.viaWebSocket = (href) =>
+  new Promise((resolve) => {
+    const socket = new WebSocket(href);
+    socket.onopen = () => {
+      socket.close();
+      resolve({ opened: true });
+    };
+    socket.onclose = (e) => resolve({ opened: false, code: e.code });
+  });
+`;
 
 const conversation = (p) => p.evaluate(() => sessionStorage.getItem("lean.current"));
 
@@ -311,6 +368,156 @@ const run = {
     return { ...out, errors: p.errors };
   },
 };
+
+Object.assign(run, {
+  /** lean.js imported from a lean that lists this page's origin: fetch, EventSource, WebSocket. */
+  async crossOrigin(context) {
+    const p = await otherPage(context);
+    await p.addScriptTag({ content: ATTEMPTS });
+    const out = await p.evaluate(
+      async ({ base, token }) => {
+        const lean = await import(base + "/lean.js");
+        const o = { token, baseUrl: base };
+        const overFetch = [];
+        for await (const e of lean.stream("chat", { message: "hello from afar", ...o })) overFetch.push(e);
+        const history = await lean.history(overFetch[0].conversationId, o);
+        const query = new URLSearchParams({ message: "hello from afar", access_token: token });
+        const eventSource = await viaEventSource(`${base}/v1/scenes/chat/stream?${query}`);
+        const session = new lean.Session(o);
+        const overWs = [];
+        for await (const e of session.run("chat", { message: "hello from afar" })) overWs.push(e);
+        session.close();
+        // The token as a subprotocol, out of the URL: lean answers "lean".
+        const bySubprotocol = await new Promise((resolve) => {
+          const socket = new WebSocket(`${base.replace("http", "ws")}/v1/ws`, ["lean", `lean.bearer.${token}`]);
+          const types = [];
+          socket.onopen = () =>
+            socket.send(JSON.stringify({ type: "run", runId: "p1", scene: "chat", message: "hello from afar" }));
+          socket.onmessage = (m) => {
+            const frame = JSON.parse(m.data);
+            types.push(frame.type);
+            if (frame.type === "done" || frame.type === "error") {
+              resolve({ protocol: socket.protocol, types, text: frame.text });
+              socket.close();
+            }
+          };
+          socket.onclose = (e) => resolve({ protocol: socket.protocol, types, code: e.code });
+        });
+        let chatText = "";
+        for await (const chunk of lean.chatCompletions({
+          model: "default",
+          messages: [{ role: "user", content: "hello from afar" }],
+          ...o,
+        })) {
+          chatText += chunk.choices[0]?.delta?.content || "";
+        }
+        let refused = null;
+        try {
+          await lean.scenes({ baseUrl: base }); // no token: lean's 401, readable from here
+        } catch (error) {
+          refused = { status: error.status, code: error.code };
+        }
+        return {
+          origin: location.origin,
+          fetch: {
+            types: overFetch.map((e) => e.type),
+            text: overFetch.filter((e) => e.type === "delta" && e.part === "content").map((e) => e.text).join(""),
+          },
+          saved: history.find((m) => m.role === "assistant")?.content,
+          eventSource,
+          ws: { types: overWs.map((e) => e.type), text: overWs.at(-1).text },
+          bySubprotocol,
+          chatText,
+          refused,
+        };
+      },
+      { base: cross.listed, token },
+    );
+    return { ...out, console: p.console, errors: p.errors };
+  },
+
+  /** The same page against a lean that does not list its origin: every way is refused. */
+  async crossOriginRefused(context) {
+    const p = await otherPage(context);
+    await p.addScriptTag({ content: ATTEMPTS });
+    const out = await p.evaluate(
+      async ({ base, listed, token }) => {
+        let imported = "yes";
+        try {
+          await import(base + "/lean.js");
+        } catch (error) {
+          imported = String(error.name);
+        }
+        const lean = await import(listed + "/lean.js"); // the listed lean's copy, aimed at base
+        let fetchError = null;
+        try {
+          for await (const _ of lean.stream("chat", { message: "refused from afar", token, baseUrl: base }));
+        } catch (error) {
+          fetchError = { name: error.name, status: error.status, message: error.message };
+        }
+        const query = new URLSearchParams({ message: "refused from afar", access_token: token });
+        const eventSource = await viaEventSource(`${base}/v1/scenes/chat/stream?${query}`);
+        const ws = await viaWebSocket(`${base.replace("http", "ws")}/v1/ws?access_token=${token}`);
+        return { imported, fetchError, eventSource, ws };
+      },
+      { base: url, listed: cross.listed, token },
+    );
+    return { ...out, errors: p.errors };
+  },
+
+  /** A page on an origin not listed, against a lean on loopback without tokens: nothing runs. */
+  async unlistedLoopback(context) {
+    const p = await otherPage(context);
+    await p.addScriptTag({ content: ATTEMPTS });
+    const out = await p.evaluate(async (base) => {
+      const body = JSON.stringify({ model: "default", messages: [{ role: "user", content: "spend it" }] });
+      const chat = `${base}/v1/chat/completions`;
+      const outcome = async (promise) => {
+        try {
+          const response = await promise;
+          return response.type === "opaque" ? "opaque" : `status ${response.status}`;
+        } catch (error) {
+          return error.name;
+        }
+      };
+      const json = await outcome(fetch(chat, { method: "POST", body, headers: { "Content-Type": "application/json" } }));
+      const simple = await outcome(fetch(chat, { method: "POST", body, mode: "no-cors" }));
+      const eventSource = await viaEventSource(`${base}/v1/scenes/chat/stream?message=spend+it`);
+      const ws = await viaWebSocket(`${base.replace("http", "ws")}/v1/ws`);
+      const image = await new Promise((resolve) => {
+        const img = new Image();
+        img.onload = () => resolve("load");
+        img.onerror = () => resolve("error");
+        img.src = `${base}/v1/scenes/chat/stream?message=spend+it`;
+      });
+      const form = await new Promise((resolve) => {
+        const frame = document.createElement("iframe");
+        frame.name = "sink";
+        document.body.append(frame);
+        const f = document.createElement("form");
+        Object.assign(f, { method: "POST", action: chat, target: "sink", enctype: "text/plain" });
+        const field = document.createElement("input");
+        // text/plain sends `name=value`: a JSON body, as a CSRF page would shape it.
+        const name = '{"model": "default", "messages": [{"role": "user", "content": "spend it"}], "x": "';
+        Object.assign(field, { name, value: '"}' });
+        f.append(field);
+        document.body.append(f);
+        frame.onload = () => resolve("submitted");
+        f.submit();
+      });
+      return { json, simple, eventSource, ws, image, form };
+    }, cross.open);
+    // The same page from http://localhost:PORT, the origin this lean lists (127.0.0.1 is not).
+    const listed = await otherPage(context, cross.page.replace("127.0.0.1", "localhost"));
+    const fromListed = await listed.evaluate(async (base) => {
+      const body = JSON.stringify({ model: "default", messages: [{ role: "user", content: "from localhost" }] });
+      const headers = { "Content-Type": "application/json" };
+      const response = await fetch(`${base}/v1/chat/completions`, { method: "POST", body, headers });
+      return { origin: location.origin, status: response.status, text: (await response.json()).choices[0].message.content };
+    }, cross.open);
+    return { ...out, fromListed, errors: [...p.errors, ...listed.errors] };
+  },
+});
 
 const dir = mkdtempSync(join(tmpdir(), "lean-chromium-"));
 const context = await chromium.launchPersistentContext(dir, {
