@@ -174,7 +174,8 @@ export interface SessionRun extends AsyncIterable<SceneEvent> {
   toolResult(toolCallId: string, result: unknown): void;
 }
 
-/** One WebSocket to /v1/ws carrying several runs; the token goes as `access_token`. */
+/** One WebSocket to /v1/ws carrying several runs; the token goes as the subprotocol
+ * `lean.bearer.<token>` (or as `access_token` when it cannot be a subprotocol name). */
 export class Session {
   constructor(options?: ClientOptions);
   /** Error frames that belong to no run of this session. */

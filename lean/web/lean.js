@@ -17,8 +17,9 @@
 //   ignored, a blank line dispatches only when data was seen, an unterminated last event is
 //   dropped. One event is bounded (MAX_EVENT_CHARS).
 // - Tokens go in the Authorization header; a WebSocket cannot set headers, so `Session`
-//   sends its token as the `access_token` query parameter of the upgrade (a GET). lean.js
-//   never logs a token.
+//   offers its token as the subprotocol `lean.bearer.<token>` beside `lean` (kept out of
+//   URLs, which proxies log), or, for a token that is not a valid subprotocol name, as the
+//   `access_token` query parameter of the upgrade. lean.js never logs a token.
 // - Resume (a run that survives a dropped connection or a reload) is not served by lean
 //   yet: a `SceneStream` keeps `runId` and `cursor` (the last SSE id), which is all a
 //   resume will need.
@@ -394,13 +395,19 @@ class SessionRun {
   }
 }
 
+const SUBPROTOCOL_TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
+
 /** One WebSocket (`/v1/ws`) carrying several runs, each an async iterator of its events. */
 export class Session {
   constructor({ token, baseUrl } = {}) {
     const base = new URL(baseUrl || "/", typeof location === "undefined" ? undefined : location.href);
     base.protocol = base.protocol === "https:" ? "wss:" : "ws:";
     base.pathname = base.pathname.replace(/\/+$/, "") + "/v1/ws";
-    if (token) base.searchParams.set("access_token", token); // a WebSocket cannot set headers
+    // A WebSocket cannot set headers: the token rides as a subprotocol when it can be one
+    // (RFC 6455 token characters), else in the query string.
+    this.protocols = undefined;
+    if (token && SUBPROTOCOL_TOKEN.test(token)) this.protocols = ["lean", `lean.bearer.${token}`];
+    else if (token) base.searchParams.set("access_token", token);
     this.wsUrl = base.href;
     this.runs = new Map();
     this.socket = null;
@@ -412,7 +419,7 @@ export class Session {
   open() {
     if (this.opened) return this.opened;
     this.opened = new Promise((resolve, reject) => {
-      const socket = new WebSocket(this.wsUrl);
+      const socket = new WebSocket(this.wsUrl, this.protocols);
       this.socket = socket;
       socket.onopen = () => resolve(this);
       socket.onmessage = (message) => this.receive(message.data);
