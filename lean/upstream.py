@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from lean.aiohttp_internals import fast_reader
 from lean.arrivals import Arrivals, Handed, Receiver
 from lean.budget import MIB, Budget, Lease
 from lean.config import Config, ModelConfig, ProviderConfig
@@ -224,12 +225,11 @@ class Upstream:
                         del body_bytes  # parsed: only the pieces are held while they go out
                         await handed.deliver(receiver, pieces)
                     return
-                content = resp.content
                 arrivals = Arrivals(parser, translator, receiver, handed, guard, read_timeout)
-                if type(content) is aiohttp.StreamReader and resp.connection is not None:
-                    await arrivals.take(content, resp.connection.protocol)
+                if (fast := fast_reader(resp)) is not None:
+                    await arrivals.take(*fast)
                 else:  # a reader of another kind, or a body already complete
-                    await arrivals.read(content)
+                    await arrivals.read(resp.content)
                 parser.close()
                 translator.close()
         except asyncio.CancelledError:
