@@ -40,22 +40,21 @@ class Receiver(Protocol):
 
 
 class Handed:
-    """What the streams of one answer handed to their receiver: the relay's commit point."""
+    """What the streams of one answer handed to their receiver: the relay's commit point.
+    A receiver whose client failed raises `client_io.ClientGone`, which the upstream
+    boundary passes through untouched."""
 
-    __slots__ = ("receiving", "visible")
+    __slots__ = ("visible",)
 
     def __init__(self) -> None:
         self.visible = False  # a piece the user sees went out: no more retries
-        self.receiving = False  # inside the receiver: an exception now is not the upstream's
 
     async def deliver(self, receiver: Receiver, batch: list[Piece]) -> None:
         """For the rare paths (a whole answer, the demo); the read loop inlines this."""
         if not self.visible and any(isinstance(piece, VISIBLE) for piece in batch):
             self.visible = True
-        self.receiving = True
         if receiver.push(batch):
             await receiver.drain()
-        self.receiving = False
 
 
 class Arrivals:
@@ -68,7 +67,7 @@ class Arrivals:
     failure, or a client that is behind (then the upstream stops being read until the
     client drains). The buffer, the wake-up and the `readany()` per read were 21-22% of
     lean's CPU per chunk (docs/performance.md). A failure inside the callback is kept and
-    raised by the task; `handed.receiving` still tells whose it was. The aiohttp
+    raised by the task (a client's failure as `ClientGone`, its type). The aiohttp
     internals this takes (a reader's class swapped, the socket paused) are in
     `lean.aiohttp_internals`, items 1 and 2.
     """
@@ -132,10 +131,8 @@ class Arrivals:
                 if batch:
                     if not handed.visible and any(isinstance(p, VISIBLE) for p in batch):
                         handed.visible = True
-                    handed.receiving = True
                     if self._receiver.push(batch):
                         self.behind = True
-                    handed.receiving = False
                 if failed is not None:
                     raise failed
             self._guard.waiting(self._read_timeout)
@@ -187,11 +184,9 @@ class Arrivals:
             internals.READS.fallback += reads
 
     async def _drain(self) -> None:
-        """Wait for the client; a failure meanwhile is the client's, not the upstream's.
-        Then lean waits for the upstream again: its silence limit starts over."""
-        self._handed.receiving = True
+        """Wait for the client (its failure: `ClientGone`). Then lean waits for the upstream
+        again: its silence limit starts over."""
         await self._receiver.drain()
-        self._handed.receiving = False
         self.behind = False
         self._guard.waiting(self._read_timeout)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from lean.client_io import BodyWriter, bound_send_buffer, reset, unsent
+from lean.client_io import BodyWriter, ClientGone, bound_send_buffer, reset, unsent
 from lean.config import Config, ModelConfig
 from lean.connections import Connections
 from lean.core import Ending
@@ -286,7 +286,7 @@ class _Chunks:
         """Write what is held without waiting: the stream ends (an error frame follows)."""
         held, self._held = self._held, None
         if held:
-            with contextlib.suppress(ConnectionError):
+            with contextlib.suppress(ClientGone):
                 self._write(coalesce(held))
 
 
@@ -344,7 +344,7 @@ async def _run_stream(
             raise
     except LeanError as exc:
         error = exc.with_traceback(None)  # kept with its traceback, this frame is a cycle
-    except ConnectionError:
+    except ClientGone:
         outcome.status = Ending.CANCELLED
     except Exception:  # a bug: end this stream with a typed error, never a silent hang
         log.exception("chat completion stream failed")

@@ -35,6 +35,7 @@ from typing import Any, Literal, Protocol
 import msgspec
 
 from lean import events
+from lean.client_io import ClientGone
 from lean.config import ModelConfig, SceneConfig
 from lean.core import Ending, RunCore
 from lean.errors import (
@@ -68,7 +69,7 @@ class Sink(Protocol):
     `write` queues one event's frame without waiting and says whether the peer is
     behind; only then does the run await `drain` (under its guard's slow-client
     limit). An event the transport takes at once costs no await and no clock reading.
-    Both raise `ConnectionError` once the peer is gone. `pending` is what the peer has
+    Both raise `client_io.ClientGone` once the peer is gone. `pending` is what the peer has
     not taken yet (bytes): the guard samples it while the run waits for the peer."""
 
     def write(self, name: str, seq: int, payload: bytes) -> bool: ...
@@ -80,14 +81,6 @@ class Sink(Protocol):
     async def ping(self) -> None: ...
 
     def abort(self) -> None: ...
-
-
-class ClientGone(Exception):
-    """The sink's peer went away; the run ends with `reason` (nothing more is sent)."""
-
-    def __init__(self, reason: LeanError) -> None:
-        super().__init__(reason.message)
-        self.reason = reason
 
 
 def new_run_id() -> str:
@@ -336,8 +329,8 @@ class Run:
             return False
         try:
             return sink.write(events.event_name(event), seq, events.encode(event))
-        except ConnectionError:
-            self._lost_client(Cancelled("the client left"))
+        except ClientGone as gone:
+            self._lost_client(gone.reason)
             return False
 
     async def _drain(self) -> None:
@@ -350,8 +343,8 @@ class Run:
         guard.writing()
         try:
             await sink.drain()
-        except ConnectionError:
-            self._lost_client(Cancelled("the client left"))
+        except ClientGone as gone:
+            self._lost_client(gone.reason)
         except asyncio.CancelledError:
             if not isinstance(guard.reason, SlowClient):
                 raise
