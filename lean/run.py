@@ -43,24 +43,17 @@ from lean.errors import (
     Cancelled,
     Internal,
     LeanError,
-    NotFound,
     SlowClient,
-    StoreUnavailable,
 )
 from lean.guard import Guard
 from lean.messages import MessageRecord, utc_now
 from lean.providers.base import Piece
 from lean.relay import Relay
-from lean.scenes import SceneRequest, chat_body, new_conversation_id, render
 from lean.services import Services
 from lean.tool_round import Call, ToolRound
 from lean.tools import openai_tools
 
 log = logging.getLogger("lean.run")
-
-# Seconds a client refused with `store_unavailable` is asked to wait: lean probes the store
-# every second, but a full disk is rarely freed sooner than this.
-STORE_RETRY_AFTER = 5.0
 
 
 class Sink(Protocol):
@@ -433,57 +426,3 @@ class Run:
             logging.INFO if store_error is None else logging.ERROR, "run", extra={"fields": fields}
         )
         return store_error is None
-
-
-async def new_run(
-    services: Services,
-    scene: SceneConfig,
-    request: SceneRequest,
-    *,
-    run_id: str,
-    sink: Sink,
-) -> Run:
-    """A run of `scene` for `request`, its turn saved, ready to `start()`.
-
-    Everything a request can get wrong raises here, before anything is sent: an unknown
-    model, a missing template input, admission. A new conversation has no history and
-    starts at turn 1 without asking the store first.
-    """
-    user_content = render(scene, request)
-    model = services.config.models.get(scene.model)
-    if model is None:
-        raise NotFound(f"model '{scene.model}' does not exist")
-    services.streams.check()
-    store = services.store
-    if not store.writable:  # no run starts that could not be saved
-        raise StoreUnavailable(
-            f"the store cannot write ({store.error})", retry_after=STORE_RETRY_AFTER
-        )
-    cid = request.conversation_id
-    history: list[tuple[str, str]] = []
-    if cid is None:  # a new conversation: no history to read, and its turn is 1
-        cid = new_conversation_id()
-        turn = await store.begin_first_turn(
-            conversation_id=cid, scene=scene.name, user_content=user_content
-        )
-    else:
-        if scene.history_turns:
-            history = await store.history(cid, scene.history_turns)
-        try:
-            turn = await store.begin_turn(
-                conversation_id=cid, scene=scene.name, user_content=user_content
-            )
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(
-                f"the store cannot write ({exc})", retry_after=STORE_RETRY_AFTER
-            ) from None
-    return Run(
-        services,
-        run_id=run_id,
-        scene=scene,
-        model=model,
-        conversation_id=cid,
-        turn=turn,
-        body=chat_body(scene, history, user_content),
-        sink=sink,
-    )

@@ -24,7 +24,8 @@ from lean.client_io import TextFrames, bound_send_buffer, reset
 from lean.errors import BadRequest, LeanError, NotFound, Overloaded
 from lean.handlers import services_key
 from lean.inbound import ClientId, decode, is_client_id
-from lean.run import Run, new_run
+from lean.run import Run
+from lean.scene_handlers import new_run
 from lean.services import Services
 
 log = logging.getLogger("lean.ws")
