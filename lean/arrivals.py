@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from lean import aiohttp_internals as internals
 from lean.errors import LeanError
 from lean.guard import Guard
 from lean.providers.base import VISIBLE, Piece
@@ -39,22 +40,21 @@ class Receiver(Protocol):
 
 
 class Handed:
-    """What the streams of one answer handed to their receiver: the relay's commit point."""
+    """What the streams of one answer handed to their receiver: the relay's commit point.
+    A receiver whose client failed raises `client_io.ClientGone`, which the upstream
+    boundary passes through untouched."""
 
-    __slots__ = ("receiving", "visible")
+    __slots__ = ("visible",)
 
     def __init__(self) -> None:
         self.visible = False  # a piece the user sees went out: no more retries
-        self.receiving = False  # inside the receiver: an exception now is not the upstream's
 
     async def deliver(self, receiver: Receiver, batch: list[Piece]) -> None:
         """For the rare paths (a whole answer, the demo); the read loop inlines this."""
         if not self.visible and any(isinstance(piece, VISIBLE) for piece in batch):
             self.visible = True
-        self.receiving = True
         if receiver.push(batch):
             await receiver.drain()
-        self.receiving = False
 
 
 class Arrivals:
@@ -67,7 +67,9 @@ class Arrivals:
     failure, or a client that is behind (then the upstream stops being read until the
     client drains). The buffer, the wake-up and the `readany()` per read were 21-22% of
     lean's CPU per chunk (docs/performance.md). A failure inside the callback is kept and
-    raised by the task; `handed.receiving` still tells whose it was.
+    raised by the task (a client's failure as `ClientGone`, its type). The aiohttp
+    internals this takes (a reader's class swapped, the socket paused) are in
+    `lean.aiohttp_internals`, items 1 and 2.
     """
 
     __slots__ = (
@@ -77,6 +79,7 @@ class Arrivals:
         "_paused",
         "_protocol",
         "_read_timeout",
+        "_reads",
         "_receiver",
         "_translator",
         "_wake",
@@ -103,6 +106,7 @@ class Arrivals:
         self._wake: asyncio.Future[None] | None = None
         self._protocol: Any = None  # the upstream connection's, while `take()` runs
         self._paused = False
+        self._reads = 0  # handled in the data callback: `aiohttp_internals.READS`
         self.behind = False  # the client is behind: drain before reading more
         self.ended = False
         self.failure: BaseException | None = None
@@ -127,10 +131,8 @@ class Arrivals:
                 if batch:
                     if not handed.visible and any(isinstance(p, VISIBLE) for p in batch):
                         handed.visible = True
-                    handed.receiving = True
                     if self._receiver.push(batch):
                         self.behind = True
-                    handed.receiving = False
                 if failed is not None:
                     raise failed
             self._guard.waiting(self._read_timeout)
@@ -140,9 +142,7 @@ class Arrivals:
 
     async def take(self, content: aiohttp.StreamReader, protocol: Any) -> None:
         """Handle `content` as it arrives, until its end; raise what failed."""
-        leftover = _buffered(content)
-        content.__class__ = _ArrivingReader
-        _ARRIVING[id(content)] = self
+        leftover = internals.hand_over(content, self)
         self._protocol = protocol
         try:
             if leftover:
@@ -165,49 +165,51 @@ class Arrivals:
                 self._wake = loop.create_future()
                 await self._wake
         finally:
-            _ARRIVING.pop(id(content), None)
+            internals.take_back(content)
+            internals.READS.fast += self._reads
             self._wake = None
             self._protocol = None
 
     async def read(self, content: aiohttp.StreamReader) -> None:
         """The usual way, for a reader `take()` does not handle: a task woken per read."""
-        while data := await content.readany():
-            if self.feed(data):
-                await self._drain()
-            if self.failure is not None:
-                raise self.failure
+        reads = 0
+        try:
+            while data := await content.readany():
+                reads += 1
+                if self.feed(data):
+                    await self._drain()
+                if self.failure is not None:
+                    raise self.failure
+        finally:
+            internals.READS.fallback += reads
 
     async def _drain(self) -> None:
-        """Wait for the client; a failure meanwhile is the client's, not the upstream's.
-        Then lean waits for the upstream again: its silence limit starts over."""
-        self._handed.receiving = True
+        """Wait for the client (its failure: `ClientGone`). Then lean waits for the upstream
+        again: its silence limit starts over."""
         await self._receiver.drain()
-        self._handed.receiving = False
         self.behind = False
         self._guard.waiting(self._read_timeout)
 
     def arrived(self, data: bytes) -> None:
+        self._reads += 1
         if self.feed(data):
             self._pause()  # at once: what else arrives before the task runs is one read
             self._wake_up()
         elif self.failure is not None:
             self._wake_up()
 
-    # The upstream socket is paused, not aiohttp's protocol: the protocol's pause also
-    # pauses its parser at the next body piece, and a pause taken outside a parse (a
-    # client behind on what `take()` found buffered) stayed set past the resume and held
-    # the rest of the body in the parser for good. The rest of the read in hand is still
-    # parsed and handed over; the receiver holds it until the client drains.
+    # The upstream socket is paused, not aiohttp's protocol (`aiohttp_internals`, 2). The
+    # rest of the read in hand is still parsed and handed over; the receiver holds it
+    # until the client drains.
     def _pause(self) -> None:
         if not self._paused and self._protocol is not None:
             self._paused = True
-            if (transport := self._protocol.transport) is not None:
-                transport.pause_reading()
+            internals.pause_socket(self._protocol)
 
     def _resume(self) -> None:
         self._paused = False
-        if self._protocol is not None and (transport := self._protocol.transport) is not None:
-            transport.resume_reading()
+        if self._protocol is not None:
+            internals.resume_socket(self._protocol)
 
     def end(self) -> None:
         self.ended = True
@@ -221,51 +223,6 @@ class Arrivals:
     def _wake_up(self) -> None:
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
-
-
-# The reader whose reads a stream handles as they arrive, by its id(): the reader has
-# __slots__ (no room for a reference), and the entry lives only while `take()` runs.
-_ARRIVING: dict[int, Arrivals] = {}
-
-
-class _ArrivingReader(aiohttp.StreamReader):
-    """aiohttp's body reader with its feed calls handed to an `Arrivals`. Swapped in as
-    the class of the response's reader (aiohttp offers no hook; the layout is the same),
-    and only for a plain `StreamReader`: any other aiohttp is read with `readany()`."""
-
-    __slots__ = ()
-
-    def feed_data(self, data: bytes, size: int = 0) -> bool:
-        arrivals = _ARRIVING.get(id(self))
-        if arrivals is None:
-            return super().feed_data(data, size)
-        arrivals.arrived(data)
-        return False
-
-    def feed_eof(self) -> None:
-        super().feed_eof()
-        arrivals = _ARRIVING.get(id(self))
-        if arrivals is not None:
-            arrivals.end()
-
-    def set_exception(self, exc: BaseException, *args: Any) -> None:
-        super().set_exception(exc, *args)
-        arrivals = _ARRIVING.get(id(self))
-        if arrivals is not None:
-            arrivals.fail(exc)
-
-
-def _buffered(content: aiohttp.StreamReader) -> bytes:
-    """All the body `content` buffered before `take()`. One `read_nowait()` is not enough:
-    taking bytes lets aiohttp resume a reader its buffer had paused, and the resumed
-    parser refills the buffer at once, inside that call (bounded by what aiohttp had read
-    but not parsed); bytes left there would never be read."""
-    if content.exception() is not None:
-        return b""
-    parts = []
-    while part := content.read_nowait():
-        parts.append(part)
-    return b"".join(parts)
 
 
 def _slices(data: bytes) -> list[bytes]:

@@ -30,6 +30,21 @@ import termios
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 
+from lean.errors import Cancelled, LeanError
+
+
+class ClientGone(ConnectionResetError):
+    """The client side failed: its connection closed, or lean cut it. Raised where lean
+    calls into the client side (the writers here, a run's sink), so whose failure it was
+    travels as this type: the upstream boundary (`lean.upstream`, `lean.relay`) lets it
+    through untouched, never retries it nor blames the provider for it. A
+    `ConnectionResetError`, so what treats a lost peer as one (aiohttp, the guard's
+    heartbeat) still does. `reason`: how a run it ends ends (`Cancelled` unless said)."""
+
+    def __init__(self, reason: LeanError | None = None) -> None:
+        self.reason = reason if reason is not None else Cancelled("the client left")
+        super().__init__(self.reason.message)
+
 
 def bound_send_buffer(request: web.Request, size: int) -> None:
     """Cap the kernel's send buffer of a streaming client's socket.
@@ -89,7 +104,7 @@ async def _prepare(
     writer = await response.prepare(request)
     transport = request.transport
     if writer is None or transport is None:
-        raise ConnectionResetError("the client left before the response started")
+        raise ClientGone(Cancelled("the client left before the response started"))
     return transport, writer
 
 
@@ -103,8 +118,11 @@ class _Frames:
         self._writer = writer
 
     async def drain(self) -> None:
-        """Wait until the transport takes writes again (raises if the client left)."""
-        await self._writer.drain()
+        """Wait until the transport takes writes again; `ClientGone` if the client left."""
+        try:
+            await self._writer.drain()
+        except ConnectionError:
+            raise ClientGone() from None
 
     def pending(self) -> int:
         """Bytes written that the client has not taken yet (`unsent`)."""
@@ -138,7 +156,7 @@ class BodyWriter(_Frames):
         """Queue `frame` (not empty); True when the client is behind: await `drain()`."""
         transport = self._transport
         if transport.is_closing():
-            raise ConnectionResetError("the client closed the connection")
+            raise ClientGone(Cancelled("the client closed the connection"))
         transport.write(b"%x\r\n%b\r\n" % (len(frame), frame) if self._chunked else frame)
         return transport.get_write_buffer_size() > 0
 
@@ -165,7 +183,7 @@ class TextFrames(_Frames):
         await `drain()`."""
         transport = self._transport
         if self._ws.closed or transport.is_closing():
-            raise ConnectionResetError("the WebSocket is closed")
+            raise ClientGone(Cancelled("the WebSocket is closed"))
         size = len(payload)
         if size < 126:
             transport.write(b"\x81%c%b" % (size, payload))

@@ -22,15 +22,8 @@ One sweeper task per server checks the deadlines (every `SWEEP_EVERY` at most, s
 deadline is kept to within that): no timer per connection, two dict operations per
 request, one membership test per read of a client's bytes.
 
-aiohttp internals touched, all here (issue 11 gathers them behind one module):
-1. The runner's low-level `web_server.Server` (public as `runner.server`) has its class
-   swapped for a subclass: its `connection_made` / `connection_lost` (which every
-   connection calls) and `__call__` (the protocol factory) are aiohttp's only hooks on
-   connections.
-2. Each `web_protocol.RequestHandler` has its class swapped, in that factory, for a
-   subclass with no slots of its own (same layout) whose `data_received` notes the
-   first byte of a request head. aiohttp has no hook there.
-Both subclasses call aiohttp's own methods first; `force_close()` is public.
+aiohttp's server offers no hook on connections: `lean.aiohttp_internals` (items 3 and 4)
+swaps the classes of its low-level server and of each request handler to report them.
 """
 
 from __future__ import annotations
@@ -41,6 +34,8 @@ from collections import Counter
 from typing import Any
 
 from aiohttp import web_protocol, web_server
+
+from lean.aiohttp_internals import watch_server
 
 __all__ = ["RESERVED", "SWEEP_EVERY", "Connections"]
 
@@ -83,10 +78,10 @@ class Connections:
     # --- wiring ---
 
     def watch(self, server: web_server.Server) -> None:
-        """Take over `server`'s connections (internals 1 and 2 above); before it listens."""
-        if type(server) is not web_server.Server:
-            raise RuntimeError(f"cannot watch a {type(server).__name__}")
-        server.__class__ = _server_class(self)
+        """Take over `server`'s connections; before it listens."""
+        watch_server(
+            server, opened=self.opened, lost=self.lost, first_byte=self.first_byte, idle=self._idle
+        )
 
     def start(self) -> None:
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
@@ -183,33 +178,3 @@ class Connections:
                 self._rejections[(reason,)] += 1
             self._forget(protocol)
             protocol.force_close()
-
-
-def _server_class(connections: Connections) -> type[web_server.Server]:
-    """aiohttp's low-level server and its request handler, reporting to `connections`."""
-    loop = asyncio.get_running_loop()
-    idle = connections._idle  # read per client read: a set lookup, no method call
-
-    class Handler(web_protocol.RequestHandler):
-        __slots__ = ()  # the same layout as aiohttp's class: its instances can become this
-
-        def data_received(self, data: bytes) -> None:
-            if self in idle:
-                connections.first_byte(self, loop.time())
-            super().data_received(data)
-
-    class Server(web_server.Server):
-        def __call__(self) -> web_protocol.RequestHandler:
-            protocol = super().__call__()
-            protocol.__class__ = Handler
-            return protocol
-
-        def connection_made(self, handler: Protocol, transport: asyncio.Transport) -> None:
-            super().connection_made(handler, transport)
-            connections.opened(handler, loop.time())
-
-        def connection_lost(self, handler: Protocol, exc: BaseException | None = None) -> None:
-            super().connection_lost(handler, exc)
-            connections.lost(handler)
-
-    return Server

@@ -19,9 +19,10 @@ from typing import Any
 
 from aiohttp import web
 
-from lean.client_io import BodyWriter, bound_send_buffer, reset, unsent
+from lean.client_io import BodyWriter, ClientGone, bound_send_buffer, reset, unsent
 from lean.config import Config, ModelConfig
 from lean.connections import Connections
+from lean.core import Ending
 from lean.errors import Internal, LeanError, NotFound, PayloadTooLarge, clip, openai_error_body
 from lean.guard import Guard
 from lean.inbound import require_json
@@ -115,18 +116,16 @@ class _Outcome:
         self.started = time.monotonic()
         self.first_token: float | None = None
         self.frames = 0
-        self.status = "error"
+        self.status = Ending.ERROR
         self.code = ""
 
     def failed(self, error: LeanError, committed: bool) -> None:
         self.code = error.code
-        self.status = (
-            "cancelled" if error.code == "cancelled" else ("incomplete" if committed else "error")
-        )
+        self.status = Ending.after(error, kept=committed)
 
     def end(self, services: Services) -> None:
         ttft = None if self.first_token is None else self.first_token - self.started
-        services.metrics.run_ended("chat.completions", "", self.status, self.frames, ttft)
+        services.metrics.run_ended("chat.completions", "", self.status.value, self.frames, ttft)
         log.info(
             "run",
             extra={
@@ -134,7 +133,7 @@ class _Outcome:
                     "endpoint": "chat.completions",
                     "model": self.model.alias,
                     "stream": self.stream,
-                    "status": self.status,
+                    "status": self.status.value,
                     "code": self.code or None,
                     "first_token_ms": None if ttft is None else round(ttft * 1000),
                     "duration_ms": round((time.monotonic() - self.started) * 1000),
@@ -155,12 +154,12 @@ async def _complete(
     answer = _Answer()
     try:
         await relay.run(answer)
-        outcome.status = "complete"
+        outcome.status = Ending.COMPLETE
         outcome.first_token = time.monotonic()
     except asyncio.CancelledError:
         reason = guard.take()
         if reason is None:
-            outcome.status = "cancelled"
+            outcome.status = Ending.CANCELLED
             raise
         outcome.failed(reason, False)
         raise reason from None
@@ -287,7 +286,7 @@ class _Chunks:
         """Write what is held without waiting: the stream ends (an error frame follows)."""
         held, self._held = self._held, None
         if held:
-            with contextlib.suppress(ConnectionError):
+            with contextlib.suppress(ClientGone):
                 self._write(coalesce(held))
 
 
@@ -337,16 +336,16 @@ async def _run_stream(
         chunks = _Chunks(await BodyWriter.start(request, response), framer, guard, outcome)
         await relay.run(chunks)
         await chunks.write_end()
-        outcome.status = "complete"
+        outcome.status = Ending.COMPLETE
     except asyncio.CancelledError:
         error = guard.take()
         if error is None:
-            outcome.status = "cancelled"  # the client left; the upstream was closed
+            outcome.status = Ending.CANCELLED  # the client left; the upstream was closed
             raise
     except LeanError as exc:
         error = exc.with_traceback(None)  # kept with its traceback, this frame is a cycle
-    except ConnectionError:
-        outcome.status = "cancelled"
+    except ClientGone:
+        outcome.status = Ending.CANCELLED
     except Exception:  # a bug: end this stream with a typed error, never a silent hang
         log.exception("chat completion stream failed")
         error = Internal("internal error; see lean's log")

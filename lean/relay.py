@@ -92,9 +92,7 @@ class Relay:
                             model, self._body, self._guard, receiver, handed
                         )
                         return
-                    except LeanError as exc:
-                        if handed.receiving:
-                            raise
+                    except LeanError as exc:  # the upstream's (a client's is `ClientGone`)
                         self._count(model, exc)
                         if self.committed:
                             raise

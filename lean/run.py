@@ -1,15 +1,17 @@
 """A scene run: one task from `start` to `done` or `error`, whatever the transport.
 
-A run owns its event order (`events.RunEvents`), the answer it assembles, and
-how it ends. It writes each event straight to its transport's `Sink` (one
-encode, one write; the write blocks when the client stops reading, which stops
-the upstream read: TCP backpressure end to end, one event held per run).
+A run owns its event order (`events.RunEvents`) and its I/O; the answer it assembles
+and how it ends are its `core.RunCore`, which has none. It writes each event straight
+to its transport's `Sink` (one encode, one write; the write blocks when the client
+stops reading, which stops the upstream read: TCP backpressure end to end, one event
+held per run).
 
 The answer is saved as it grows: a `streaming` row when the run starts, its text rewritten
 every `[store] flush_interval` (`lean.progress`), and the final save is committed before
 the last event goes out, so `done` says whether it was (`saved`).
 
-How a run ends, and the status saved with the assistant message:
+How a run ends, and the status saved with the assistant message (decided in `lean.core`,
+as an `Ending`):
 - `done`                                      -> complete
 - the client cancels, or leaves with `on_disconnect = cancel` -> cancelled
 - lean shuts down before the answer ended     -> incomplete (text kept)
@@ -33,31 +35,25 @@ from typing import Any, Literal, Protocol
 import msgspec
 
 from lean import events
+from lean.client_io import ClientGone
 from lean.config import ModelConfig, SceneConfig
+from lean.core import Ending, RunCore
 from lean.errors import (
     BadRequest,
     Cancelled,
     Internal,
     LeanError,
-    NotFound,
-    ShuttingDown,
     SlowClient,
-    StoreUnavailable,
 )
 from lean.guard import Guard
-from lean.messages import MessageRecord, TextBuffer, utc_now
-from lean.providers.base import Finish, Piece, Reasoning, Text, ToolCall, Usage
+from lean.messages import MessageRecord, utc_now
+from lean.providers.base import Piece
 from lean.relay import Relay
-from lean.scenes import SceneRequest, chat_body, new_conversation_id, render
 from lean.services import Services
 from lean.tool_round import Call, ToolRound
 from lean.tools import openai_tools
 
 log = logging.getLogger("lean.run")
-
-# Seconds a client refused with `store_unavailable` is asked to wait: lean probes the store
-# every second, but a full disk is rarely freed sooner than this.
-STORE_RETRY_AFTER = 5.0
 
 
 class Sink(Protocol):
@@ -66,7 +62,7 @@ class Sink(Protocol):
     `write` queues one event's frame without waiting and says whether the peer is
     behind; only then does the run await `drain` (under its guard's slow-client
     limit). An event the transport takes at once costs no await and no clock reading.
-    Both raise `ConnectionError` once the peer is gone. `pending` is what the peer has
+    Both raise `client_io.ClientGone` once the peer is gone. `pending` is what the peer has
     not taken yet (bytes): the guard samples it while the run waits for the peer."""
 
     def write(self, name: str, seq: int, payload: bytes) -> bool: ...
@@ -78,14 +74,6 @@ class Sink(Protocol):
     async def ping(self) -> None: ...
 
     def abort(self) -> None: ...
-
-
-class ClientGone(Exception):
-    """The sink's peer went away; the run ends with `reason` (nothing more is sent)."""
-
-    def __init__(self, reason: LeanError) -> None:
-        super().__init__(reason.message)
-        self.reason = reason
 
 
 def new_run_id() -> str:
@@ -115,13 +103,8 @@ class Run:
         self.body = body
         self._prompt = body["messages"][-1].get("content")  # logged only with log_prompts
         self.sink = sink
-        self.status = "running"
+        self.core = RunCore()  # the answer and how the run ended
         self.order = events.RunEvents()
-        self._text = TextBuffer()
-        self._reasoning = TextBuffer()
-        self._calls: list[Call] = []  # every round's, for the saved message
-        self._round: dict[int, Call] = {}  # the current model call's, by index
-        self._round_start = 0  # where the current model call's text begins
         # Once a write says the client is behind, the text of the pieces that follow is
         # held and goes out as one delta after the drain: a client that is behind gets
         # fewer, larger frames. Bounded by what arrives before the drain (a read or two,
@@ -137,11 +120,6 @@ class Run:
         )
         if scene.tools:
             body["tools"] = openai_tools([services.config.tools[name] for name in scene.tools])
-        self._finish = "stop"
-        self._usage = Usage()
-        self._error: LeanError | None = None
-        self._started = time.monotonic()
-        self._first_token_ms: float | None = None
         self.task: asyncio.Task[None] | None = None
         self.guard: Guard | None = None
 
@@ -196,34 +174,36 @@ class Run:
     async def _execute(self) -> None:
         assert self.guard is not None
         guard = self.guard
+        core = self.core
         final: events.Event | None = None
         try:
             await self.services.store.save_assistant(self._record(), wait=False)  # streaming
-            self.services.progress.add(self.message_id, self._text, self._reasoning)
+            self.services.progress.add(self.message_id, core.text, core.reasoning)
             await self._emit(self._start_event())
             fallback = False
             for round_number in range(self.scene.max_tool_rounds + 1):
                 if self.scene.tools and round_number == self.scene.max_tool_rounds:
                     self.body["tool_choice"] = "none"  # the last round must answer in words
                 relay = Relay(self.services, self.model, self.body, guard)
-                self._round, self._round_start = {}, self._text.size
+                core.next_call()
                 await relay.run(self)
                 fallback = fallback or relay.fallback
-                if not self._round or round_number == self.scene.max_tool_rounds:
+                if not core.round or round_number == self.scene.max_tool_rounds:
                     break  # a model that ignores tool_choice "none" gets no extra round
-                await self._tool_round(list(self._round.values()), guard)
-            self.status = "complete"
+                await self._tool_round(core.round_calls(), guard)
+            core.complete()
+            usage = core.usage
             final = events.Done(
                 message_id=self.message_id,
-                finish_reason=self._finish,
-                usage=events.Usage(self._usage.prompt_tokens, self._usage.completion_tokens),
-                text=self._text.text(),  # one copy of the answer, shared with the save
+                finish_reason=core.finish,
+                usage=events.Usage(usage.prompt_tokens, usage.completion_tokens),
+                text=core.text.text(),  # one copy of the answer, shared with the save
                 fallback=fallback,
             )
         except asyncio.CancelledError:
             reason = guard.take()
             if reason is None:
-                self.status = "cancelled"
+                core.cancelled()
                 raise
             final = self._fail(reason)
         except ClientGone as gone:
@@ -279,23 +259,25 @@ class Run:
     def push(self, batch: list[Piece]) -> bool:
         """One upstream read's pieces, written now (`arrivals.Receiver`); True when the
         client is behind: `drain()`. Behind, the text that follows is held (`_held`)."""
-        behind = self._behind
-        for piece in batch:
-            if isinstance(piece, Text):  # most pieces: handled here, one call less each
-                if self._first_token_ms is None:
-                    self._first_token()
-                self._text.add(piece.text)
-                if behind:
-                    self._hold(piece.text, "content")
-                else:
-                    behind = self._write(events.Delta(message_id=self.message_id, text=piece.text))
-            else:
-                behind = self._other_piece(piece, behind) or behind
-        self._behind = behind
+        behind = self._behind = self.core.push(batch, self, self._behind)
         if not behind:
             assert self.guard is not None
             self.guard.wrote()
         return behind
+
+    def text(self, text: str, behind: bool) -> bool:
+        """A text delta (`core.Out`); True when the client is behind."""
+        if behind:
+            self._hold(text, "content")
+            return True
+        return self._write(events.Delta(message_id=self.message_id, text=text))
+
+    def reasoning(self, text: str, behind: bool) -> bool:
+        """A reasoning delta (`core.Out`); True when the client is behind."""
+        if behind:
+            self._hold(text, "thinking")
+            return True
+        return self._write(events.Delta(message_id=self.message_id, text=text, part="thinking"))
 
     async def drain(self) -> None:
         await self._drain()
@@ -319,45 +301,10 @@ class Run:
             events.Delta(message_id=self.message_id, text=text, part=self._held_part)
         )
 
-    def _other_piece(self, piece: Piece, behind: bool) -> bool:
-        if isinstance(piece, Reasoning):
-            self._first_token()
-            self._reasoning.add(piece.text)
-            if behind:
-                self._hold(piece.text, "thinking")
-                return True
-            delta = events.Delta(message_id=self.message_id, text=piece.text, part="thinking")
-            return self._write(delta)
-        if isinstance(piece, ToolCall):
-            call = self._round.get(piece.index)
-            if call is None:
-                call = self._round[piece.index] = Call(piece.index, piece.id, piece.name)
-            call.arguments += piece.arguments
-        elif isinstance(piece, Finish):
-            self._finish = piece.reason
-        elif isinstance(piece, Usage):
-            self._usage = piece
-        return False
-
     async def _tool_round(self, calls: list[Call], guard: Guard) -> None:
         """Run the calls the model asked for and give the model their results."""
-        self._calls.extend(calls)
         await self.tools.run(calls, self._emit, guard)
-        messages = self.body["messages"] = list(self.body["messages"])
-        messages.append(
-            {
-                "role": "assistant",
-                "content": self._text.text()[self._round_start :] or None,
-                "tool_calls": [call.openai() for call in calls],
-            }
-        )
-        messages.extend(
-            {"role": "tool", "tool_call_id": call.id, "content": call.result} for call in calls
-        )
-
-    def _first_token(self) -> None:
-        if self._first_token_ms is None:
-            self._first_token_ms = (time.monotonic() - self._started) * 1000
+        self.body["messages"] = [*self.body["messages"], *self.core.tool_turn(calls)]
 
     async def _emit(self, event: events.Event) -> None:
         if self._held:  # text held for a client that was behind goes out first
@@ -375,8 +322,8 @@ class Run:
             return False
         try:
             return sink.write(events.event_name(event), seq, events.encode(event))
-        except ConnectionError:
-            self._lost_client(Cancelled("the client left"))
+        except ClientGone as gone:
+            self._lost_client(gone.reason)
             return False
 
     async def _drain(self) -> None:
@@ -389,8 +336,8 @@ class Run:
         guard.writing()
         try:
             await sink.drain()
-        except ConnectionError:
-            self._lost_client(Cancelled("the client left"))
+        except ClientGone as gone:
+            self._lost_client(gone.reason)
         except asyncio.CancelledError:
             if not isinstance(guard.reason, SlowClient):
                 raise
@@ -403,14 +350,7 @@ class Run:
 
     def _fail(self, error: LeanError) -> events.Error | None:
         """Record how the run failed; the `error` event to send, if any."""
-        # Without its traceback, which holds this run's frames: kept, a cycle (bench/bursts.py).
-        self._error = error.with_traceback(None)
-        if isinstance(error, Cancelled):
-            self.status = "cancelled"
-        elif isinstance(error, ShuttingDown) or self._text.size:
-            self.status = "incomplete"
-        else:
-            self.status = "error"
+        self.core.failed(error)
         if isinstance(error, SlowClient):
             self.sink = None
         return events.Error(
@@ -422,36 +362,39 @@ class Run:
 
     def _record(self, status: str = "streaming") -> MessageRecord:
         """The answer as it stands, with `status`."""
+        core = self.core
+        usage = core.usage
         return MessageRecord(
             message_id=self.message_id,
             conversation_id=self.conversation_id,
             role="assistant",
-            content=self._text.text(),
+            content=core.text.text(),
             status=status,
             created_at=utc_now(),
             turn=self.turn,
             scene=self.scene.name,
             model=self.model.alias,
-            reasoning=self._reasoning.text(),
-            tool_calls=[call.saved() for call in self._calls],
-            finish_reason=self._finish if self.status == "complete" else None,
-            error_code=self._error.code if self._error else None,
-            prompt_tokens=self._usage.prompt_tokens,
-            completion_tokens=self._usage.completion_tokens,
-            first_token_ms=self._first_token_ms,
-            duration_ms=(time.monotonic() - self._started) * 1000,
+            reasoning=core.reasoning.text(),
+            tool_calls=[call.saved() for call in core.calls],
+            finish_reason=core.finish if core.ending is Ending.COMPLETE else None,
+            error_code=core.error.code if core.error else None,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            first_token_ms=core.first_token_ms,
+            duration_ms=(time.monotonic() - core.started) * 1000,
             run_id=self.run_id,
         )
 
     async def _save(self) -> bool:
         """Save the answer for good and log the run; whether the save was committed."""
-        record = self._record(self.status if self.status != "running" else "incomplete")
+        record = self._record(self.core.saved_status.value)
+        first_token_ms = record.first_token_ms
         self.services.metrics.run_ended(
             "scene",
             self.scene.name,
             record.status,
             self.order.seq,
-            None if self._first_token_ms is None else self._first_token_ms / 1000,
+            None if first_token_ms is None else first_token_ms / 1000,
         )
         store_error: str | None = None
         try:  # the store counts a failed write (lean_store_failures_total)
@@ -468,11 +411,11 @@ class Run:
             "run_id": self.run_id,
             "status": record.status,
             "code": record.error_code,
-            "first_token_ms": None if self._first_token_ms is None else round(self._first_token_ms),
+            "first_token_ms": None if first_token_ms is None else round(first_token_ms),
             "duration_ms": round(record.duration_ms or 0),
-            "prompt_tokens": self._usage.prompt_tokens,
-            "completion_tokens": self._usage.completion_tokens,
-            "tool_calls": len(self._calls) or None,
+            "prompt_tokens": record.prompt_tokens,
+            "completion_tokens": record.completion_tokens,
+            "tool_calls": len(record.tool_calls) or None,
         }
         if store_error is not None:  # the run's status stays its outcome; this says the rest
             fields["saved"] = False
@@ -483,57 +426,3 @@ class Run:
             logging.INFO if store_error is None else logging.ERROR, "run", extra={"fields": fields}
         )
         return store_error is None
-
-
-async def new_run(
-    services: Services,
-    scene: SceneConfig,
-    request: SceneRequest,
-    *,
-    run_id: str,
-    sink: Sink,
-) -> Run:
-    """A run of `scene` for `request`, its turn saved, ready to `start()`.
-
-    Everything a request can get wrong raises here, before anything is sent: an unknown
-    model, a missing template input, admission. A new conversation has no history and
-    starts at turn 1 without asking the store first.
-    """
-    user_content = render(scene, request)
-    model = services.config.models.get(scene.model)
-    if model is None:
-        raise NotFound(f"model '{scene.model}' does not exist")
-    services.streams.check()
-    store = services.store
-    if not store.writable:  # no run starts that could not be saved
-        raise StoreUnavailable(
-            f"the store cannot write ({store.error})", retry_after=STORE_RETRY_AFTER
-        )
-    cid = request.conversation_id
-    history: list[tuple[str, str]] = []
-    if cid is None:  # a new conversation: no history to read, and its turn is 1
-        cid = new_conversation_id()
-        turn = await store.begin_first_turn(
-            conversation_id=cid, scene=scene.name, user_content=user_content
-        )
-    else:
-        if scene.history_turns:
-            history = await store.history(cid, scene.history_turns)
-        try:
-            turn = await store.begin_turn(
-                conversation_id=cid, scene=scene.name, user_content=user_content
-            )
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(
-                f"the store cannot write ({exc})", retry_after=STORE_RETRY_AFTER
-            ) from None
-    return Run(
-        services,
-        run_id=run_id,
-        scene=scene,
-        model=model,
-        conversation_id=cid,
-        turn=turn,
-        body=chat_body(scene, history, user_content),
-        sink=sink,
-    )

@@ -1,4 +1,5 @@
-"""Scene runs over HTTP: SSE (POST and EventSource GET) and NDJSON; cancel; history.
+"""Scene runs over HTTP: SSE (POST and EventSource GET) and NDJSON; cancel; history;
+`new_run`, which starts a run for this module and `lean.ws`.
 
 Everything a request can get wrong is checked before the response starts (HTTP
 status + error body); from `start` on, the run's events carry the outcome.
@@ -7,6 +8,7 @@ status + error body); from `start` on, the run's events carry the outcome.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from typing import Any
 
 import msgspec
@@ -14,10 +16,13 @@ from aiohttp import web
 
 from lean import events, scenes
 from lean.client_io import BodyWriter, bound_send_buffer, reset
-from lean.errors import BadRequest, NotFound, clip
+from lean.config import SceneConfig
+from lean.errors import BadRequest, NotFound, StoreUnavailable, clip
 from lean.handlers import SSE_HEADERS, read_json, services_key
 from lean.inbound import ClientId, decode
-from lean.run import new_run, new_run_id
+from lean.run import Run, Sink, new_run_id
+from lean.scenes import SceneRequest, chat_body, new_conversation_id, render
+from lean.services import Services
 
 NDJSON = "application/x-ndjson"
 NDJSON_HEADERS = {
@@ -72,6 +77,65 @@ class NDJSONSink(_HttpSink):
     @staticmethod
     def frame(name: str, seq: int, payload: bytes) -> bytes:
         return events.ndjson_frame(payload)
+
+
+# Seconds a client refused with `store_unavailable` is asked to wait: lean probes the store
+# every second, but a full disk is rarely freed sooner than this.
+STORE_RETRY_AFTER = 5.0
+
+
+async def new_run(
+    services: Services,
+    scene: SceneConfig,
+    request: SceneRequest,
+    *,
+    run_id: str,
+    sink: Sink,
+) -> Run:
+    """A run of `scene` for `request`, its turn saved, ready to `start()`.
+
+    Everything a request can get wrong raises here, before anything is sent: an unknown
+    model, a missing template input, admission. A new conversation has no history and
+    starts at turn 1 without asking the store first.
+    """
+    user_content = render(scene, request)
+    model = services.config.models.get(scene.model)
+    if model is None:
+        raise NotFound(f"model '{scene.model}' does not exist")
+    services.streams.check()
+    store = services.store
+    if not store.writable:  # no run starts that could not be saved
+        raise StoreUnavailable(
+            f"the store cannot write ({store.error})", retry_after=STORE_RETRY_AFTER
+        )
+    cid = request.conversation_id
+    history: list[tuple[str, str]] = []
+    if cid is None:  # a new conversation: no history to read, and its turn is 1
+        cid = new_conversation_id()
+        turn = await store.begin_first_turn(
+            conversation_id=cid, scene=scene.name, user_content=user_content
+        )
+    else:
+        if scene.history_turns:
+            history = await store.history(cid, scene.history_turns)
+        try:
+            turn = await store.begin_turn(
+                conversation_id=cid, scene=scene.name, user_content=user_content
+            )
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(
+                f"the store cannot write ({exc})", retry_after=STORE_RETRY_AFTER
+            ) from None
+    return Run(
+        services,
+        run_id=run_id,
+        scene=scene,
+        model=model,
+        conversation_id=cid,
+        turn=turn,
+        body=chat_body(scene, history, user_content),
+        sink=sink,
+    )
 
 
 async def stream_scene(request: web.Request) -> web.StreamResponse:

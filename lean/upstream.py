@@ -17,8 +17,10 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from lean.aiohttp_internals import fast_reader
 from lean.arrivals import Arrivals, Handed, Receiver
 from lean.budget import MIB, Budget, Lease
+from lean.client_io import ClientGone
 from lean.config import Config, ModelConfig, ProviderConfig
 from lean.errors import (
     BadRequest,
@@ -189,8 +191,8 @@ class Upstream:
         """Hand the answer to `receiver` as it arrives: the pieces of one read per push
         (one client write each), recording in `handed` what went out. Each read is
         handled inside aiohttp's data callback (`arrivals.Arrivals`); this task only waits for
-        the end, a failure or a client that is behind. An exception from the receiver
-        passes through untouched; any exit closes the upstream connection.
+        the end, a failure or a client that is behind. The receiver's `ClientGone` passes
+        through untouched; any exit closes the upstream connection.
         """
         provider = self.provider(model)
         if provider.kind == "demo":
@@ -224,27 +226,24 @@ class Upstream:
                         del body_bytes  # parsed: only the pieces are held while they go out
                         await handed.deliver(receiver, pieces)
                     return
-                content = resp.content
                 arrivals = Arrivals(parser, translator, receiver, handed, guard, read_timeout)
-                if type(content) is aiohttp.StreamReader and resp.connection is not None:
-                    await arrivals.take(content, resp.connection.protocol)
+                if (fast := fast_reader(resp)) is not None:
+                    await arrivals.take(*fast)
                 else:  # a reader of another kind, or a body already complete
-                    await arrivals.read(content)
+                    await arrivals.read(resp.content)
                 parser.close()
                 translator.close()
+        except ClientGone:
+            raise  # the client's side failed, not the upstream
         except asyncio.CancelledError:
             if (timeout_error := guard.take_timeout()) is not None:
                 raise self._clean(timeout_error) from None
             raise
         except LeanError as exc:
-            if handed.receiving:
-                raise
             raise self._clean(exc) from None
         except SSEProtocolError as exc:
             raise UpstreamError(f"upstream {provider.name} sent a bad stream: {exc}") from None
         except (aiohttp.ClientError, OSError) as exc:
-            if handed.receiving:
-                raise  # the client's side failed
             if translator.finished:
                 return  # the connection broke after the answer was complete
             raise self._transport_error(provider, exc) from None

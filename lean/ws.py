@@ -25,11 +25,13 @@ import msgspec
 from aiohttp import WSMsgType, web
 
 from lean import events, scenes
+from lean.aiohttp_internals import forget_data_callback
 from lean.client_io import TextFrames, bound_send_buffer, reset
 from lean.errors import BadRequest, LeanError, NotFound, Overloaded
 from lean.handlers import services_key
 from lean.inbound import ClientId, decode, is_client_id
-from lean.run import Run, new_run
+from lean.run import Run
+from lean.scene_handlers import new_run
 from lean.services import Services
 
 log = logging.getLogger("lean.ws")
@@ -210,10 +212,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
             # and, with the transport gone, returns without waiting for anything.
             with contextlib.suppress(Exception):
                 await ws.close()
-        # aiohttp's protocol keeps the socket's data callback after the connection is gone:
-        # protocol -> callback -> socket -> writer -> protocol, a cycle per socket that only
-        # the GC frees (with its buffers), and a client that opens a socket per run makes
-        # one per run. The protocol checks the callback for None before every call.
-        if getattr(request.protocol, "_data_received_cb", None) is not None:
-            request.protocol._data_received_cb = None
+        # A cycle per socket only the GC frees, else (`aiohttp_internals`, 5); a client
+        # that opens a socket per run makes one per run.
+        forget_data_callback(request)
     return ws

@@ -29,7 +29,7 @@ from aiohttp import web
 from lean.app import Server
 from lean.config import Config
 from tests import toolbox
-from tests.fakes import FakeOpenAI, Stream, text_stream, tool_call_stream
+from tests.fakes import PROMPT_TOKENS, FakeOpenAI, Stream, text_stream, tool_call_stream
 from tests.support import lean_config, running
 
 pytestmark = pytest.mark.timeout(30)
@@ -643,6 +643,20 @@ async def test_saved_answer_holds_every_rounds_tool_calls() -> None:
     events = {e["toolCallId"]: e for e in run.of("tool_end")}
     assert all(events[c["id"]]["result"] == c["result"] for c in calls)
     assert row["content"] == ANSWER and row["status"] == "complete"
+
+
+async def test_usage_counts_every_model_call_of_the_run() -> None:
+    async with FakeOpenAI() as fake, running(tools_config(fake)) as lean:
+        # 3 argument fragments: 3 completion tokens; then one token per word of the answer
+        fake.push(tool_call_stream([("c1", "add", '{"a": 2, "b": 3}')]), text_stream(ANSWER))
+        run = await run_scene(lean, conversationId="usage")
+        row = await saved_answer(lean, "usage")
+    words = len(ANSWER.split())
+    assert run.of("done")[0]["usage"] == {
+        "promptTokens": 2 * PROMPT_TOKENS,
+        "completionTokens": 3 + words,
+    }
+    assert (row["promptTokens"], row["completionTokens"]) == (2 * PROMPT_TOKENS, 3 + words)
 
 
 # --- check-config ---------------------------------------------------------------------------------
