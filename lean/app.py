@@ -25,9 +25,8 @@ from lean.errors import (
     ShuttingDown,
     Unauthorized,
     clip,
-    openai_error_body,
 )
-from lean.handlers import connections_key, services_key
+from lean.handlers import connections_key, error_response, services_key
 from lean.origin import Browsers
 from lean.services import Services
 
@@ -42,15 +41,6 @@ PROBE_PATHS = frozenset({"/healthz", "/readyz"})
 # page asks the user for a token, and starts nothing from another origin: its /v1 calls are
 # checked).
 PUBLIC_PATHS = PROBE_PATHS | static.PATHS
-
-
-def error_response(error: LeanError) -> web.Response:
-    return web.Response(
-        status=error.status,
-        body=openai_error_body(error),
-        content_type="application/json",
-        headers=error.headers(),
-    )
 
 
 @web.middleware

@@ -95,6 +95,12 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     # and the upstream's): 10,000 fit the unit's LimitNOFILE=65536 and its MemoryMax
     # (the bench's crowd: 10,000 sockets in <= 279 MB). See lean.connections for the bound.
     max_connections: int = 10000
+    # Seconds a chat completion stream waits for its first piece before its headers go
+    # out: an upstream failure before then (every retry and fallback failed) is an HTTP
+    # status the client's SDK can type and retry (429 + Retry-After, 502, 503, 504).
+    # Below ping_interval so proxies still see bytes early (a `: ping` follows the
+    # headers); a first heartbeat commits the stream too. 0: headers at once.
+    commit_wait: float = 5.0
 
 
 class AuthConfig(msgspec.Struct, frozen=True, kw_only=True):

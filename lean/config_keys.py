@@ -171,6 +171,7 @@ KEYS: dict[str, dict[str, _Parser]] = {
         "header_timeout": _POSITIVE,
         "keepalive_timeout": _POSITIVE,
         "max_connections": _COUNT,
+        "commit_wait": _float(zero_ok=True),
     },
     "auth": {"tokens_env": _str},
     "store": {"path": _str, "flush_interval": _float(zero_ok=True)},

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -62,6 +63,16 @@ async def read_json(request: web.Request) -> bytes:
         raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes") from None
 
 
+def error_response(error: LeanError) -> web.Response:
+    """`error` as an HTTP status with OpenAI's body (and its `Retry-After`, if any)."""
+    return web.Response(
+        status=error.status,
+        body=openai_error_body(error),
+        content_type="application/json",
+        headers=error.headers(),
+    )
+
+
 def find_model(config: Config, alias: str) -> ModelConfig:
     model = config.models.get(alias)
     if model is None:
@@ -70,14 +81,24 @@ def find_model(config: Config, alias: str) -> ModelConfig:
 
 
 def new_guard(
-    services: Services, response: web.StreamResponse | None, request: web.Request
+    services: Services,
+    response: web.StreamResponse | None,
+    request: web.Request,
+    *,
+    ping: Callable[[], Awaitable[None]] | None = None,
 ) -> Guard:
+    """The guard of one request; `ping` replaces the default heartbeat (a `: ping` to a
+    started `response`)."""
+
     def abort() -> None:
         reset(request)
 
-    async def ping() -> None:
+    async def write_ping() -> None:
         assert response is not None
         await response.write(PING)
+
+    if ping is None and response is not None:
+        ping = write_ping
 
     def pending() -> int:
         return unsent(request.transport)
@@ -85,7 +106,7 @@ def new_guard(
     return Guard(
         ping_interval=services.config.server.ping_interval,
         slow_client_timeout=services.config.limits.slow_client_timeout,
-        ping=ping if response is not None else None,
+        ping=ping,
         on_slow_client=abort,
         pending=pending,
         metrics=services.metrics,
@@ -212,23 +233,103 @@ def coalesce(pieces: list[Piece]) -> list[Piece]:
     return out
 
 
+class _Unstarted:
+    """The body of a response whose headers have not gone out: nothing is written to it
+    (`_Chunks` holds what arrives until it starts)."""
+
+    def behind(self) -> bool:
+        return False
+
+    def write(self, frame: bytes) -> bool:
+        raise RuntimeError("a chat stream wrote before its response started")
+
+    async def drain(self) -> None:
+        raise RuntimeError("a chat stream drained before its response started")
+
+
+_UNSTARTED = _Unstarted()
+
+
 class _Chunks:
     """One stream's pieces to the client as `chat.completion.chunk` frames.
 
     Once a write says the client is behind, the pieces that follow are held and go out
     after the drain with their text joined: a client that is behind gets fewer, larger
     chunks. What is held is bounded by what arrives before the drain (a read or two,
-    `arrivals.Arrivals`)."""
+    `arrivals.Arrivals`).
+
+    The response starts (its `200` and headers go out: the commit) at the first piece,
+    at the first heartbeat, or `[server] commit_wait` seconds in, whichever comes
+    first; until then the first pieces are held as for a client that is behind, and the
+    drain that follows starts the response. A failure before the commit is the
+    handler's to send as an HTTP status."""
 
     def __init__(
-        self, body: BodyWriter, framer: ChunkFramer, guard: Guard, outcome: _Outcome
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        framer: ChunkFramer,
+        guard: Guard,
+        outcome: _Outcome,
     ) -> None:
-        self._body = body
+        self._request = request
+        self._response = response
+        self._body: BodyWriter | _Unstarted = _UNSTARTED
         self._frame = framer.frame
         self._framer = framer
         self._guard = guard
         self._outcome = outcome
-        self._held: list[Piece] | None = None  # a list while the client is behind
+        # A list while the client is behind, or while the response has not started.
+        self._held: list[Piece] | None = []
+        self._lock = asyncio.Lock()  # one start, whoever asks first (the stream, a ping)
+        self._timer: asyncio.TimerHandle | None = None
+        self._waited: asyncio.Task[None] | None = None  # the start commit_wait made
+
+    @property
+    def started(self) -> bool:
+        return self._body is not _UNSTARTED
+
+    async def start(self) -> None:
+        """Start the response (send its status and headers) unless it has."""
+        async with self._lock:
+            if self._body is _UNSTARTED:
+                self.disarm()
+                self._body = await BodyWriter.start(self._request, self._response)
+
+    def arm(self, wait: float) -> None:
+        """Start the response `wait` seconds from now, with a heartbeat, if nothing did."""
+        self._timer = asyncio.get_running_loop().call_later(wait, self._wait_passed)
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _wait_passed(self) -> None:
+        self._timer = None
+        if not self.started:
+            self._waited = asyncio.get_running_loop().create_task(self._start_waited())
+
+    async def _start_waited(self) -> None:
+        with contextlib.suppress(ClientGone):  # the stream's own writes will say it
+            await self.start()
+            if self._body.write(PING):  # proxies see bytes now, not only headers
+                return  # behind already: the stream's next write waits for it
+            self._guard.wrote()
+
+    async def settle(self) -> bool:
+        """No start after this but the caller's; True when the response has started."""
+        self.disarm()
+        if self._waited is not None:
+            with contextlib.suppress(ClientGone):
+                await self._waited
+        return self.started
+
+    async def ping(self) -> None:
+        """The guard's heartbeat; the first one starts the response."""
+        if not self.started:
+            await self.start()
+        await self._response.write(PING)
 
     def push(self, batch: list[Piece]) -> bool:
         """The frames of one upstream read in one write: back-to-back chunks cost one
@@ -263,6 +364,8 @@ class _Chunks:
         return False
 
     async def write_end(self) -> None:
+        if not self.started:  # an answer without a piece: nothing started the response
+            await self.drain()
         if self._body.write(self._framer.end()):
             await self.drain()
         else:
@@ -272,7 +375,14 @@ class _Chunks:
         """The client is behind: wait for it, under the slow-client limit; then what was
         held meanwhile."""
         self._guard.writing()
-        await self._body.drain()
+        if self.started:
+            await self._body.drain()
+        else:  # the first piece (or the end): the commit; what it held goes out as it came
+            await self.start()
+            held, self._held = self._held, None
+            if held and self._write(held):
+                self._held = []
+                await self._body.drain()
         while self._held:
             held, self._held = coalesce(self._held), None
             if self._write(held):
@@ -283,7 +393,8 @@ class _Chunks:
         self._guard.wrote()
 
     def release(self) -> None:
-        """Write what is held without waiting: the stream ends (an error frame follows)."""
+        """Write what is held without waiting: the stream ends (an error frame follows).
+        The response has started."""
         held, self._held = self._held, None
         if held:
             with contextlib.suppress(ClientGone):
@@ -321,7 +432,13 @@ async def _run_stream(
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers=SSE_HEADERS)
     bound_send_buffer(request, services.config.limits.send_buffer_bytes)
-    guard = new_guard(services, response, request)
+    chunks: _Chunks | None = None
+
+    async def ping() -> None:
+        assert chunks is not None
+        await chunks.ping()
+
+    guard = new_guard(services, response, request, ping=ping)
     try:
         services.streams.add(guard)
     except LeanError:
@@ -331,9 +448,13 @@ async def _run_stream(
     error: LeanError | None = None
     framer = ChunkFramer(completion_id=new_id(), model=model.alias, include_usage=include_usage)
     relay = Relay(services, model, body, guard)
-    chunks: _Chunks | None = None
+    chunks = _Chunks(request, response, framer, guard, outcome)
+    commit_wait = services.config.server.commit_wait
     try:
-        chunks = _Chunks(await BodyWriter.start(request, response), framer, guard, outcome)
+        if commit_wait > 0:
+            chunks.arm(commit_wait)
+        else:
+            await chunks.start()
         await relay.run(chunks)
         await chunks.write_end()
         outcome.status = Ending.COMPLETE
@@ -350,18 +471,27 @@ async def _run_stream(
         log.exception("chat completion stream failed")
         error = Internal("internal error; see lean's log")
     finally:
+        chunks.disarm()
         await guard.close()
         services.streams.discard(guard)
         if error is not None:
             outcome.failed(error, relay.committed)
         outcome.end(services)
     if error is not None and not guard.evicted:
-        if chunks is not None:
+        if not await chunks.settle():
+            if not relay.committed:
+                # Before the commit a failure is an HTTP status with OpenAI's body (and
+                # the upstream's Retry-After): the client's SDK types it and retries it.
+                # Returned, not raised: a raised error's traceback would hold this frame.
+                return error_response(error)
+            with contextlib.suppress(ClientGone):  # content went out: it stays in band
+                await chunks.start()
+        if chunks.started:
             chunks.release()
-        # After the first byte an error travels in band: one `data: {"error": ...}` line.
-        with contextlib.suppress(ConnectionError, TimeoutError):
-            async with asyncio.timeout(services.config.limits.slow_client_timeout):
-                await response.write(error_frame(openai_error_body(error)))
+            # After the first byte an error travels in band: one `data: {"error": ...}` line.
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                async with asyncio.timeout(services.config.limits.slow_client_timeout):
+                    await response.write(error_frame(openai_error_body(error)))
     return response
 
 

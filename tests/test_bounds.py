@@ -56,6 +56,15 @@ def only_the_fallback_answers(fake: FakeOpenAI, answer: Stream | Reply) -> None:
     fake.default = lambda body: broken if body.get("stream") else answer
 
 
+def http_error(resp: aiohttp.ClientResponse, body: Any) -> dict[str, Any]:
+    return {
+        "code": body["error"]["code"],
+        "retryable": resp.status in (429, 503),
+        "status": resp.status,
+        "retry_after": resp.headers.get("Retry-After"),
+    }
+
+
 async def ask(lean: Server, kind: str) -> tuple[str, dict[str, Any]]:
     """("ok", {"text"}) or ("error", {"code", "retryable", "status", "retry_after"})."""
     async with aiohttp.ClientSession() as http:
@@ -65,16 +74,12 @@ async def ask(lean: Server, kind: str) -> tuple[str, dict[str, Any]]:
                 body = await resp.json()
                 if resp.status == 200:
                     return "ok", {"text": body["choices"][0]["message"]["content"]}
-                return "error", {
-                    "code": body["error"]["code"],
-                    "retryable": resp.status in (429, 503),
-                    "status": resp.status,
-                    "retry_after": resp.headers.get("Retry-After"),
-                }
+                return "error", http_error(resp, body)
         if kind == "openai":
             url = f"{lean.url}/v1/chat/completions"
             async with http.post(url, json=chat_body()) as resp:
-                assert resp.status == 200
+                if resp.status != 200:  # it failed before the stream's commit: a status
+                    return "error", http_error(resp, await resp.json())
                 data = await read_sse_data(resp)
             errors = [json.loads(d)["error"] for d in data if d.startswith('{"error"')]
             if errors:

@@ -122,7 +122,11 @@ async def ask(lean: Server, via: str, cid: str = "conv") -> Outcome:
     async with aiohttp.ClientSession() as http:
         if via == "openai":
             async with http.post(f"{lean.url}/v1/chat/completions", json=chat_body()) as resp:
-                assert resp.status == 200
+                if resp.status != 200:  # every try failed before the stream's commit
+                    raw = await resp.text()
+                    error = json.loads(raw)["error"]
+                    headers = dict(resp.headers)
+                    return Outcome("", 0, error, status=resp.status, headers=headers, raw=raw)
                 data = await read_sse_data(resp)
             errors = [json.loads(d)["error"] for d in data if d.startswith('{"error"')]
             if errors:
