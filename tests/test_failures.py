@@ -172,7 +172,9 @@ async def test_what_lean_holds_for_a_client_that_never_reads_is_bounded() -> Non
 
 async def test_over_max_streams_is_refused_at_once_without_touching_the_upstream() -> None:
     async with FakeOpenAI() as fake:
-        async with running(lean_config(fake.base_url, limits="max_streams = 1")) as lean:
+        # commit_wait: the first stream's headers go out while its upstream is silent.
+        config = lean_config(fake.base_url, limits="max_streams = 1", server="commit_wait = 0.1")
+        async with running(config) as lean:
             fake.push(Stall(seconds=10))
             async with aiohttp.ClientSession() as http:
                 first = await http.post(lean.url + URL, json=chat_body())
@@ -251,11 +253,23 @@ async def test_silence_before_the_first_byte_falls_back() -> None:
         assert fake.requests[0].disconnected is not None  # the silent attempt was closed
 
 
-async def test_fallback_failing_too_ends_with_an_inband_error() -> None:
+async def test_fallback_failing_too_ends_with_a_502_before_the_commit() -> None:
     url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens: connection refused, twice
     async with running(lean_config(url)) as lean, aiohttp.ClientSession() as http:
         async with http.post(lean.url + URL, json=chat_body()) as resp:
-            assert resp.status == 200  # headers went out before the upstream answered
+            status = resp.status  # nothing was committed: an HTTP status, OpenAI's body
+            error = (await resp.json())["error"]
+    assert status == 502
+    assert error["code"] == "upstream_error"
+    assert "could not connect" in error["message"]
+
+
+async def test_fallback_failing_too_after_the_commit_ends_with_an_inband_error() -> None:
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    config = lean_config(url, server="commit_wait = 0")  # headers before the upstream answers
+    async with running(config) as lean, aiohttp.ClientSession() as http:
+        async with http.post(lean.url + URL, json=chat_body()) as resp:
+            assert resp.status == 200
             data = await read_sse_data(resp)
     assert "[DONE]" not in data
     assert errors_in(data)[0]["code"] == "upstream_error"

@@ -220,7 +220,10 @@ def test_the_parser_rejects_what_prometheus_would(text: str) -> None:
 
 async def test_metrics_count_runs_errors_fallbacks_rejections_and_active_streams() -> None:
     async with FakeOpenAI() as fake:
-        config = lean_config(fake.base_url, limits="max_streams = 1", extra=SCENES)
+        # commit_wait: the held stream's headers go out while its upstream is silent.
+        config = lean_config(
+            fake.base_url, limits="max_streams = 1", server="commit_wait = 0.1", extra=SCENES
+        )
         async with running(config) as lean, aiohttp.ClientSession() as http:
             families = await scrape(http, lean)
             assert sample(families, "lean_active_streams") == 0

@@ -35,11 +35,12 @@ def assert_clean(text: str) -> None:
 
 
 @asynccontextmanager
-async def gateway(kind: str) -> AsyncIterator[tuple[FakeOpenAI, Server]]:
+async def gateway(kind: str, server: str = "") -> AsyncIterator[tuple[FakeOpenAI, Server]]:
     fake = FakeAnthropic() if kind == "anthropic" else FakeOpenAI()
     async with fake:
         provider = f"kind = {kind}\nbase_url = {fake.base_url}"
-        async with running(lean_config(fake.base_url, provider=provider)) as lean:
+        config = lean_config(fake.base_url, provider=provider, server=server)
+        async with running(config) as lean:
             yield fake, lean
 
 
@@ -56,7 +57,10 @@ async def test_a_masked_key_in_an_upstream_error_reaches_neither_client_nor_log(
     kind: str, stream: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    async with gateway(kind) as (fake, lean), aiohttp.ClientSession() as http:
+    # commit_wait = 0: a stream's headers go out before the upstream answers, so its
+    # error comes in band (with a later commit it would be a status, as without stream).
+    server = "commit_wait = 0" if stream else ""
+    async with gateway(kind, server) as (fake, lean), aiohttp.ClientSession() as http:
         for echo in ECHOES:
             # every try says it (a failed stream is tried again without streaming)
             fake.default = lambda body, echo=echo: upstream_400(kind, echo)

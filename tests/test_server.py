@@ -447,11 +447,11 @@ async def test_sigterm_drains_then_ends_a_long_stream_with_shutting_down(
 # --- response headers, heartbeats, routes -------------------------------------------------
 
 
-async def test_stream_headers_arrive_before_the_upstream_answers(
+async def test_stream_headers_arrive_at_commit_wait_while_the_upstream_is_silent(
     fake: FakeOpenAI, session: aiohttp.ClientSession
 ) -> None:
     fake.push(Stall(seconds=3))
-    async with running(lean_config(fake.base_url)) as server:
+    async with running(lean_config(fake.base_url, server="commit_wait = 0.2")) as server:
         async with asyncio.timeout(1):
             resp = await session.post(
                 server.url + "/v1/chat/completions",
