@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from lean.inbound import decode
-from lean.providers.base import Finish, Piece, Reasoning, Text, ToolCall, Usage
+from lean.providers.base import Finish, Piece, Reasoning, Refusal, Text, ToolCall, Usage
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
@@ -102,6 +102,8 @@ class ChunkFramer:
             return self._delta(b'{"reasoning_content":%b}' % _encode(piece.text))
         if isinstance(piece, ToolCall):
             return self._delta(b'{"tool_calls":[%b]}' % self._tool_call(piece))
+        if isinstance(piece, Refusal):
+            return self._delta(b'{"refusal":%b}' % _encode(piece.text))
         if isinstance(piece, Finish):
             return self._delta(b"{}", _encode(piece.reason))
         if isinstance(piece, Usage):
@@ -120,13 +122,13 @@ class ChunkFramer:
         return _encode(call)
 
     def end(self) -> bytes:
-        """The usage chunk (when asked for) and `[DONE]`, in one write."""
-        if not self._include_usage:
+        """The usage chunk (when asked for and the upstream gave usage: never invented
+        zeros) and `[DONE]`, in one write."""
+        if not self._include_usage or self.usage is None:
             return b"data: [DONE]\n\n"
-        usage = self.usage or Usage()
         return b'%b,"choices":[],"usage":%b}\n\ndata: [DONE]\n\n' % (
             self._head,
-            _encode(_usage_body(usage)),
+            _encode(_usage_body(self.usage)),
         )
 
 
@@ -134,26 +136,36 @@ def error_frame(body: bytes) -> bytes:
     return b"data: " + body + b"\n\n"
 
 
-def _usage_body(usage: Usage) -> dict[str, int]:
-    return {
+def _usage_body(usage: Usage) -> dict[str, Any]:
+    """OpenAI's usage object; the total and the details as the upstream gave them."""
+    total = usage.total_tokens
+    body: dict[str, Any] = {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens if total is None else total,
     }
+    if usage.cached_tokens is not None:
+        body["prompt_tokens_details"] = {"cached_tokens": usage.cached_tokens}
+    if usage.reasoning_tokens is not None:
+        body["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
+    return body
 
 
 def completion_body(pieces: list[Piece], *, completion_id: str, model: str) -> bytes:
     """A whole `chat.completion` object from an answer's pieces."""
     text: list[str] = []
     reasoning: list[str] = []
+    refusal: list[str] = []
     calls: dict[int, dict[str, Any]] = {}
     finish = "stop"
-    usage = Usage()
+    usage: Usage | None = None
     for piece in pieces:
         if isinstance(piece, Text):
             text.append(piece.text)
         elif isinstance(piece, Reasoning):
             reasoning.append(piece.text)
+        elif isinstance(piece, Refusal):
+            refusal.append(piece.text)
         elif isinstance(piece, ToolCall):
             call = calls.setdefault(
                 piece.index,
@@ -169,22 +181,24 @@ def completion_body(pieces: list[Piece], *, completion_id: str, model: str) -> b
         elif isinstance(piece, Usage):
             usage = piece
     message: dict[str, Any] = {"role": "assistant", "content": "".join(text) or None}
+    if refusal:
+        message["refusal"] = "".join(refusal)
     if reasoning:
         message["reasoning_content"] = "".join(reasoning)
     if calls:
         message["tool_calls"] = [calls[i] for i in sorted(calls)]
-    elif message["content"] is None:
+    elif message["content"] is None and not refusal:
         message["content"] = ""
-    return _encode(
-        {
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-            "usage": _usage_body(usage),
-        }
-    )
+    completion: dict[str, Any] = {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+    }
+    if usage is not None:  # unknown when the upstream gave none: omitted, never 0/0
+        completion["usage"] = _usage_body(usage)
+    return _encode(completion)
 
 
 def models_body(aliases: list[str]) -> bytes:

@@ -3,6 +3,7 @@
 Request builder and translators, no I/O. The stream translator follows the
 Chat Completions streaming format and the dialects seen in the wild:
 - a first chunk with empty `choices` (Azure content-filter results), skipped;
+- a refusal as `delta.refusal` (`message.refusal` in a whole answer);
 - reasoning as `delta.reasoning_content` (DeepSeek, vLLM) or `delta.reasoning`
   (OpenRouter, Ollama);
 - tool calls as fragments keyed by `index`, `id` and `function.name` on the first;
@@ -28,6 +29,7 @@ from lean.providers.base import (
     HttpRequest,
     Piece,
     Reasoning,
+    Refusal,
     Text,
     ToolCall,
     Usage,
@@ -48,6 +50,7 @@ class _ToolCallDelta(msgspec.Struct, gc=False):
 
 class _Delta(msgspec.Struct, gc=False):
     content: str | None = None
+    refusal: str | None = None
     reasoning_content: str | None = None
     reasoning: str | None = None
     tool_calls: list[_ToolCallDelta] | None = None
@@ -59,9 +62,20 @@ class _Choice(msgspec.Struct, gc=False):
     finish_reason: str | None = None
 
 
+class _PromptDetails(msgspec.Struct, gc=False):
+    cached_tokens: int | None = None
+
+
+class _CompletionDetails(msgspec.Struct, gc=False):
+    reasoning_tokens: int | None = None
+
+
 class _Usage(msgspec.Struct, gc=False):
     prompt_tokens: int | None = 0
     completion_tokens: int | None = 0
+    total_tokens: int | None = None
+    prompt_tokens_details: _PromptDetails | None = None
+    completion_tokens_details: _CompletionDetails | None = None
 
 
 class _Error(msgspec.Struct, gc=False):
@@ -83,6 +97,7 @@ class _ToolCallFull(msgspec.Struct, gc=False):
 
 class _Message(msgspec.Struct, gc=False):
     content: str | None = None
+    refusal: str | None = None
     reasoning_content: str | None = None
     reasoning: str | None = None
     tool_calls: list[_ToolCallFull] | None = None
@@ -177,6 +192,8 @@ class StreamTranslator:
                     pieces.append(Reasoning(reasoning))
                 if delta.content:
                     pieces.append(Text(delta.content))
+                if delta.refusal:
+                    pieces.append(Refusal(delta.refusal))
                 for call in delta.tool_calls or ():
                     function = call.function or _Function()
                     pieces.append(
@@ -217,6 +234,8 @@ def parse_completion(body: bytes | bytearray) -> list[Piece]:
         pieces.append(Reasoning(reasoning))
     if message.content:
         pieces.append(Text(message.content))
+    if message.refusal:
+        pieces.append(Refusal(message.refusal))
     for index, call in enumerate(message.tool_calls or ()):
         function = call.function or _Function()
         pieces.append(ToolCall(index, function.arguments or "", call.id, function.name or ""))
@@ -227,4 +246,11 @@ def parse_completion(body: bytes | bytearray) -> list[Piece]:
 
 
 def _usage(usage: _Usage) -> Usage:
-    return Usage(usage.prompt_tokens or 0, usage.completion_tokens or 0)
+    prompt, completion = usage.prompt_tokens_details, usage.completion_tokens_details
+    return Usage(
+        usage.prompt_tokens or 0,
+        usage.completion_tokens or 0,
+        None if prompt is None else prompt.cached_tokens,
+        None if completion is None else completion.reasoning_tokens,
+        usage.total_tokens,
+    )
