@@ -25,7 +25,16 @@ from typing import Any, Protocol
 
 from lean.errors import Cancelled, LeanError, ShuttingDown
 from lean.messages import TextBuffer
-from lean.providers.base import Finish, Piece, Reasoning, Refusal, Text, ToolCall, Usage
+from lean.providers.base import (
+    Finish,
+    Piece,
+    Reasoning,
+    Refusal,
+    Text,
+    ToolCall,
+    Usage,
+    Verbatim,
+)
 from lean.tool_round import Call
 
 __all__ = ["Ending", "Out", "RunCore"]
@@ -132,6 +141,8 @@ class RunCore:
                 self.finish = "refusal" if refusal else piece.reason
             elif isinstance(piece, Usage):
                 self._call_usage = piece
+            elif isinstance(piece, Verbatim):  # what lean does not model stays on the chunk
+                behind = self.push(list(piece.pieces), out, behind)
         return behind
 
     def next_call(self) -> None:

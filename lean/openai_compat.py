@@ -18,7 +18,17 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from lean.inbound import decode
-from lean.providers.base import Finish, Piece, Reasoning, Refusal, Text, ToolCall, Usage
+from lean.providers.base import (
+    Extras,
+    Finish,
+    Piece,
+    Reasoning,
+    Refusal,
+    Text,
+    ToolCall,
+    Usage,
+    Verbatim,
+)
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
@@ -108,7 +118,18 @@ class ChunkFramer:
             return self._delta(b"{}", _encode(piece.reason))
         if isinstance(piece, Usage):
             self.usage = piece
+        elif isinstance(piece, Verbatim):
+            return self._verbatim(piece)
         return None  # usage goes out at the end; signatures never do
+
+    def _verbatim(self, piece: Verbatim) -> bytes:
+        """The upstream's choices as it sent them (`logprobs`, `annotations` and all), under
+        this stream's id and model; what they started counts as started."""
+        self._sent_role = True
+        for carried in piece.pieces:
+            if isinstance(carried, ToolCall) and carried.id is not None:
+                self._started_calls.add(carried.index)
+        return b'%b,"choices":%b}\n\n' % (self._head, piece.choices)
 
     def _tool_call(self, piece: ToolCall) -> bytes:
         call: dict[str, Any] = {"index": piece.index}
@@ -159,7 +180,8 @@ def completion_body(pieces: list[Piece], *, completion_id: str, model: str) -> b
     calls: dict[int, dict[str, Any]] = {}
     finish = "stop"
     usage: Usage | None = None
-    for piece in pieces:
+    extras = Extras()
+    for piece in _flat(pieces):
         if isinstance(piece, Text):
             text.append(piece.text)
         elif isinstance(piece, Reasoning):
@@ -180,6 +202,8 @@ def completion_body(pieces: list[Piece], *, completion_id: str, model: str) -> b
             finish = piece.reason
         elif isinstance(piece, Usage):
             usage = piece
+        elif isinstance(piece, Extras):
+            extras = piece
     message: dict[str, Any] = {"role": "assistant", "content": "".join(text) or None}
     if refusal:
         message["refusal"] = "".join(refusal)
@@ -189,16 +213,31 @@ def completion_body(pieces: list[Piece], *, completion_id: str, model: str) -> b
         message["tool_calls"] = [calls[i] for i in sorted(calls)]
     elif message["content"] is None and not refusal:
         message["content"] = ""
+    if extras.annotations is not None:
+        message["annotations"] = extras.annotations
+    choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish}
+    if extras.logprobs is not None:
+        choice["logprobs"] = extras.logprobs
     completion: dict[str, Any] = {
         "id": completion_id,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+        "choices": [choice],
     }
     if usage is not None:  # unknown when the upstream gave none: omitted, never 0/0
         completion["usage"] = _usage_body(usage)
     return _encode(completion)
+
+
+def _flat(pieces: list[Piece]) -> list[Piece]:
+    """`pieces` with what each `Verbatim` carries in its place."""
+    if not any(isinstance(piece, Verbatim) for piece in pieces):
+        return pieces
+    out: list[Piece] = []
+    for piece in pieces:
+        out.extend(piece.pieces if isinstance(piece, Verbatim) else (piece,))
+    return out
 
 
 def models_body(aliases: list[str]) -> bytes:

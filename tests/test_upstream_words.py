@@ -176,3 +176,74 @@ async def test_scene_usage_details_are_absent_when_the_upstream_gave_none(
     done = evs[-1][2]
     assert done["finishReason"] == "refusal"  # fails on lean before refusals were kept
     assert done["usage"] == {"promptTokens": 5, "completionTokens": 3}
+
+
+# --- what lean does not model: logprobs, annotations -------------------------------------
+
+LOGPROBS = [
+    {"content": [{"token": w, "logprob": -0.25 * i, "bytes": list(w.encode()), "top_logprobs": []}]}
+    for i, w in enumerate(["Paris", " is", " lovely."])
+]
+ANNOTATIONS = [
+    {
+        "type": "url_citation",
+        "url_citation": {"url": "https://example.org/paris", "title": "Paris", "start_index": 0},
+    }
+]
+
+
+def logprobs_stream() -> Stream:
+    """Logprobs on each content chunk; web-search citations on a delta of their own."""
+    events = [sse(chunk({"role": "assistant", "content": ""}))]
+    for logprobs in LOGPROBS:
+        part = chunk({"content": logprobs["content"][0]["token"]})
+        part["choices"][0]["logprobs"] = logprobs
+        events.append(sse(part))
+    events.append(sse(chunk({"annotations": ANNOTATIONS, "content": ""})))
+    events.append(sse(chunk({}, finish_reason="stop")))
+    events.append(sse(usage_chunk({"prompt_tokens": 3, "completion_tokens": 3})))
+    events.append(DONE)
+    return Stream(events)
+
+
+async def test_stream_logprobs_and_annotations_reach_the_sdk_unchanged(
+    client: openai.AsyncOpenAI, fake: FakeOpenAI
+) -> None:
+    fake.push(logprobs_stream())
+    chunks = await collect(client)
+    choices = [c.choices[0] for c in chunks if c.choices]
+    assert "".join(c.delta.content or "" for c in choices) == "Paris is lovely."
+    got = [c.logprobs.model_dump() for c in choices if c.logprobs is not None]
+    assert [g["content"] for g in got] == [lp["content"] for lp in LOGPROBS]
+    annotations = [c.delta.model_extra.get("annotations") for c in choices if c.delta.model_extra]
+    assert annotations == [ANNOTATIONS]
+    assert {c.id for c in chunks} == {chunks[0].id} and {c.model for c in chunks} == {"default"}
+
+
+async def test_non_stream_logprobs_and_annotations_reach_the_sdk_unchanged(
+    client: openai.AsyncOpenAI, fake: FakeOpenAI
+) -> None:
+    body = completion("Paris is lovely.")
+    body["choices"][0]["logprobs"] = {"content": LOGPROBS[0]["content"]}
+    body["choices"][0]["message"]["annotations"] = ANNOTATIONS
+    fake.push(Reply(body=body))
+    answer = await client.chat.completions.create(model="default", messages=MESSAGES)
+    choice = answer.choices[0]
+    assert choice.logprobs is not None
+    assert choice.logprobs.model_dump()["content"] == LOGPROBS[0]["content"]
+    annotations = choice.message.annotations or []
+    assert [(a.type, a.url_citation.url, a.url_citation.title) for a in annotations] == [
+        ("url_citation", "https://example.org/paris", "Paris")
+    ]
+
+
+async def test_scene_text_arrives_whole_from_chunks_with_logprobs(
+    lean: Server, fake: FakeOpenAI
+) -> None:
+    fake.push(logprobs_stream())
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{lean.url}/v1/scenes/chat/stream", json={"message": "x"}) as resp:
+            evs = parse_sse(await resp.text())
+    content = "".join(d["text"] for n, _, d in evs if n == "delta")
+    assert content == "Paris is lovely." == evs[-1][2]["text"]
+    assert evs[-1][2]["usage"] == {"promptTokens": 3, "completionTokens": 3}

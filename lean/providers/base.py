@@ -79,10 +79,29 @@ class Signature(msgspec.Struct, frozen=True, gc=False):
     kind: str = "anthropic"
 
 
-Piece = Text | Reasoning | Refusal | ToolCall | Finish | Usage | Signature
+class Verbatim(msgspec.Struct, frozen=True, gc=False):
+    """An OpenAI-compatible upstream's chunk that carries what lean does not model
+    (`logprobs`, `delta.annotations`): its `choices` array as the upstream sent it, for a
+    Chat Completions client, and the pieces it carries that lean does model, for everyone
+    else (`RunCore` unpacks them; a consumer of pieces other than `RunCore` and the
+    Chat Completions framer must too)."""
+
+    choices: bytes
+    pieces: tuple[Piece, ...]
+
+
+class Extras(msgspec.Struct, frozen=True, gc=False):
+    """What a whole (non-streaming) OpenAI-compatible answer carries that lean does not
+    model, as the upstream sent it: the choice's `logprobs`, the message's `annotations`."""
+
+    logprobs: msgspec.Raw | None = None
+    annotations: msgspec.Raw | None = None
+
+
+Piece = Text | Reasoning | Refusal | ToolCall | Finish | Usage | Signature | Verbatim | Extras
 
 # Pieces a user sees: once one has gone to a client, a failure can no longer fall back.
-VISIBLE = (Text, Reasoning, Refusal, ToolCall)
+VISIBLE = (Text, Reasoning, Refusal, ToolCall, Verbatim)
 
 
 # The key of an internal chat body under which a client dialect leaves its request as the
