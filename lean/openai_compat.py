@@ -6,7 +6,10 @@ upstream as the client sent it, so parameters lean does not know still work.
 
 Chunk framing is pre-built per stream: the bytes around a delta
 (`data: {"id":...,"choices":[{"index":0,"delta":` ... `,"finish_reason":null}]}`)
-are made once, and each text delta costs one string encode and one join.
+are made once, and each text delta costs one string encode and one join. A chunk that
+carries what lean does not model (`logprobs`, `delta.annotations`) goes out with the
+upstream's `choices` bytes as they came (`Verbatim`), under this stream's id and model.
+Usage is the upstream's (details and `total_tokens` included), and absent when it gave none.
 """
 
 from __future__ import annotations
