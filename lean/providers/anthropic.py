@@ -395,6 +395,7 @@ class StreamTranslator:
         self._stopped = False
         self._prompt = 0
         self._completion = 0
+        self._cached: int | None = None
         self._calls = 0  # tool_use blocks seen
         self._tool_blocks: dict[int, int] = {}  # block index -> tool-call index
         self._empty_args: set[int] = set()  # tool calls with no argument bytes yet
@@ -430,7 +431,7 @@ class StreamTranslator:
             return []
         if kind == "message_stop":
             self._stopped = True
-            return [Usage(self._prompt, self._completion)]
+            return [Usage(self._prompt, self._completion, self._cached)]
         if kind == "error":
             raise _error(event.error or _Error())
         return []  # ping, and event types added after this was written
@@ -438,6 +439,7 @@ class StreamTranslator:
     def _usage(self, usage: _Usage) -> None:
         if usage.input_tokens is not None:  # cumulative counts: the latest wins
             self._prompt = _prompt_tokens(usage)
+            self._cached = usage.cache_read_input_tokens
         if usage.output_tokens is not None:
             self._completion = usage.output_tokens
 
@@ -491,5 +493,8 @@ def parse_completion(body: bytes | bytearray) -> list[Piece]:
     reason = answer.stop_reason or ("tool_use" if calls else "end_turn")
     pieces.append(Finish(FINISH.get(reason, "stop")))
     if answer.usage is not None:
-        pieces.append(Usage(_prompt_tokens(answer.usage), answer.usage.output_tokens or 0))
+        usage = answer.usage
+        pieces.append(
+            Usage(_prompt_tokens(usage), usage.output_tokens or 0, usage.cache_read_input_tokens)
+        )
     return pieces
