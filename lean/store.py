@@ -52,8 +52,7 @@ from typing import Any, TypeVar
 from lean.messages import (
     END_STREAMING,
     INSERT_MESSAGE,
-    MIGRATE_1_TO_2,
-    SCHEMA,
+    MIGRATIONS,
     SCHEMA_VERSION,
     SELECT_EXISTS,
     SELECT_HISTORY,
@@ -187,19 +186,30 @@ class Store:
             self._writer.join()  # returns at once: the thread has only `return` left
 
     async def begin_turn(
-        self, *, conversation_id: str, scene: str, user_content: str, created_at: str | None = None
+        self,
+        *,
+        conversation_id: str,
+        scene: str,
+        user_content: str,
+        prompt: str | None = None,
+        created_at: str | None = None,
     ) -> int:
+        """Save the user message of the next turn: `user_content` as typed, `prompt` the
+        filled template the model sees (None: the same)."""
         loop = self._check_open()
         turn: asyncio.Future[int] = loop.create_future()
-        args = (conversation_id, scene, user_content, created_at or utc_now())
+        args = (conversation_id, scene, user_content, created_at or utc_now(), prompt)
         await self._put((_TURN, args, turn))
         return await turn
 
-    async def begin_first_turn(self, *, conversation_id: str, scene: str, user_content: str) -> int:
+    async def begin_first_turn(
+        self, *, conversation_id: str, scene: str, user_content: str, prompt: str | None = None
+    ) -> int:
         """`begin_turn` for a conversation lean has just named: its turn is 1, so the caller
         does not wait for the commit (the writer logs a failure)."""
         self._check_open()
-        await self._put((_TURN, (conversation_id, scene, user_content, utc_now()), None))
+        args = (conversation_id, scene, user_content, utc_now(), prompt)
+        await self._put((_TURN, args, None))
         return 1
 
     async def save_assistant(self, record: MessageRecord, *, wait: bool = True) -> None:
@@ -356,12 +366,7 @@ class Store:
                 raise StoreError(f"{self._path}: journal_mode WAL refused ({mode})")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=5000")
-            if version == 0:
-                schema = SCHEMA
-            elif version == 1:
-                schema = MIGRATE_1_TO_2
-            else:
-                schema = ""
+            schema = MIGRATIONS[version]
             # Always a real write (the header's user_version), so a file lean cannot write
             # to stops start-up here rather than failing the first answer.
             conn.executescript(
