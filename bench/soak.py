@@ -38,7 +38,7 @@ import msgspec
 import uvloop
 
 from bench.harness.procs import Child, cores, free_port, pin_self, python, raise_nofile, wait_http
-from bench.harness.sampler import memory_kb
+from bench.harness.sampler import core_busy, cpu_seconds, memory_kb
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Soak"
@@ -276,8 +276,29 @@ def slope_per_minute(points: list[tuple[float, float]]) -> float:
     return sum((x - mx) * (y - my) for x, y in points) / den if den else 0.0
 
 
+async def _active_streams(http: aiohttp.ClientSession, port: int) -> int:
+    """lean's own count of streams in progress (its /metrics), -1 if it did not answer."""
+    try:
+        async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+            text = await resp.text()
+    except (aiohttp.ClientError, OSError):
+        return -1
+    for line in text.splitlines():
+        if line.startswith("lean_active_streams "):
+            return int(float(line.split()[1]))
+    return -1
+
+
+@dataclass
+class Context:
+    streams: int  # lean_active_streams
+    cpu_pct: float  # lean's CPU since the last sample, % of a core
+    others_pct: float  # other processes on lean's core, % of it
+
+
 def report(
     samples: list[tuple[float, float]],
+    context: list[Context],
     idle_after: float | None,
     load: Load,
     args: argparse.Namespace,
@@ -314,14 +335,23 @@ def report(
         f"- peak RSS {max(mb for _, mb in samples):.1f} MB; "
         + (f"RSS 10 s after the load stopped: {idle_after:.1f} MB" if idle_after else ""),
         "",
-        "| minute | RSS MB |",
-        "|---:|---:|",
+        "RSS is the mean of the minute's samples; streams (lean_active_streams) and CPU are "
+        "the most seen in the minute; *others* is CPU used by other processes on lean's core "
+        "(the machine is shared: a busy neighbour slows lean, more streams overlap, and the "
+        "allocator keeps the larger heap).",
+        "",
+        "| minute | RSS MB | streams max | lean CPU % max | others on lean's core % max |",
+        "|---:|---:|---:|---:|---:|",
     ]
-    by_minute: dict[int, list[float]] = {}
-    for t, mb in samples:
-        by_minute.setdefault(int(t), []).append(mb)
+    by_minute: dict[int, list[tuple[float, Context]]] = {}
+    for (t, mb), ctx in zip(samples, context, strict=True):
+        by_minute.setdefault(int(t), []).append((mb, ctx))
     for minute, values in sorted(by_minute.items()):
-        lines.append(f"| {minute} | {statistics.fmean(values):.1f} |")
+        rss = statistics.fmean(mb for mb, _ in values)
+        streams = max(c.streams for _, c in values)
+        cpu = max(c.cpu_pct for _, c in values)
+        others = max(c.others_pct for _, c in values)
+        lines.append(f"| {minute} | {rss:.1f} | {streams} | {cpu:.0f} | {others:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -386,14 +416,32 @@ def cli(argv: list[str]) -> int:
         children.append(lean)
         wait_http(lean, port)
         samples: list[tuple[float, float]] = []
+        context: list[Context] = []  # per sample, beside the RSS
         started = time.monotonic()
 
         async def sample() -> None:
-            while True:
-                rss = memory_kb(lean.pid).get("VmRSS")
-                if rss is not None:
-                    samples.append(((time.monotonic() - started) / 60, rss / 1024))
-                await asyncio.sleep(args.sample)
+            cores = {target_core} if target_core is not None else set()
+            busy_before = core_busy(cores) if cores else {}
+            cpu_before = cpu_seconds(lean.pid) or 0.0
+            clock = time.monotonic()
+            async with aiohttp.ClientSession() as http:
+                while True:
+                    await asyncio.sleep(args.sample)
+                    rss = memory_kb(lean.pid).get("VmRSS")
+                    now = time.monotonic()
+                    streams = await _active_streams(http, port)
+                    cpu = cpu_seconds(lean.pid) or cpu_before
+                    others = 0.0
+                    if cores:
+                        busy = core_busy(cores)
+                        spent = sum(busy.values()) - sum(busy_before.values())
+                        others = max(0.0, 100 * (spent - (cpu - cpu_before)) / (now - clock))
+                        busy_before = busy
+                    cpu_pct = 100 * (cpu - cpu_before) / (now - clock)
+                    cpu_before, clock = cpu, now
+                    if rss is not None:
+                        samples.append(((now - started) / 60, rss / 1024))
+                        context.append(Context(streams, cpu_pct, others))
 
         async def main() -> tuple[Load, float | None]:
             sampler = asyncio.create_task(sample())
@@ -411,7 +459,7 @@ def cli(argv: list[str]) -> int:
         if lean.crashed is not None:
             print(f"lean exited with {lean.crashed}:\n{lean.tail()}", file=sys.stderr)
             return 1
-        text = report(samples, idle_after, load, args, command)
+        text = report(samples, context, idle_after, load, args, command)
     finally:
         for child in reversed(children):
             child.stop(grace=5)

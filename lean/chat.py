@@ -301,7 +301,7 @@ class Chat:
             if self._cancelling:
                 self._cancel(event.run_id)
         elif isinstance(event, events.Delta) and event.text:
-            if self._part == "thinking" and event.part == "content":
+            if self._part == "thinking" and event.part != "thinking":
                 self.out.write("\n")  # the answer starts on a line of its own
             dim = self._dim and event.part == "thinking"
             self.out.write(f"{DIM}{event.text}{RESET}" if dim else event.text)

@@ -7,7 +7,9 @@ of the run (each call's last `Usage` piece counts: providers that repeat it with
 call repeat a running total). It never awaits, writes or opens anything.
 
 Events out, in arrival order, are calls on the run's `Out` (the dialect's side, which
-encodes and writes or holds them): `text` and `reasoning` for each visible delta. Tool
+encodes and writes or holds them): `text`, `reasoning` and `refusal` for each visible
+delta. A refusal's words join the answer's text (they are what the user is shown, and what
+is saved), and a call that refused and then stopped ends with finish reason "refusal". Tool
 calls go out per model call (`round_calls`, after the call ended: a call's arguments
 come in fragments); the finish reason and usage when the run ends.
 
@@ -23,7 +25,16 @@ from typing import Any, Protocol
 
 from lean.errors import Cancelled, LeanError, ShuttingDown
 from lean.messages import TextBuffer
-from lean.providers.base import Finish, Piece, Reasoning, Text, ToolCall, Usage
+from lean.providers.base import (
+    Finish,
+    Piece,
+    Reasoning,
+    Refusal,
+    Text,
+    ToolCall,
+    Usage,
+    Verbatim,
+)
 from lean.tool_round import Call
 
 __all__ = ["Ending", "Out", "RunCore"]
@@ -58,6 +69,11 @@ class Out(Protocol):
 
     def reasoning(self, text: str, behind: bool) -> bool: ...
 
+    def refusal(self, text: str, behind: bool) -> bool: ...
+
+
+_NO_USAGE = Usage()
+
 
 class RunCore:
     __slots__ = (
@@ -69,6 +85,7 @@ class RunCore:
         "finish",
         "first_token",
         "reasoning",
+        "refused",
         "round",
         "round_start",
         "started",
@@ -84,6 +101,7 @@ class RunCore:
         self.round: dict[int, Call] = {}  # the current model call's, by index
         self.round_start = 0  # where the current model call's text begins
         self.finish = "stop"
+        self.refused = False  # the current model call refused (OpenAI's `refusal`)
         self._usage_before = Usage()  # the finished model calls', summed
         self._call_usage = Usage()  # the current call's last
         self.ending = Ending.RUNNING
@@ -106,25 +124,32 @@ class RunCore:
                     self.first_token = time.monotonic()
                 self.reasoning.add(piece.text)
                 behind = out.reasoning(piece.text, behind)
+            elif isinstance(piece, Refusal):
+                if self.first_token is None:
+                    self.first_token = time.monotonic()
+                self.refused = True
+                text.add(piece.text)
+                behind = out.refusal(piece.text, behind)
             elif isinstance(piece, ToolCall):
                 call = self.round.get(piece.index)
                 if call is None:
                     call = self.round[piece.index] = Call(piece.index, piece.id, piece.name)
                 call.arguments += piece.arguments
             elif isinstance(piece, Finish):
-                self.finish = piece.reason
+                # OpenAI ends a refusal with "stop": the run says what it was.
+                refusal = self.refused and piece.reason == "stop"
+                self.finish = "refusal" if refusal else piece.reason
             elif isinstance(piece, Usage):
                 self._call_usage = piece
+            elif isinstance(piece, Verbatim):  # what lean does not model stays on the chunk
+                behind = self.push(list(piece.pieces), out, behind)
         return behind
 
     def next_call(self) -> None:
         """Another upstream call of the run begins (a tool round's answer)."""
-        before, call = self._usage_before, self._call_usage
-        self._usage_before = Usage(
-            before.prompt_tokens + call.prompt_tokens,
-            before.completion_tokens + call.completion_tokens,
-        )
+        self._usage_before = self._usage_before.plus(self._call_usage)
         self._call_usage = Usage()
+        self.refused = False
         self.round = {}
         self.round_start = self.text.size
 
@@ -134,12 +159,9 @@ class RunCore:
     def usage(self) -> Usage:
         """Summed over every upstream call of the run so far."""
         before, call = self._usage_before, self._call_usage
-        if not before.prompt_tokens and not before.completion_tokens:
+        if before == _NO_USAGE:
             return call
-        return Usage(
-            before.prompt_tokens + call.prompt_tokens,
-            before.completion_tokens + call.completion_tokens,
-        )
+        return before.plus(call)
 
     @property
     def first_token_ms(self) -> float | None:

@@ -31,6 +31,10 @@ import msgspec
 class Usage(msgspec.Struct, frozen=True, rename="camel"):
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Only when the upstream said (UNSET is never encoded): of the prompt, read from the
+    # provider's cache; of the completion, spent reasoning.
+    cached_tokens: int | msgspec.UnsetType = msgspec.UNSET
+    reasoning_tokens: int | msgspec.UnsetType = msgspec.UNSET
 
 
 # Subclasses repeat frozen=True so mypy's dataclass_transform sees it; msgspec inherits it anyway.
@@ -58,7 +62,7 @@ class Start(_Event, tag="start", frozen=True):
 class Delta(_Event, tag="delta", frozen=True):
     message_id: str
     text: str
-    part: Literal["content", "thinking"] = "content"
+    part: Literal["content", "thinking", "refusal"] = "content"
 
 
 class ToolStart(_Event, tag="tool_start", frozen=True):

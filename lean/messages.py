@@ -13,11 +13,16 @@ from typing import Any
 
 import msgspec
 
-SCHEMA_VERSION = 2  # kept in PRAGMA user_version; a newer file is refused, not guessed at
+SCHEMA_VERSION = 3  # kept in PRAGMA user_version; a newer file is refused, not guessed at
 
 # Version 2: status `streaming` (a run's answer while it runs, flushed as it grows) and
 # `run_id`. SQLite cannot change a CHECK in place, so a version-1 table is copied into a new
-# one (MIGRATE_1_TO_2), in the same transaction that sets the version.
+# one (MIGRATE_FROM_1), in the same transaction that sets the version.
+# Version 3: `prompt`, the filled template a user message became (what the model saw), beside
+# `content`, what the user typed. NULL when the two are the same (a `{message}` template), so
+# a plain chat stores its text once; a version-2 row (whose `content` was the filled template)
+# gets NULL too, and reads back as before. A nullable column added at the end needs no copy
+# (MIGRATE_FROM_2).
 _TABLE = """
 CREATE TABLE {name} (
     message_id TEXT PRIMARY KEY,
@@ -39,6 +44,7 @@ CREATE TABLE {name} (
     first_token_ms REAL,
     duration_ms REAL,
     run_id TEXT,
+    prompt TEXT,
     CHECK (role = 'assistant' OR status = 'complete')
 );
 """
@@ -49,12 +55,15 @@ _V1_COLUMNS = (
     " reasoning, tool_calls, finish_reason, error_code, prompt_tokens, completion_tokens,"
     " first_token_ms, duration_ms"
 )
-MIGRATE_1_TO_2 = (
-    _TABLE.format(name="messages_v2")
-    + f"INSERT INTO messages_v2 ({_V1_COLUMNS}) SELECT {_V1_COLUMNS} FROM messages;"
-    + "DROP TABLE messages; ALTER TABLE messages_v2 RENAME TO messages;"
+# Each makes the current table of a file at that version.
+MIGRATE_FROM_1 = (
+    _TABLE.format(name="messages_new")
+    + f"INSERT INTO messages_new ({_V1_COLUMNS}) SELECT {_V1_COLUMNS} FROM messages;"
+    + "DROP TABLE messages; ALTER TABLE messages_new RENAME TO messages;"
     + _INDEX
 )
+MIGRATE_FROM_2 = "ALTER TABLE messages ADD COLUMN prompt TEXT;"
+MIGRATIONS = {0: SCHEMA, 1: MIGRATE_FROM_1, 2: MIGRATE_FROM_2, SCHEMA_VERSION: ""}
 # At start-up no run is running: a row still `streaming` is an answer cut by a crash, and
 # keeps the text flushed before it.
 END_STREAMING = "UPDATE messages SET status = 'incomplete' WHERE status = 'streaming'"
@@ -64,7 +73,7 @@ class MessageRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     message_id: str  # "{scene}:{conversationId}:{turn}", user message: "...:{turn}:user"
     conversation_id: str
     role: str  # "user" | "assistant"
-    content: str
+    content: str  # user: what the user typed (scenes.typed); assistant: the answer
     # user: "complete"; assistant: "complete" | "error" | "cancelled" | "incomplete" |
     # "streaming" (its run is running, or was when lean died: marked incomplete at start-up)
     status: str
@@ -82,6 +91,9 @@ class MessageRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     first_token_ms: float | None = None  # latency to the first visible token
     duration_ms: float | None = None
     run_id: str | None = None  # the run that wrote an assistant message
+    # user: the filled template, what the model saw (stored NULL when equal to `content`,
+    # read back filled in); assistant: None
+    prompt: str | None = None
 
 
 # Columns in MessageRecord's field order, so a row is msgspec.structs.astuple(record).
@@ -97,8 +109,8 @@ SELECT_MESSAGES = (
     f"SELECT {_COLUMNS} FROM messages WHERE conversation_id = ?"
     " ORDER BY turn DESC, role = 'user' LIMIT ?"
 )
-SELECT_HISTORY = (
-    "SELECT u.content, a.content FROM messages AS a JOIN messages AS u"
+SELECT_HISTORY = (  # the user's side as the model saw it: the filled template
+    "SELECT coalesce(u.prompt, u.content), a.content FROM messages AS a JOIN messages AS u"
     " ON u.conversation_id = a.conversation_id AND u.turn = a.turn AND u.role = 'user'"
     " WHERE a.conversation_id = ? AND a.role = 'assistant' AND a.content != ''"
     " AND a.status != 'streaming'"
@@ -120,8 +132,11 @@ _encode_json = msgspec.json.Encoder().encode
 _decode_tool_calls = msgspec.json.Decoder(list[dict[str, Any]]).decode
 
 
-def begin_turn(conn: sqlite3.Connection, cid: str, scene: str, content: str, at: str) -> int:
-    """Write the user message of the conversation's next turn; its number (writer thread)."""
+def begin_turn(
+    conn: sqlite3.Connection, cid: str, scene: str, content: str, at: str, prompt: str | None
+) -> int:
+    """Write the user message of the conversation's next turn; its number (writer thread).
+    `prompt` is the filled template, when it differs from `content`."""
     turn: int = conn.execute(_LAST_TURN, (cid,)).fetchone()[0] + 1
     user = MessageRecord(
         message_id=f"{scene}:{cid}:{turn}:user",
@@ -132,6 +147,7 @@ def begin_turn(conn: sqlite3.Connection, cid: str, scene: str, content: str, at:
         created_at=at,
         turn=turn,
         scene=scene,
+        prompt=None if prompt == content else prompt,
     )
     conn.execute(INSERT_MESSAGE, row(user))
     return turn
@@ -151,6 +167,8 @@ def records(rows: list[tuple[Any, ...]]) -> list[MessageRecord]:
         fields = dict(zip(_FIELDS, row, strict=True))
         tool_calls = fields["tool_calls"]
         fields["tool_calls"] = [] if tool_calls == "[]" else _decode_tool_calls(tool_calls)
+        if fields["role"] == "user" and fields["prompt"] is None:
+            fields["prompt"] = fields["content"]
         out.append(MessageRecord(**fields))
     return out
 

@@ -6,7 +6,10 @@ upstream as the client sent it, so parameters lean does not know still work.
 
 Chunk framing is pre-built per stream: the bytes around a delta
 (`data: {"id":...,"choices":[{"index":0,"delta":` ... `,"finish_reason":null}]}`)
-are made once, and each text delta costs one string encode and one join.
+are made once, and each text delta costs one string encode and one join. A chunk that
+carries what lean does not model (`logprobs`, `delta.annotations`) goes out with the
+upstream's `choices` bytes as they came (`Verbatim`), under this stream's id and model.
+Usage is the upstream's (details and `total_tokens` included), and absent when it gave none.
 """
 
 from __future__ import annotations
@@ -18,7 +21,17 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from lean.inbound import decode
-from lean.providers.base import Finish, Piece, Reasoning, Text, ToolCall, Usage
+from lean.providers.base import (
+    Extras,
+    Finish,
+    Piece,
+    Reasoning,
+    Refusal,
+    Text,
+    ToolCall,
+    Usage,
+    Verbatim,
+)
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
@@ -102,11 +115,24 @@ class ChunkFramer:
             return self._delta(b'{"reasoning_content":%b}' % _encode(piece.text))
         if isinstance(piece, ToolCall):
             return self._delta(b'{"tool_calls":[%b]}' % self._tool_call(piece))
+        if isinstance(piece, Refusal):
+            return self._delta(b'{"refusal":%b}' % _encode(piece.text))
         if isinstance(piece, Finish):
             return self._delta(b"{}", _encode(piece.reason))
         if isinstance(piece, Usage):
             self.usage = piece
+        elif isinstance(piece, Verbatim):
+            return self._verbatim(piece)
         return None  # usage goes out at the end; signatures never do
+
+    def _verbatim(self, piece: Verbatim) -> bytes:
+        """The upstream's choices as it sent them (`logprobs`, `annotations` and all), under
+        this stream's id and model; what they started counts as started."""
+        self._sent_role = True
+        for carried in piece.pieces:
+            if isinstance(carried, ToolCall) and carried.id is not None:
+                self._started_calls.add(carried.index)
+        return b'%b,"choices":%b}\n\n' % (self._head, piece.choices)
 
     def _tool_call(self, piece: ToolCall) -> bytes:
         call: dict[str, Any] = {"index": piece.index}
@@ -120,13 +146,13 @@ class ChunkFramer:
         return _encode(call)
 
     def end(self) -> bytes:
-        """The usage chunk (when asked for) and `[DONE]`, in one write."""
-        if not self._include_usage:
+        """The usage chunk (when asked for and the upstream gave usage: never invented
+        zeros) and `[DONE]`, in one write."""
+        if not self._include_usage or self.usage is None:
             return b"data: [DONE]\n\n"
-        usage = self.usage or Usage()
         return b'%b,"choices":[],"usage":%b}\n\ndata: [DONE]\n\n' % (
             self._head,
-            _encode(_usage_body(usage)),
+            _encode(_usage_body(self.usage)),
         )
 
 
@@ -134,26 +160,37 @@ def error_frame(body: bytes) -> bytes:
     return b"data: " + body + b"\n\n"
 
 
-def _usage_body(usage: Usage) -> dict[str, int]:
-    return {
+def _usage_body(usage: Usage) -> dict[str, Any]:
+    """OpenAI's usage object; the total and the details as the upstream gave them."""
+    total = usage.total_tokens
+    body: dict[str, Any] = {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens if total is None else total,
     }
+    if usage.cached_tokens is not None:
+        body["prompt_tokens_details"] = {"cached_tokens": usage.cached_tokens}
+    if usage.reasoning_tokens is not None:
+        body["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
+    return body
 
 
 def completion_body(pieces: list[Piece], *, completion_id: str, model: str) -> bytes:
     """A whole `chat.completion` object from an answer's pieces."""
     text: list[str] = []
     reasoning: list[str] = []
+    refusal: list[str] = []
     calls: dict[int, dict[str, Any]] = {}
     finish = "stop"
-    usage = Usage()
-    for piece in pieces:
+    usage: Usage | None = None
+    extras = Extras()
+    for piece in _flat(pieces):
         if isinstance(piece, Text):
             text.append(piece.text)
         elif isinstance(piece, Reasoning):
             reasoning.append(piece.text)
+        elif isinstance(piece, Refusal):
+            refusal.append(piece.text)
         elif isinstance(piece, ToolCall):
             call = calls.setdefault(
                 piece.index,
@@ -168,23 +205,42 @@ def completion_body(pieces: list[Piece], *, completion_id: str, model: str) -> b
             finish = piece.reason
         elif isinstance(piece, Usage):
             usage = piece
+        elif isinstance(piece, Extras):
+            extras = piece
     message: dict[str, Any] = {"role": "assistant", "content": "".join(text) or None}
+    if refusal:
+        message["refusal"] = "".join(refusal)
     if reasoning:
         message["reasoning_content"] = "".join(reasoning)
     if calls:
         message["tool_calls"] = [calls[i] for i in sorted(calls)]
-    elif message["content"] is None:
+    elif message["content"] is None and not refusal:
         message["content"] = ""
-    return _encode(
-        {
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-            "usage": _usage_body(usage),
-        }
-    )
+    if extras.annotations is not None:
+        message["annotations"] = extras.annotations
+    choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish}
+    if extras.logprobs is not None:
+        choice["logprobs"] = extras.logprobs
+    completion: dict[str, Any] = {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+    }
+    if usage is not None:  # unknown when the upstream gave none: omitted, never 0/0
+        completion["usage"] = _usage_body(usage)
+    return _encode(completion)
+
+
+def _flat(pieces: list[Piece]) -> list[Piece]:
+    """`pieces` with what each `Verbatim` carries in its place."""
+    if not any(isinstance(piece, Verbatim) for piece in pieces):
+        return pieces
+    out: list[Piece] = []
+    for piece in pieces:
+        out.extend(piece.pieces if isinstance(piece, Verbatim) else (piece,))
+    return out
 
 
 def models_body(aliases: list[str]) -> bytes:

@@ -47,7 +47,7 @@ from lean.errors import (
 )
 from lean.guard import Guard
 from lean.messages import MessageRecord, utc_now
-from lean.providers.base import Piece
+from lean.providers.base import Piece, Usage
 from lean.relay import Relay
 from lean.services import Services
 from lean.tool_round import Call, ToolRound
@@ -74,6 +74,19 @@ class Sink(Protocol):
     async def ping(self) -> None: ...
 
     def abort(self) -> None: ...
+
+
+Part = Literal["content", "thinking", "refusal"]
+
+
+def _usage(usage: Usage) -> events.Usage:
+    """A scene's usage: the details only where the upstream gave them."""
+    return events.Usage(
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        msgspec.UNSET if usage.cached_tokens is None else usage.cached_tokens,
+        msgspec.UNSET if usage.reasoning_tokens is None else usage.reasoning_tokens,
+    )
 
 
 def new_run_id() -> str:
@@ -111,7 +124,7 @@ class Run:
         # `arrivals.Arrivals`); `_held_part` is the part the held text belongs to.
         self._behind = False
         self._held: list[str] = []
-        self._held_part: Literal["content", "thinking"] = "content"
+        self._held_part: Part = "content"
         self.tools = ToolRound(
             message_id=self.message_id,
             scene=scene,
@@ -196,7 +209,7 @@ class Run:
             final = events.Done(
                 message_id=self.message_id,
                 finish_reason=core.finish,
-                usage=events.Usage(usage.prompt_tokens, usage.completion_tokens),
+                usage=_usage(usage),
                 text=core.text.text(),  # one copy of the answer, shared with the save
                 fallback=fallback,
             )
@@ -279,6 +292,13 @@ class Run:
             return True
         return self._write(events.Delta(message_id=self.message_id, text=text, part="thinking"))
 
+    def refusal(self, text: str, behind: bool) -> bool:
+        """A refusal delta (`core.Out`); True when the client is behind."""
+        if behind:
+            self._hold(text, "refusal")
+            return True
+        return self._write(events.Delta(message_id=self.message_id, text=text, part="refusal"))
+
     async def drain(self) -> None:
         await self._drain()
         while self._held and self._write_held():
@@ -287,7 +307,7 @@ class Run:
         assert self.guard is not None
         self.guard.wrote()
 
-    def _hold(self, text: str, part: Literal["content", "thinking"]) -> None:
+    def _hold(self, text: str, part: Part) -> None:
         if part != self._held_part and self._held:
             self._write_held()  # the other part's text first: each part keeps its order
         self._held_part = part

@@ -21,7 +21,7 @@ from lean.errors import BadRequest, NotFound, StoreUnavailable, clip
 from lean.handlers import SSE_HEADERS, read_json, services_key
 from lean.inbound import ClientId, decode
 from lean.run import Run, Sink, new_run_id
-from lean.scenes import SceneRequest, chat_body, new_conversation_id, render
+from lean.scenes import SceneRequest, chat_body, new_conversation_id, render, typed
 from lean.services import Services
 
 NDJSON = "application/x-ndjson"
@@ -98,7 +98,8 @@ async def new_run(
     model, a missing template input, admission. A new conversation has no history and
     starts at turn 1 without asking the store first.
     """
-    user_content = render(scene, request)
+    prompt = render(scene, request)  # what the model sees; saved beside what the user typed
+    content = typed(scene, request)
     model = services.config.models.get(scene.model)
     if model is None:
         raise NotFound(f"model '{scene.model}' does not exist")
@@ -113,14 +114,14 @@ async def new_run(
     if cid is None:  # a new conversation: no history to read, and its turn is 1
         cid = new_conversation_id()
         turn = await store.begin_first_turn(
-            conversation_id=cid, scene=scene.name, user_content=user_content
+            conversation_id=cid, scene=scene.name, user_content=content, prompt=prompt
         )
     else:
         if scene.history_turns:
             history = await store.history(cid, scene.history_turns)
         try:
             turn = await store.begin_turn(
-                conversation_id=cid, scene=scene.name, user_content=user_content
+                conversation_id=cid, scene=scene.name, user_content=content, prompt=prompt
             )
         except sqlite3.Error as exc:
             raise StoreUnavailable(
@@ -133,7 +134,7 @@ async def new_run(
         model=model,
         conversation_id=cid,
         turn=turn,
-        body=chat_body(scene, history, user_content),
+        body=chat_body(scene, history, prompt),
         sink=sink,
     )
 

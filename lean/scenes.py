@@ -94,6 +94,17 @@ def render(scene: SceneConfig, request: SceneRequest) -> str:
     return scene.template.format_map(values)
 
 
+def typed(scene: SceneConfig, request: SceneRequest) -> str:
+    """What the user typed, saved as the user message's `content` (the filled template is
+    saved beside it as `prompt`): the message; for a scene whose template takes no
+    `{message}`, its inputs as `name: value` lines; for a fixed template, the template."""
+    if scene.uses_message:
+        return request.message
+    if scene.inputs:
+        return "\n".join(f"{name}: {_text(request.inputs[name])}" for name in scene.inputs)
+    return scene.template
+
+
 def _text(value: Scalar) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

@@ -1,4 +1,5 @@
-"""lean's own web files (lean/web/): the chat page at `/` and the JS client at `/lean.js`.
+"""lean's own web files (lean/web/): the chat page at `/` and the JS client at `/lean.js`;
+and lean's OpenAPI description at `/openapi.json` (lean.openapi).
 
 The files ship inside the package and are read once, when the app is made; each answer
 is then bytes from memory (gzip-compressed once, for clients that accept it) with a strong
@@ -30,7 +31,9 @@ from importlib import resources
 import msgspec
 from aiohttp import web
 
-__all__ = ["CLIENT", "PAGE", "PATHS", "Asset", "Variant", "add_routes", "load"]
+from lean import openapi
+
+__all__ = ["CLIENT", "OPENAPI", "PAGE", "PATHS", "Asset", "Variant", "add_routes", "asset", "load"]
 
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -50,7 +53,10 @@ PAGE = {
     "/app.css": ("app.css", "text/css; charset=utf-8"),
     "/favicon.svg": ("favicon.svg", "image/svg+xml"),
 }
-PATHS = frozenset({*CLIENT, *PAGE})
+# Built from lean.openapi, not read from a file; served like the files (ETag, gzip), with or
+# without the page, and without a token: it describes every lean alike and holds no secret.
+OPENAPI = "/openapi.json"
+PATHS = frozenset({*CLIENT, *PAGE, OPENAPI})
 
 _NOT_MODIFIED = {"Cache-Control": "no-cache", "Vary": "Accept-Encoding"}
 _COMMON = {
@@ -94,28 +100,33 @@ class Asset(msgspec.Struct, frozen=True):
 def load(paths: dict[str, tuple[str, str]]) -> dict[str, Asset]:
     """Read each file once; a file missing from the package fails start-up, not a request."""
     folder = resources.files("lean") / "web"
-    assets: dict[str, Asset] = {}
-    for path, (name, content_type) in paths.items():
-        body = (folder / name).read_bytes()
-        etag = hashlib.sha256(body).hexdigest()[:20]
-        headers = {"Content-Type": content_type, **_COMMON, **_EXTRA.get(path, {})}
-        packed = gzip.compress(body, 9, mtime=0)
-        assets[path] = Asset(
-            plain=Variant(body, f'"{etag}"', {**headers, "ETag": f'"{etag}"'}),
-            gzip=Variant(
-                packed,
-                f'"{etag}-gz"',
-                {**headers, "ETag": f'"{etag}-gz"', "Content-Encoding": "gzip"},
-            ),
-        )
-    return assets
+    return {
+        path: asset(path, (folder / name).read_bytes(), content_type)
+        for path, (name, content_type) in paths.items()
+    }
+
+
+def asset(path: str, body: bytes, content_type: str) -> Asset:
+    """`body` served at `path`: both encodings, their ETags and headers, made once."""
+    etag = hashlib.sha256(body).hexdigest()[:20]
+    headers = {"Content-Type": content_type, **_COMMON, **_EXTRA.get(path, {})}
+    packed = gzip.compress(body, 9, mtime=0)
+    return Asset(
+        plain=Variant(body, f'"{etag}"', {**headers, "ETag": f'"{etag}"'}),
+        gzip=Variant(
+            packed,
+            f'"{etag}-gz"',
+            {**headers, "ETag": f'"{etag}-gz"', "Content-Encoding": "gzip"},
+        ),
+    )
 
 
 def add_routes(app: web.Application, *, web_ui: bool) -> None:
     assets = load({**CLIENT, **PAGE} if web_ui else CLIENT)
-    for path, asset in assets.items():
+    assets[OPENAPI] = asset(OPENAPI, openapi.encoded(), "application/json")
+    for path, served in assets.items():
 
-        async def serve(request: web.Request, asset: Asset = asset) -> web.Response:
-            return asset.answer(request)
+        async def serve(request: web.Request, served: Asset = served) -> web.Response:
+            return served.answer(request)
 
         app.router.add_get(path, serve)

@@ -22,6 +22,8 @@ What it guarantees:
 - A failing write is logged and reported: to the awaiting `begin_turn` or `save_assistant`,
   or, for a write nobody awaits, to the next `flush`; `on_failure` counts each op that
   failed. The writer thread keeps serving.
+- What a batch does to the database (one transaction, health, retries, the schema at
+  open) is `lean.store_batches`; this module owns the threads, the queue and the loop.
 - Health: a batch that cannot be committed (a full disk, a file that became read-only)
   clears `writable`; while it is clear the writer tries a real write (a header update) every
   `PROBE_INTERVAL`, and the next commit that succeeds sets it again. The final saves of a
@@ -38,7 +40,6 @@ What it guarantees:
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import queue
@@ -50,22 +51,31 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from lean.messages import (
-    END_STREAMING,
-    INSERT_MESSAGE,
-    MIGRATE_1_TO_2,
-    SCHEMA,
-    SCHEMA_VERSION,
     SELECT_EXISTS,
     SELECT_HISTORY,
     SELECT_MESSAGES,
-    UPDATE_STREAMING,
     MessageRecord,
-    begin_turn,
     history,
     records,
     row,
     utc_now,
 )
+from lean.store_batches import (
+    FLUSH,
+    PROGRESS,
+    SAVE,
+    STOP,
+    TURN,
+    Batches,
+    Future,
+    Op,
+    Outcome,
+    Settled,
+    StoreError,
+    connect,
+)
+
+__all__ = ["LINGER", "PROBE_INTERVAL", "Store", "StoreClosed", "StoreError"]
 
 _log = logging.getLogger("lean.store")
 _T = TypeVar("_T")
@@ -75,18 +85,6 @@ class StoreClosed(RuntimeError):
     """A write or read was attempted after `Store.close()`."""
 
 
-class StoreError(Exception):
-    """The database file cannot be used by this lean (a newer schema, WAL refused)."""
-
-
-# Ops travel as (kind, args, future); the future is None when nobody waits for the op.
-_SAVE, _TURN, _PROGRESS, _FLUSH, _STOP = range(5)
-# What `on_failure` is told failed, by op kind.
-_OP_NAMES = {_SAVE: "save", _TURN: "turn", _PROGRESS: "progress"}
-_Future = asyncio.Future[Any] | None
-_Op = tuple[int, Any, _Future]
-_Settled = list[tuple[_Future, Any, BaseException | None]]
-
 # Seconds a write nobody waits for may wait for others to share its commit. At 80 runs/s
 # (400 streams of 5 s) 20 ms puts ~3 runs' rows in one transaction and spares the loop ~2
 # thread wake-ups per run; what a kill (not a stop) can lose is this much of saving.
@@ -95,12 +93,6 @@ LINGER = 0.02
 # Seconds between write probes while the store cannot write: /readyz turns ready again within
 # this after space returns, for one small write per second on a store that is failing anyway.
 PROBE_INTERVAL = 1.0
-
-# Writes kept for another try after their batch could not be committed (a full disk): final
-# saves (their `done` said `saved: false`) and new conversations' first turns (their run had
-# already started). Each holds one message (a few KB), so 1,000 is a few MB at most; past it
-# the oldest is dropped, as it was reported. Written first in the next commit.
-RETRY_MAX = 1000
 
 
 class Store:
@@ -121,13 +113,12 @@ class Store:
         # says why, for /readyz.
         self.writable = True
         self.error: str | None = None
-        self._healthy = True  # the writer thread's own view, which it reports to the loop
-        self._retry: collections.deque[tuple[int, Any]] = collections.deque(maxlen=RETRY_MAX)
+        self._batches = Batches()  # the writer thread's: its health, its writes to retry
         # queue_max bounds ops waiting for the writer: 10k saves is ~0.15 s of writing at the
         # measured ~65k rows/s, so a burst of that many finished runs is absorbed without anyone
         # waiting; past it save_assistant waits for space instead of growing memory (a queued
         # row is ~1-2 KB) or dropping a message.
-        self._queue: queue.Queue[_Op] = queue.Queue(queue_max)
+        self._queue: queue.Queue[Op] = queue.Queue(queue_max)
         # batch_max bounds one transaction, so a commit (and the futures it resolves) never
         # waits behind an arbitrarily long backlog.
         self._batch_max = batch_max
@@ -135,9 +126,6 @@ class Store:
         self._writer: threading.Thread | None = None  # set once it serves the queue
         self._reader: ThreadPoolExecutor | None = None
         self._rconn: sqlite3.Connection | None = None  # used on the reader thread only
-        # Writer thread only: the first save that failed since a flush, and how many more.
-        self._failed: Exception | None = None
-        self._failed_more = 0
         self._urgent = threading.Event()  # an op someone awaits is queued: commit now
         self._closed = False
         self._closing: asyncio.Task[None] | None = None
@@ -182,24 +170,35 @@ class Store:
             self._reader.shutdown(wait=True)
         if self._writer is not None:
             stopped: asyncio.Future[None] = loop.create_future()
-            await self._put((_STOP, None, stopped))  # behind every write accepted before close
+            await self._put((STOP, None, stopped))  # behind every write accepted before close
             await stopped
             self._writer.join()  # returns at once: the thread has only `return` left
 
     async def begin_turn(
-        self, *, conversation_id: str, scene: str, user_content: str, created_at: str | None = None
+        self,
+        *,
+        conversation_id: str,
+        scene: str,
+        user_content: str,
+        prompt: str | None = None,
+        created_at: str | None = None,
     ) -> int:
+        """Save the user message of the next turn: `user_content` as typed, `prompt` the
+        filled template the model sees (None: the same)."""
         loop = self._check_open()
         turn: asyncio.Future[int] = loop.create_future()
-        args = (conversation_id, scene, user_content, created_at or utc_now())
-        await self._put((_TURN, args, turn))
+        args = (conversation_id, scene, user_content, created_at or utc_now(), prompt)
+        await self._put((TURN, args, turn))
         return await turn
 
-    async def begin_first_turn(self, *, conversation_id: str, scene: str, user_content: str) -> int:
+    async def begin_first_turn(
+        self, *, conversation_id: str, scene: str, user_content: str, prompt: str | None = None
+    ) -> int:
         """`begin_turn` for a conversation lean has just named: its turn is 1, so the caller
         does not wait for the commit (the writer logs a failure)."""
         self._check_open()
-        await self._put((_TURN, (conversation_id, scene, user_content, utc_now()), None))
+        args = (conversation_id, scene, user_content, utc_now(), prompt)
+        await self._put((TURN, args, None))
         return 1
 
     async def save_assistant(self, record: MessageRecord, *, wait: bool = True) -> None:
@@ -209,10 +208,10 @@ class Store:
         # Encoded here, so a tool call that is not JSON fails the caller, not a later flush.
         values = row(record)
         if not wait:
-            await self._put((_SAVE, values, None))
+            await self._put((SAVE, values, None))
             return
         saved: asyncio.Future[None] = loop.create_future()
-        await self._put((_SAVE, values, saved))
+        await self._put((SAVE, values, saved))
         await saved
 
     async def save_progress(self, rows: list[tuple[str, str, str]]) -> None:
@@ -220,7 +219,7 @@ class Store:
         statement per row, nobody waiting. A row no longer `streaming` is left alone."""
         self._check_open()
         if rows:
-            await self._put((_PROGRESS, rows, None))
+            await self._put((PROGRESS, rows, None))
 
     async def flush(self, *, report: bool = True) -> None:
         """Wait until everything queued before the call is committed. With `report`, raise
@@ -233,7 +232,7 @@ class Store:
             return
         loop = self._check_open()
         done: asyncio.Future[None] = loop.create_future()
-        await self._put((_FLUSH, report, done))
+        await self._put((FLUSH, report, done))
         if report:
             await done
         else:
@@ -247,7 +246,7 @@ class Store:
             raise RuntimeError("Store.open() has not been awaited")
         return self._loop
 
-    async def _put(self, op: _Op) -> None:
+    async def _put(self, op: Op) -> None:
         if self._blocked == 0:
             try:
                 self._queue.put_nowait(op)
@@ -311,18 +310,20 @@ class Store:
 
     def _run(self, ready: asyncio.Future[None]) -> None:
         try:
-            conn = self._connect_writer()
+            conn = connect(self._path)
         except Exception as exc:
             self._settle([(ready, None, exc)])
             return
         self._settle([(ready, None, None)])
-        stopped: _Future = None
+        batches = self._batches
+        stopped: Future = None
         try:
             while stopped is None:
                 try:  # while unhealthy, probe between ops: recovery needs no traffic
-                    ops = [self._queue.get(timeout=None if self._healthy else PROBE_INTERVAL)]
+                    wait = None if batches.healthy else PROBE_INTERVAL
+                    ops = [self._queue.get(timeout=wait)]
                 except queue.Empty:
-                    self._probe(conn)
+                    self._report(batches.probe(conn))
                     continue
                 if ops[0][2] is None:  # nobody waits for it: let others share the commit
                     self._urgent.wait(LINGER)
@@ -335,190 +336,27 @@ class Store:
                 if self._space_wanted:  # read after draining: see _put
                     self._space_wanted = False
                     self._call(self._space.set)
-                stopped = self._write_batch(conn, ops)
+                outcome = batches.write(conn, ops)
+                self._report(outcome)
+                stopped = outcome.stop
         finally:
-            if self._retry:
-                _log.error("store: closed with %d messages it could not write", len(self._retry))
+            if batches.retry:
+                _log.error("store: closed with %d messages it could not write", len(batches.retry))
             conn.close()
             self._settle([(stopped, None, None)])
 
-    def _connect_writer(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self._path, isolation_level=None)  # explicit BEGIN/COMMIT
-        try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:  # before anything writes to a newer lean's file
-                raise StoreError(
-                    f"{self._path} has schema version {version}, from a newer lean; "
-                    f"this one knows up to {SCHEMA_VERSION}"
-                )
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if mode != "wal":  # reads beside writes need WAL
-                raise StoreError(f"{self._path}: journal_mode WAL refused ({mode})")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=5000")
-            if version == 0:
-                schema = SCHEMA
-            elif version == 1:
-                schema = MIGRATE_1_TO_2
-            else:
-                schema = ""
-            # Always a real write (the header's user_version), so a file lean cannot write
-            # to stops start-up here rather than failing the first answer.
-            conn.executescript(
-                f"BEGIN IMMEDIATE; {schema} {END_STREAMING};"
-                f" PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-            )
-        except BaseException:
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            conn.close()
-            raise
-        return conn
-
-    def _probe(self, conn: sqlite3.Connection) -> None:
-        """One real write, to see whether the store can write again (writer thread)."""
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            self._write_retries(conn)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-        except sqlite3.Error:
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            return
-        self._retry.clear()
-        self._set_health(None)
-
-    def _write_retries(self, conn: sqlite3.Connection) -> None:
-        """Final saves that failed with their batch, first in the next transaction; they
-        are forgotten once it commits."""
-        for kind, args in self._retry:
-            if kind == _SAVE:
-                conn.execute(INSERT_MESSAGE, args)
-            else:
-                begin_turn(conn, *args)
-
-    def _set_health(self, exc: Exception | None) -> None:
-        """Writer thread: tell the loop when the store starts or stops being writable."""
-        healthy = exc is None
-        if healthy == self._healthy:
-            return
-        self._healthy = healthy
-        if healthy:
-            _log.warning("store: writing again; /readyz is ready")
-        else:
-            _log.error("store: cannot write (%s); /readyz fails until a write succeeds", exc)
-        self._call(self._health_changed, healthy, None if exc is None else str(exc))
+    def _report(self, outcome: Outcome) -> None:
+        """Writer thread: hand what a batch or probe did to the loop."""
+        if outcome.health_changed:
+            self._call(self._health_changed, outcome.error is None, outcome.error)
+        if self._on_failure is not None and outcome.failed:
+            self._call(_report_failures, self._on_failure, outcome.failed)
+        self._settle(outcome.settled)
 
     def _health_changed(self, healthy: bool, error: str | None) -> None:
         self.writable, self.error = healthy, error
 
-    def _count_failures(self, failed: dict[str, int]) -> None:
-        if self._on_failure is not None and failed:
-            self._call(_report_failures, self._on_failure, failed)
-
-    def _write_batch(self, conn: sqlite3.Connection, ops: list[_Op]) -> _Future:
-        """Write `ops` in one transaction; return the STOP op's future if there was one."""
-        settled: _Settled = []
-        stop: _Future = None
-        failed: dict[str, int] = {}
-        writes = False
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            self._write_retries(conn)
-            for kind, args, fut in ops:
-                if kind == _SAVE:
-                    writes = True
-                    try:
-                        conn.execute(INSERT_MESSAGE, args)
-                        settled.append((fut, None, None))
-                    except Exception as exc:
-                        self._op_failed(conn, exc, f"saving message {args[0]!r}")
-                        failed["save"] = failed.get("save", 0) + 1
-                        if fut is None:
-                            self._save_failed(exc)
-                        else:
-                            settled.append((fut, None, exc))
-                elif kind == _TURN:
-                    writes = True
-                    try:
-                        settled.append((fut, begin_turn(conn, *args), None))
-                    except Exception as exc:
-                        self._op_failed(conn, exc, f"begin_turn in {args[0]!r}")
-                        failed["turn"] = failed.get("turn", 0) + 1
-                        settled.append((fut, None, exc))
-                elif kind == _PROGRESS:
-                    writes = True
-                    try:
-                        conn.executemany(UPDATE_STREAMING, args)
-                    except Exception as exc:
-                        self._op_failed(conn, exc, f"saving the progress of {len(args)} answers")
-                        failed["progress"] = failed.get("progress", 0) + len(args)
-                elif kind == _FLUSH:
-                    settled.append((fut, None, self._take_failures() if args else None))
-                else:
-                    stop = fut
-            conn.execute("COMMIT")
-            if writes:
-                self._set_health(None)
-            self._retry.clear()
-        except Exception as exc:  # nothing of the batch was written
-            if isinstance(exc, sqlite3.Error):  # a full disk, a read-only file: no traceback
-                _log.error("store: a batch of %d writes failed: %s", len(ops), exc)
-            else:
-                _log.exception("store: a batch of %d writes failed", len(ops))
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            self._set_health(exc)
-            settled, unreported, failed = [], False, {}
-            for kind, op_args, fut in ops:
-                if kind == _STOP:
-                    stop = fut
-                    continue
-                if kind in _OP_NAMES:
-                    name = _OP_NAMES[kind]
-                    failed[name] = failed.get(name, 0) + (len(op_args) if kind == _PROGRESS else 1)
-                if (kind == _SAVE and fut is not None) or (kind == _TURN and fut is None):
-                    self._retry.append((kind, op_args))  # see RETRY_MAX
-                if kind in (_SAVE, _PROGRESS) and fut is None:
-                    unreported = unreported or kind == _SAVE
-                else:
-                    settled.append((fut, None, exc))
-                    if kind == _FLUSH and op_args:  # a reporting flush told of it
-                        self._failed, self._failed_more = None, 0
-                        unreported = False
-            if unreported:  # saves after the batch's last flush: tell the next one
-                self._save_failed(exc)
-        self._count_failures(failed)
-        self._settle(settled)
-        return stop
-
-    @staticmethod
-    def _op_failed(conn: sqlite3.Connection, exc: Exception, what: str) -> None:
-        if not conn.in_transaction:  # SQLite rolled the whole transaction back
-            raise exc
-        _log.error("store: %s failed: %s", what, exc)  # only this statement was undone
-
-    def _save_failed(self, exc: Exception) -> None:
-        # The first failure and a count: saves that fail while nobody flushes hold no memory.
-        if self._failed is None:
-            self._failed = exc
-        else:
-            self._failed_more += 1
-
-    def _take_failures(self) -> Exception | None:
-        first, more = self._failed, self._failed_more
-        if first is None:
-            return None
-        self._failed, self._failed_more = None, 0
-        if more:
-            first.add_note(f"and {more} more saves failed since the previous flush")
-        return first
-
-    def _settle(self, settled: _Settled) -> None:
+    def _settle(self, settled: Settled) -> None:
         settled = [item for item in settled if item[0] is not None]  # a first turn: nobody waits
         if settled:
             self._call(_settle_all, settled)
@@ -534,7 +372,7 @@ def _report_failures(on_failure: Callable[[str, int], None], failed: dict[str, i
         on_failure(name, count)
 
 
-def _settle_all(settled: _Settled) -> None:
+def _settle_all(settled: Settled) -> None:
     for fut, result, exc in settled:
         if fut is None or fut.done():  # no one waits, or its awaiter was cancelled
             continue

@@ -338,7 +338,11 @@ def test_scene_inputs_are_fields_of_the_page(lean: Lean, seen: dict[str, Any]) -
     assert result["refusedStatus"] == "error" and "words" in result["failure"]
     assert result["status"] == "complete" and result["text"] == ANSWER
     messages = lean.get(f"/v1/conversations/{result['conversationId']}/messages")["messages"]
-    assert messages[0]["content"] == "Summarise in 5 words: dear diary"
+    # saved as typed, the template the page's input filled beside it
+    assert (messages[0]["content"], messages[0]["prompt"]) == (
+        "dear diary",
+        "Summarise in 5 words: dear diary",
+    )
 
 
 @needs_browser

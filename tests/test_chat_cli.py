@@ -319,7 +319,8 @@ async def test_inputs_tools_and_a_client_tool_answered_at_the_prompt(
         asked = '[ask_user({"question": "Which city?"})]\n[ask_user waits for your answer]\n'
         assert asked in err
         assert re.search(r"^\[ask_user -> Paris \([\d.]+ ms\)\]$", err, re.MULTILINE), err
-    assert user["content"] == "In 3 words: where?"  # --input filled the template
+    # saved as typed, beside the template --input filled
+    assert (user["content"], user["prompt"]) == ("where?", "In 3 words: where?")
     assert [c["result"] for c in saved["toolCalls"]] == [CLOCK, "Paris"]
     assert tool_messages(fake.requests[2].body) == {"call_clock": CLOCK, "call_ask": "Paris"}
 

@@ -7,7 +7,16 @@ import pytest
 
 from lean.core import Ending, RunCore
 from lean.errors import Cancelled, Internal, LeanError, ShuttingDown, SlowClient, UpstreamError
-from lean.providers.base import Finish, Piece, Reasoning, Signature, Text, ToolCall, Usage
+from lean.providers.base import (
+    Finish,
+    Piece,
+    Reasoning,
+    Refusal,
+    Signature,
+    Text,
+    ToolCall,
+    Usage,
+)
 
 
 class Recorder:
@@ -26,6 +35,9 @@ class Recorder:
 
     def reasoning(self, text: str, behind: bool) -> bool:
         return self._took("thinking", text, behind)
+
+    def refusal(self, text: str, behind: bool) -> bool:
+        return self._took("refusal", text, behind)
 
 
 def test_visible_deltas_go_out_in_order_and_the_answer_is_kept() -> None:
@@ -147,3 +159,24 @@ def test_a_run_that_never_ended_is_saved_incomplete() -> None:
     assert core.saved_status is Ending.INCOMPLETE
     core.cancelled()
     assert core.saved_status is Ending.CANCELLED
+
+
+def test_a_refusal_joins_the_text_and_a_stop_after_it_is_a_refusal() -> None:
+    core, out = RunCore(), Recorder()
+    core.push([Refusal("No, "), Refusal("sorry."), Finish("stop")], out, False)
+    assert out.seen == [("refusal", "No, ", False), ("refusal", "sorry.", False)]
+    assert core.text.text() == "No, sorry." and core.finish == "refusal"
+    core.next_call()  # the next model call did not refuse: its stop is a stop
+    core.push([Text("ok"), Finish("stop")], out, False)
+    assert core.finish == "stop"
+
+
+def test_usage_details_sum_over_calls_and_stay_unknown_when_never_given() -> None:
+    core, out = RunCore(), Recorder()
+    core.push([Usage(10, 2)], out, False)
+    assert core.usage.cached_tokens is None and core.usage.reasoning_tokens is None
+    core.next_call()
+    core.push([Usage(20, 4, cached_tokens=16, reasoning_tokens=3, total_tokens=99)], out, False)
+    core.next_call()
+    core.push([Usage(30, 1, cached_tokens=24)], out, False)
+    assert core.usage == Usage(60, 7, cached_tokens=40, reasoning_tokens=3)

@@ -290,7 +290,7 @@ def test_finish_mapping(stop_reason: str, finish: str) -> None:
 def test_cache_tokens_count_as_prompt_tokens() -> None:
     usage = b'"usage": {"input_tokens": 25, "cache_creation_input_tokens": 100, "cache_read_input_tokens": 1000, "output_tokens": 1}'
     wire = TEXT_STREAM.replace(b'"usage": {"input_tokens": 25, "output_tokens": 1}', usage)
-    assert translate(wire)[-1] == Usage(1125, 15)
+    assert translate(wire)[-1] == Usage(1125, 15, cached_tokens=1000)  # cache reads
 
 
 def test_unknown_events_and_deltas_are_ignored() -> None:
@@ -588,3 +588,16 @@ def test_the_callers_body_is_untouched() -> None:
     before = json.dumps(body, sort_keys=True)
     build(body)
     assert json.dumps(body, sort_keys=True) == before
+
+
+def test_cache_reads_are_the_cached_tokens_of_the_usage() -> None:
+    answer = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "content": [{"type": "text", "text": "hi"}],
+        "stop_reason": "end_turn",
+        "usage": {"input_tokens": 5, "cache_read_input_tokens": 100, "output_tokens": 2},
+    }
+    usage = parse_completion(json.dumps(answer).encode())[-1]
+    assert usage == Usage(105, 2, cached_tokens=100)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from lean.errors import LeanError, Overloaded, RateLimited, UpstreamError
-from lean.providers.base import Finish, Piece, Reasoning, Text, ToolCall, Usage
+from lean.providers.base import Finish, Piece, Reasoning, Refusal, Text, ToolCall, Usage, Verbatim
 from lean.providers.openai import StreamTranslator, build_request, parse_completion
 from lean.sse import SSEParser
 from tests.support import SECRET, lean_config
@@ -198,3 +198,22 @@ def test_build_request_aims_at_the_upstream_model_and_asks_for_usage() -> None:
     plain = json.loads(build_request(config.providers["up"], model, body, stream=False).body)
     assert plain["stream"] is False and "stream_options" not in plain
     assert body == {"model": "default", "messages": [], "seed": 7}  # the caller's dict untouched
+
+
+def test_logprobs_keep_the_chunk_verbatim_and_a_null_one_does_not() -> None:
+    logprobs = {"content": [{"token": "Hi", "logprob": -0.5, "bytes": [72, 105]}]}
+    wire = (
+        data({"choices": [{"index": 0, "delta": {"content": "a"}, "logprobs": None}]})
+        + data({"choices": [{"index": 0, "delta": {"content": "Hi"}, "logprobs": logprobs}]})
+        + data({"choices": [{"index": 0, "delta": {"annotations": []}, "finish_reason": "stop"}]})
+        + b"data: [DONE]\n\n"
+    )
+    plain, kept, finish = translate(wire)
+    assert plain == Text("a") and finish == Finish("stop")  # null and [] are nothing to keep
+    assert isinstance(kept, Verbatim) and kept.pieces == (Text("Hi"),)
+    assert json.loads(kept.choices)[0]["logprobs"] == logprobs
+
+
+def test_a_refusal_is_its_own_piece() -> None:
+    wire = data({"choices": [{"index": 0, "delta": {"refusal": "No."}, "finish_reason": "stop"}]})
+    assert translate(wire) == [Refusal("No."), Finish("stop")]

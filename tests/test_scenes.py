@@ -36,6 +36,14 @@ template = Summarise in {words} words: {message}
 model = default
 template = {message}
 on_disconnect = finish
+
+[scene.report]
+model = default
+template = Weather in {city} for {days} days.
+
+[scene.fixed]
+model = default
+template = Tell me a joke.
 """
 
 
@@ -228,6 +236,39 @@ async def test_history_turns_go_to_the_model_and_turns_count_up() -> None:
     assert assistant["messageId"] == "chat:h:3" and assistant["scene"] == "chat"
     assert assistant["model"] == "default" and assistant["finishReason"] == "stop"
     assert assistant["completionTokens"] > 0 and assistant["firstTokenMs"] >= 0
+
+
+async def test_the_saved_user_message_is_what_was_typed_and_the_model_sees_the_prompt() -> None:
+    async with FakeOpenAI() as fake, running(config(fake)) as lean:
+        for i in range(2):
+            fake.push(text_stream(f"Answer {i}."))
+            body = {"message": f"Day {i}.", "inputs": {"words": 5}, "conversationId": "p"}
+            await post_sse(lean, "summary", body)
+        second = fake.requests[1].body["messages"]
+        rows = await saved(lean, "p")
+        await post_sse(
+            lean, "report", {"inputs": {"city": "Oslo", "days": 3}, "conversationId": "r"}
+        )
+        await post_sse(lean, "fixed", {"conversationId": "f"})
+        report, fixed = (await saved(lean, "r"))[0], (await saved(lean, "f"))[0]
+    # the history sent to the model is what it saw before: the filled template
+    assert second == [
+        {"role": "user", "content": "Summarise in 5 words: Day 0."},
+        {"role": "assistant", "content": "Answer 0."},
+        {"role": "user", "content": "Summarise in 5 words: Day 1."},
+    ]
+    assert [(r["role"], r["content"], r["prompt"]) for r in rows] == [
+        ("user", "Day 0.", "Summarise in 5 words: Day 0."),
+        ("assistant", "Answer 0.", None),
+        ("user", "Day 1.", "Summarise in 5 words: Day 1."),
+        ("assistant", "Answer 1.", None),
+    ]
+    # no {message}: the inputs as typed, one `name: value` line each; a fixed template: itself
+    assert (report["content"], report["prompt"]) == (
+        "city: Oslo\ndays: 3",
+        "Weather in Oslo for 3 days.",
+    )
+    assert (fixed["content"], fixed["prompt"]) == ("Tell me a joke.", "Tell me a joke.")
 
 
 async def test_a_run_without_conversation_gets_a_fresh_one() -> None:

@@ -96,6 +96,7 @@ async def test_begin_turn_writes_the_user_message_and_conversation(store: Store)
             created_at=AT,
             turn=1,
             scene="s",
+            prompt="hello",  # no template: the model saw what was typed
         )
     ]
 
@@ -542,7 +543,50 @@ async def test_a_version_1_database_is_migrated_and_keeps_its_messages(tmp_path:
     assert [(m.status, m.run_id) for m in await s.messages("a")][-1] == ("streaming", "run_1")
     await s.close()
     with sqlite3.connect(db(tmp_path)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+
+
+# -- schema 3: the user message as typed, the filled template beside it -----------------------
+
+
+async def test_a_user_message_keeps_what_was_typed_and_history_gives_the_prompt(
+    store: Store,
+) -> None:
+    await store.begin_turn(
+        conversation_id="a", scene="s", user_content="where?", prompt="In 3 words: where?"
+    )
+    await store.save_assistant(answer("a", 1))
+    user, _ = await store.messages("a")
+    assert (user.content, user.prompt) == ("where?", "In 3 words: where?")
+    assert (await store.history("a", 5))[0] == ("user", "In 3 words: where?")
+
+
+async def test_a_version_2_database_is_migrated_and_keeps_its_messages(tmp_path: Path) -> None:
+    v2 = V1_SCHEMA.replace(
+        "completion_tokens INTEGER, first_token_ms REAL, duration_ms REAL,",
+        "completion_tokens INTEGER, first_token_ms REAL, duration_ms REAL, run_id TEXT,",
+    )
+    v2 = v2.replace("'incomplete')", "'incomplete', 'streaming')")
+    v2 = v2.replace("NULL, NULL);", "NULL, NULL, NULL);").replace("40.0);", "40.0, 'run_0');")
+    v2 = v2.replace("'hi'", "'Say: hi'").replace("user_version = 1", "user_version = 2")
+    with sqlite3.connect(db(tmp_path)) as conn:
+        conn.executescript(v2.replace("{at}", AT))
+    conn.close()
+    s = Store(db(tmp_path))
+    await s.open()
+    user, assistant = await s.messages("a")
+    # a version-2 user row holds the filled template: it stays both content and prompt
+    assert (user.content, user.prompt, user.created_at) == ("Say: hi", "Say: hi", AT)
+    assert (assistant.content, assistant.run_id, assistant.prompt) == ("hello", "run_0", None)
+    assert (assistant.prompt_tokens, assistant.duration_ms) == (3, 40.0)
+    assert await s.history("a", 5) == [("user", "Say: hi"), ("assistant", "hello")]
+    await s.begin_turn(conversation_id="a", scene="chat", user_content="x", prompt="Say: x")
+    assert [(m.content, m.prompt) for m in await s.messages("a")][-1] == ("x", "Say: x")
+    await s.close()
+    with sqlite3.connect(db(tmp_path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     conn.close()
 

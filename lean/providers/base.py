@@ -23,6 +23,13 @@ class Reasoning(msgspec.Struct, frozen=True, gc=False):
     text: str
 
 
+class Refusal(msgspec.Struct, frozen=True, gc=False):
+    """The model declining to answer, in its own words (OpenAI's `refusal`): shown to the
+    user like text, but never mistaken for an answer."""
+
+    text: str
+
+
 class ToolCall(msgspec.Struct, frozen=True, gc=False):
     """One fragment of a tool call; `id` and `name` come on a call's first fragment."""
 
@@ -37,8 +44,31 @@ class Finish(msgspec.Struct, frozen=True, gc=False):
 
 
 class Usage(msgspec.Struct, frozen=True, gc=False):
+    """Token counts as the upstream gave them. The details are None when the upstream did
+    not say (unknown, never 0); `total_tokens` is the upstream's own total, which need not
+    be the sum (xAI's is not)."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int | None = None  # of prompt_tokens, read from the provider's cache
+    reasoning_tokens: int | None = None  # of completion_tokens, spent thinking
+    total_tokens: int | None = None
+
+    def plus(self, other: Usage) -> Usage:
+        """Two upstream calls' usage, summed (a detail stays unknown only if both are;
+        a sum has no upstream total)."""
+        return Usage(
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            _add(self.cached_tokens, other.cached_tokens),
+            _add(self.reasoning_tokens, other.reasoning_tokens),
+        )
+
+
+def _add(a: int | None, b: int | None) -> int | None:
+    if a is None:
+        return b
+    return a if b is None else a + b
 
 
 class Signature(msgspec.Struct, frozen=True, gc=False):
@@ -49,10 +79,29 @@ class Signature(msgspec.Struct, frozen=True, gc=False):
     kind: str = "anthropic"
 
 
-Piece = Text | Reasoning | ToolCall | Finish | Usage | Signature
+class Verbatim(msgspec.Struct, frozen=True, gc=False):
+    """An OpenAI-compatible upstream's chunk that carries what lean does not model
+    (`logprobs`, `delta.annotations`): its `choices` array as the upstream sent it, for a
+    Chat Completions client, and the pieces it carries that lean does model, for everyone
+    else (`RunCore` unpacks them; a consumer of pieces other than `RunCore` and the
+    Chat Completions framer must too)."""
+
+    choices: bytes
+    pieces: tuple[Piece, ...]
+
+
+class Extras(msgspec.Struct, frozen=True, gc=False):
+    """What a whole (non-streaming) OpenAI-compatible answer carries that lean does not
+    model, as the upstream sent it: the choice's `logprobs`, the message's `annotations`."""
+
+    logprobs: msgspec.Raw | None = None
+    annotations: msgspec.Raw | None = None
+
+
+Piece = Text | Reasoning | Refusal | ToolCall | Finish | Usage | Signature | Verbatim | Extras
 
 # Pieces a user sees: once one has gone to a client, a failure can no longer fall back.
-VISIBLE = (Text, Reasoning, ToolCall)
+VISIBLE = (Text, Reasoning, Refusal, ToolCall, Verbatim)
 
 
 # The key of an internal chat body under which a client dialect leaves its request as the

@@ -3,11 +3,14 @@
 Request builder and translators, no I/O. The stream translator follows the
 Chat Completions streaming format and the dialects seen in the wild:
 - a first chunk with empty `choices` (Azure content-filter results), skipped;
+- a refusal as `delta.refusal` (`message.refusal` in a whole answer);
 - reasoning as `delta.reasoning_content` (DeepSeek, vLLM) or `delta.reasoning`
   (OpenRouter, Ollama);
 - tool calls as fragments keyed by `index`, `id` and `function.name` on the first;
 - usage on a chunk with empty `choices` (`stream_options.include_usage`) or on
   the finish chunk (some servers);
+- `logprobs` and `delta.annotations` (web-search citations): such a chunk's choices go
+  on as the upstream sent them (a `Verbatim` piece), decoded a second time only then;
 - an in-band `{"error": ...}` object, raised as the matching upstream error;
 - comment lines (OpenRouter's `: OPENROUTER PROCESSING`) never reach a translator.
 A stream is finished by `[DONE]` or by a finish reason; one that ends with
@@ -24,13 +27,16 @@ from lean.config import ModelConfig, ProviderConfig
 from lean.errors import LeanError, Overloaded, RateLimited, UpstreamError
 from lean.providers.base import (
     NATIVE,
+    Extras,
     Finish,
     HttpRequest,
     Piece,
     Reasoning,
+    Refusal,
     Text,
     ToolCall,
     Usage,
+    Verbatim,
 )
 from lean.sse import SSEMessage
 
@@ -48,20 +54,38 @@ class _ToolCallDelta(msgspec.Struct, gc=False):
 
 class _Delta(msgspec.Struct, gc=False):
     content: str | None = None
+    refusal: str | None = None
     reasoning_content: str | None = None
     reasoning: str | None = None
     tool_calls: list[_ToolCallDelta] | None = None
+    annotations: msgspec.Raw = msgspec.Raw()  # kept as bytes, never decoded: see _given
 
 
 class _Choice(msgspec.Struct, gc=False):
     index: int = 0
     delta: _Delta | None = None
     finish_reason: str | None = None
+    logprobs: msgspec.Raw = msgspec.Raw()  # OpenAI sends `"logprobs":null` on every chunk
+
+
+class _RawChoices(msgspec.Struct, gc=False):
+    choices: msgspec.Raw = msgspec.Raw()
+
+
+class _PromptDetails(msgspec.Struct, gc=False):
+    cached_tokens: int | None = None
+
+
+class _CompletionDetails(msgspec.Struct, gc=False):
+    reasoning_tokens: int | None = None
 
 
 class _Usage(msgspec.Struct, gc=False):
     prompt_tokens: int | None = 0
     completion_tokens: int | None = 0
+    total_tokens: int | None = None
+    prompt_tokens_details: _PromptDetails | None = None
+    completion_tokens_details: _CompletionDetails | None = None
 
 
 class _Error(msgspec.Struct, gc=False):
@@ -83,14 +107,17 @@ class _ToolCallFull(msgspec.Struct, gc=False):
 
 class _Message(msgspec.Struct, gc=False):
     content: str | None = None
+    refusal: str | None = None
     reasoning_content: str | None = None
     reasoning: str | None = None
     tool_calls: list[_ToolCallFull] | None = None
+    annotations: msgspec.Raw = msgspec.Raw()
 
 
 class _CompletionChoice(msgspec.Struct, gc=False):
     message: _Message | None = None
     finish_reason: str | None = None
+    logprobs: msgspec.Raw = msgspec.Raw()
 
 
 class _Completion(msgspec.Struct, gc=False):
@@ -101,6 +128,15 @@ class _Completion(msgspec.Struct, gc=False):
 
 _decode_chunk = msgspec.json.Decoder(_Chunk).decode
 _decode_completion = msgspec.json.Decoder(_Completion).decode
+_decode_raw_choices = msgspec.json.Decoder(_RawChoices).decode
+
+
+def _given(raw: msgspec.Raw) -> bool:
+    """A value the upstream gave: more than absent (empty), `null`, `{}` or `[]`. Nothing
+    else is 4 bytes or fewer, so the common `"logprobs":null` costs one len()."""
+    return len(raw) > 4
+
+
 _encode = msgspec.json.Encoder().encode
 
 
@@ -171,12 +207,15 @@ class StreamTranslator:
             if choice.index != 0:
                 continue
             delta = choice.delta
+            start = len(pieces)
             if delta is not None:
                 reasoning = delta.reasoning_content or delta.reasoning
                 if reasoning:
                     pieces.append(Reasoning(reasoning))
                 if delta.content:
                     pieces.append(Text(delta.content))
+                if delta.refusal:
+                    pieces.append(Refusal(delta.refusal))
                 for call in delta.tool_calls or ():
                     function = call.function or _Function()
                     pieces.append(
@@ -184,6 +223,10 @@ class StreamTranslator:
                     )
             if choice.finish_reason and not self.finished:
                 pieces.extend(self._finish(choice.finish_reason))
+            if _given(choice.logprobs) or (delta is not None and _given(delta.annotations)):
+                carried = tuple(pieces[start:])
+                del pieces[start:]
+                pieces.append(Verbatim(bytes(_decode_raw_choices(data).choices), carried))
         if chunk.usage is not None:
             pieces.append(_usage(chunk.usage))
         return pieces
@@ -217,14 +260,30 @@ def parse_completion(body: bytes | bytearray) -> list[Piece]:
         pieces.append(Reasoning(reasoning))
     if message.content:
         pieces.append(Text(message.content))
+    if message.refusal:
+        pieces.append(Refusal(message.refusal))
     for index, call in enumerate(message.tool_calls or ()):
         function = call.function or _Function()
         pieces.append(ToolCall(index, function.arguments or "", call.id, function.name or ""))
     pieces.append(Finish(choice.finish_reason or ("tool_calls" if message.tool_calls else "stop")))
+    if _given(choice.logprobs) or _given(message.annotations):
+        pieces.append(
+            Extras(
+                choice.logprobs if _given(choice.logprobs) else None,
+                message.annotations if _given(message.annotations) else None,
+            )
+        )
     if completion.usage is not None:
         pieces.append(_usage(completion.usage))
     return pieces
 
 
 def _usage(usage: _Usage) -> Usage:
-    return Usage(usage.prompt_tokens or 0, usage.completion_tokens or 0)
+    prompt, completion = usage.prompt_tokens_details, usage.completion_tokens_details
+    return Usage(
+        usage.prompt_tokens or 0,
+        usage.completion_tokens or 0,
+        None if prompt is None else prompt.cached_tokens,
+        None if completion is None else completion.reasoning_tokens,
+        usage.total_tokens,
+    )

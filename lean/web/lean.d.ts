@@ -34,7 +34,7 @@ export interface DeltaEvent extends Base {
   type: "delta";
   messageId: string;
   text: string;
-  part: "content" | "thinking";
+  part: "content" | "thinking" | "refusal";
 }
 export interface ToolStartEvent extends Base {
   type: "tool_start";

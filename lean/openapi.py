@@ -1,0 +1,471 @@
+"""An OpenAPI 3.1 description of lean's own routes (docs/protocol.md §1-§6), served at
+`GET /openapi.json`.
+
+Built once, when the app is made, from the Structs lean decodes and encodes (the scene
+events, a scene's body, a tool result, a saved message) and from the error tree, so the
+shapes cannot drift from the code; the routes and their prose are written here, and
+tests/test_openapi.py checks that they are exactly the routes `lean.app` registers.
+
+The document is the same for every lean: it names no model, scene, token or address of
+this one (`GET /v1/models` and `GET /v1/scenes` say those), so it is served without a
+token, like `/lean.js`. Streams are described by their content types; the events of a
+scene stream are one schema (`SceneEvent`, a `oneOf` with `type` as discriminator) that
+each SSE `data:` line, NDJSON line and WebSocket frame carries.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from lean import __version__
+from lean.errors import LeanError
+from lean.events import Event
+from lean.messages import MessageRecord
+from lean.scene_handlers import ToolResult
+from lean.scenes import SceneRequest
+
+__all__ = ["document", "encoded"]
+
+REF = "#/components/schemas/{name}"
+JSON = "application/json"
+SSE = "text/event-stream"
+NDJSON = "application/x-ndjson"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": REF.format(name=name)}
+
+
+def error_codes() -> list[str]:
+    """Every wire error code: one per LeanError class (docs/protocol.md §5)."""
+    codes: list[str] = []
+    todo: list[type[LeanError]] = [LeanError]
+    while todo:
+        cls = todo.pop(0)
+        if cls.code not in codes:
+            codes.append(cls.code)
+        todo.extend(cls.__subclasses__())
+    return codes
+
+
+def _ecma(schema: Any) -> Any:
+    """Python's `\\A`/`\\Z` anchors (msgspec copies patterns as written) as JSON Schema's
+    ECMA-262 `^`/`$`; and every property of an encoded Struct as required (lean's encoders
+    write defaults too)."""
+    if isinstance(schema, dict):
+        out = {key: _ecma(value) for key, value in schema.items()}
+        pattern = out.get("pattern")
+        if isinstance(pattern, str):
+            out["pattern"] = pattern.replace("\\A", "^").replace("\\Z", "$")
+        return out
+    if isinstance(schema, list):
+        return [_ecma(value) for value in schema]
+    return schema
+
+
+def _schemas() -> dict[str, Any]:
+    (event, *_), components = msgspec.json.schema_components(
+        (Event, SceneRequest, ToolResult, MessageRecord), ref_template=REF
+    )
+    schemas: dict[str, Any] = _ecma(components)
+    # Sent, never received: every field is always there (no omitted defaults).
+    for name in ("Start", "Delta", "ToolStart", "ToolEnd", "Waiting", "Done", "Error", "Usage"):
+        schemas[name]["required"] = list(schemas[name]["properties"])
+    schemas["MessageRecord"]["required"] = list(schemas["MessageRecord"]["properties"])
+    schemas["MessageRecord"]["description"] = (
+        "A saved message. user: `content` is what the user typed (a scene without"
+        " `{message}`: its inputs as `name: value` lines), `prompt` the filled template the"
+        " model saw; assistant: `content` the answer, `prompt` null."
+    )
+    schemas["SceneEvent"] = {
+        "description": "A scene event (docs/protocol.md §2); on the WebSocket with `runId`.",
+        "oneOf": event["anyOf"],
+        "discriminator": event["discriminator"],
+    }
+    schemas["ErrorBody"] = {
+        "type": "object",
+        "properties": {
+            "error": {
+                "type": "object",
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {"type": "string"},
+                    "code": {"enum": error_codes()},
+                },
+                "required": ["message", "type", "code"],
+            }
+        },
+        "required": ["error"],
+    }
+    schemas["ChatCompletionRequest"] = {
+        "type": "object",
+        "description": "OpenAI Chat Completions; unknown fields pass through to an"
+        " OpenAI-compatible upstream.",
+        "properties": {
+            "model": {"type": "string", "description": "a model alias of the config"},
+            "messages": {"type": "array", "items": {"type": "object"}, "minItems": 1},
+            "stream": {"type": "boolean", "default": False},
+            "stream_options": {
+                "type": "object",
+                "properties": {"include_usage": {"type": "boolean"}},
+            },
+            "tools": {"type": "array", "items": {"type": "object"}},
+            "tool_choice": {},
+            "max_tokens": {"type": "integer"},
+            "max_completion_tokens": {"type": "integer"},
+            "temperature": {"type": "number"},
+            "n": {"type": "integer", "const": 1, "description": "more than 1 is a 400"},
+        },
+        "required": ["model", "messages"],
+        "additionalProperties": True,
+    }
+    schemas["Messages"] = {
+        "type": "object",
+        "properties": {
+            "conversationId": {"type": "string"},
+            "messages": {"type": "array", "items": _ref("MessageRecord")},
+        },
+        "required": ["conversationId", "messages"],
+    }
+    schemas["Scenes"] = {
+        "type": "object",
+        "properties": {
+            "scenes": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "model": {"type": "string"},
+                        "inputs": {"type": "array", "items": {"type": "string"}},
+                        "tools": {"type": "array", "items": {"type": "string"}},
+                        "needsMessage": {"type": "boolean"},
+                    },
+                    "required": ["name", "model", "inputs", "tools", "needsMessage"],
+                },
+            }
+        },
+        "required": ["scenes"],
+    }
+    schemas["Status"] = {
+        "type": "object",
+        "properties": {"status": {"type": "string"}, "error": {"type": "string"}},
+        "required": ["status"],
+    }
+    return schemas
+
+
+# The error answers a route can give (docs/protocol.md §5), by status.
+_ERRORS = {
+    "400": "a bad body, field, input or query parameter",
+    "401": "missing or wrong client token (only when lean has tokens)",
+    "403": "a foreign Origin or Host (docs/protocol.md §6)",
+    "404": "unknown model, scene, run or conversation",
+    "413": "body larger than [server] max_body_bytes",
+    "415": "a body that is not JSON",
+    "503": "overloaded, shutting down or store unavailable (Retry-After)",
+}
+
+
+def _errors(*statuses: str) -> dict[str, Any]:
+    return {s: {"$ref": f"#/components/responses/E{s}"} for s in ("401", "403", *statuses)}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": schema}}}
+
+
+def _path(name: str, description: str, pattern: str | None = None) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string", "minLength": 1}
+    if pattern:
+        schema["pattern"] = pattern
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": description,
+        "schema": schema,
+    }
+
+
+_SCENE = _path("scene", "a scene name of the config ([scene.NAME])")
+_RUN = _path("runId", "the run's id, from its `start` event", "^[!-~]{1,128}$")
+_CONVERSATION = _path("conversationId", "a conversation id", "^[A-Za-z0-9_-]{1,64}$")
+_PUBLIC: list[dict[str, list[str]]] = []  # no token, no Origin check (docs/protocol.md §6)
+_POST_AUTH: list[dict[str, list[str]]] = [{"bearer": []}]
+_GET_AUTH: list[dict[str, list[str]]] = [{"bearer": []}, {"accessToken": []}]
+
+
+def _file(summary: str, content_type: str) -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": summary,
+            "security": _PUBLIC,
+            "responses": {
+                "200": {
+                    "description": "the file (gzip with Accept-Encoding: gzip; a strong ETag)",
+                    "content": {content_type: {"schema": {"type": "string"}}},
+                },
+                "304": {"description": "not modified (If-None-Match)"},
+            },
+        }
+    }
+
+
+def _paths() -> dict[str, Any]:
+    sse_lines = {
+        "schema": {
+            "type": "string",
+            "description": "`event: <type>`, `id: <n>`, `data: <SceneEvent>`; `: ping`",
+        }
+    }
+    scene_stream: dict[str, Any] = {
+        "description": "scene events (docs/protocol.md §2) until one `done` or `error`",
+        "content": {
+            SSE: sse_lines,
+            NDJSON: {
+                "schema": {
+                    **_ref("SceneEvent"),
+                    "description": 'one SceneEvent per line; `{"type":"ping"}` heartbeats',
+                }
+            },
+        },
+    }
+    inputs_query = {
+        "name": "inputs",
+        "in": "query",
+        "style": "deepObject",
+        "description": "the scene's inputs, each as `inputs.NAME=VALUE`",
+        "schema": {"type": "object", "additionalProperties": {"type": "string"}},
+    }
+    return {
+        "/v1/chat/completions": {
+            "post": {
+                "summary": "OpenAI Chat Completions, streamed or whole",
+                "security": _POST_AUTH,
+                "requestBody": {
+                    "required": True,
+                    "content": {JSON: {"schema": _ref("ChatCompletionRequest")}},
+                },
+                "responses": {
+                    "200": {
+                        "description": "a chat.completion, or with `stream` its chunks as"
+                        " `data:` lines ending `data: [DONE]` (an error after the first byte:"
+                        ' one `data: {"error": {...}}` line, no [DONE])',
+                        "content": {
+                            JSON: {"schema": {"type": "object"}},
+                            SSE: {"schema": {"type": "string"}},
+                        },
+                    },
+                    **_errors("400", "404", "413", "415", "503"),
+                    "429": {"$ref": "#/components/responses/Upstream"},
+                    "502": {"$ref": "#/components/responses/Upstream"},
+                    "504": {"$ref": "#/components/responses/Upstream"},
+                },
+            }
+        },
+        "/v1/models": {
+            "get": {
+                "summary": "the config's model aliases, in OpenAI's list shape",
+                "security": _GET_AUTH,
+                "responses": {
+                    "200": _json({"type": "object"}, "an OpenAI model list"),
+                    **_errors(),
+                },
+            }
+        },
+        "/v1/scenes": {
+            "get": {
+                "summary": "the scenes: their model, inputs and tools",
+                "security": _GET_AUTH,
+                "responses": {"200": _json(_ref("Scenes"), "the scenes"), **_errors()},
+            }
+        },
+        "/v1/scenes/{scene}/stream": {
+            "parameters": [_SCENE],
+            "post": {
+                "summary": "run a scene; SSE, or NDJSON with Accept: application/x-ndjson",
+                "security": _POST_AUTH,
+                "requestBody": {"content": {JSON: {"schema": _ref("SceneRequest")}}},
+                "responses": {"200": scene_stream, **_errors("400", "404", "413", "415", "503")},
+            },
+            "get": {
+                "summary": "run a scene for an EventSource: SSE, the body as query parameters",
+                "security": _GET_AUTH,
+                "parameters": [
+                    {"name": "message", "in": "query", "schema": {"type": "string"}},
+                    {"name": "conversationId", "in": "query", "schema": {"type": "string"}},
+                    inputs_query,
+                ],
+                "responses": {
+                    "200": {
+                        "description": scene_stream["description"],
+                        "content": {SSE: sse_lines},
+                    },
+                    "204": {"description": "a reconnect (Last-Event-ID): never a second run"},
+                    **_errors("400", "404", "503"),
+                },
+            },
+        },
+        "/v1/runs/{runId}/cancel": {
+            "parameters": [_RUN],
+            "post": {
+                "summary": "stop a run; its stream ends with `error` code `cancelled`",
+                "security": _POST_AUTH,
+                "responses": {
+                    "202": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "runId": {"type": "string"},
+                                "status": {"const": "cancelling"},
+                            },
+                            "required": ["runId", "status"],
+                        },
+                        "the run is stopping",
+                    ),
+                    **_errors("404"),
+                },
+            },
+        },
+        "/v1/runs/{runId}/tool-results": {
+            "parameters": [_RUN],
+            "post": {
+                "summary": "answer a `waiting` event",
+                "security": _POST_AUTH,
+                "requestBody": {
+                    "required": True,
+                    "content": {JSON: {"schema": _ref("ToolResult")}},
+                },
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "runId": {"type": "string"},
+                                "toolCallId": {"type": "string"},
+                                "status": {"const": "accepted"},
+                            },
+                            "required": ["runId", "toolCallId", "status"],
+                        },
+                        "the answer was handed to the run",
+                    ),
+                    **_errors("400", "404", "413", "415"),
+                },
+            },
+        },
+        "/v1/conversations/{conversationId}/messages": {
+            "parameters": [_CONVERSATION],
+            "get": {
+                "summary": "a conversation's saved messages, oldest first",
+                "security": _GET_AUTH,
+                "parameters": [
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": 10000,
+                            "default": 1000,
+                        },
+                    }
+                ],
+                "responses": {
+                    "200": _json(_ref("Messages"), "the messages"),
+                    **_errors("400", "404"),
+                },
+            },
+        },
+        "/v1/ws": {
+            "get": {
+                "summary": "a WebSocket carrying many runs (docs/protocol.md §3)",
+                "description": "Client frames: `run` (a SceneRequest with `type`, `runId`,"
+                " `scene`), `cancel`, `tool_result`. Server frames: SceneEvent with `runId`."
+                " A browser sends its token as the subprotocol `lean.bearer.<token>` beside"
+                " `lean`, or as `access_token`.",
+                "security": _GET_AUTH,
+                "responses": {
+                    "101": {"description": "switching protocols"},
+                    **_errors("400", "503"),
+                },
+            }
+        },
+        "/healthz": {
+            "get": {
+                "summary": "200 while the process serves",
+                "security": _PUBLIC,
+                "responses": {"200": _json(_ref("Status"), "serving")},
+            }
+        },
+        "/readyz": {
+            "get": {
+                "summary": "200 when lean takes new work",
+                "security": _PUBLIC,
+                "responses": {
+                    "200": _json(_ref("Status"), "ready"),
+                    "503": _json(_ref("Status"), "draining, or the store cannot write"),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus text exposition",
+                "security": _GET_AUTH,
+                "responses": {
+                    "200": {
+                        "description": "metrics",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    **_errors(),
+                },
+            }
+        },
+        "/openapi.json": _file("this description", JSON),
+        "/lean.js": _file("lean's JS client (an ES module)", "text/javascript"),
+        "/lean.d.ts": _file("lean.js's types", "application/typescript"),
+        "/": _file("the chat page (absent with [server] web_ui = false)", "text/html"),
+        "/app.js": _file("the chat page's script (as /)", "text/javascript"),
+        "/app.css": _file("the chat page's styles (as /)", "text/css"),
+        "/favicon.svg": _file("the chat page's icon (as /)", "image/svg+xml"),
+    }
+
+
+def document() -> dict[str, Any]:
+    error = {"content": {JSON: {"schema": _ref("ErrorBody")}}}
+    responses = {f"E{status}": {"description": text, **error} for status, text in _ERRORS.items()}
+    responses["Upstream"] = {
+        "description": "the upstream failed (429 rate_limited, 502 upstream_error,"
+        " 504 upstream_timeout); Retry-After passed on",
+        **error,
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "lean",
+            "version": __version__,
+            "description": "lean's own routes; the contract in prose is docs/protocol.md."
+            " Without client tokens (loopback only) no route asks for one.",
+        },
+        "security": _GET_AUTH,
+        "paths": _paths(),
+        "components": {
+            "schemas": _schemas(),
+            "responses": responses,
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "a client token"},
+                "accessToken": {
+                    "type": "apiKey",
+                    "in": "query",
+                    "name": "access_token",
+                    "description": "the token on a GET (EventSource, WebSocket), never logged",
+                },
+            },
+        },
+    }
+
+
+def encoded() -> bytes:
+    return msgspec.json.format(msgspec.json.encode(document()), indent=1)
