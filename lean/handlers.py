@@ -1,7 +1,8 @@
 """HTTP handlers of the OpenAI-compatible surface and the operator endpoints.
 
 A stream is one task of its own: it reads the upstream, frames each read's pieces
-and writes them to the client directly (`BodyWriter`). When the client stops
+and writes them to the client directly (`chunk_stream.ChunkStream`, which also decides
+when the response commits). When the client stops
 reading, the write waits for the transport to drain, so the task stops reading the
 upstream and TCP pushes back to the provider; lean holds one read per stream.
 The stream's `Guard` cuts a client that has not taken bytes for
@@ -20,7 +21,8 @@ from typing import Any
 
 from aiohttp import web
 
-from lean.client_io import BodyWriter, ClientGone, bound_send_buffer, reset, unsent
+from lean.chunk_stream import PING, ChunkStream
+from lean.client_io import ClientGone, bound_send_buffer, reset, unsent
 from lean.config import Config, ModelConfig
 from lean.connections import Connections
 from lean.core import Ending
@@ -35,7 +37,7 @@ from lean.openai_compat import (
     new_id,
     parse_request,
 )
-from lean.providers.base import Piece, Reasoning, Text
+from lean.providers.base import Piece
 from lean.relay import Relay
 from lean.services import Services
 
@@ -47,7 +49,6 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",
     "Connection": "keep-alive",
 }
-PING = b": ping\n\n"
 
 services_key = web.AppKey("services", Services)
 connections_key = web.AppKey("connections", Connections)
@@ -211,196 +212,6 @@ class _Answer:
         pass
 
 
-def coalesce(pieces: list[Piece]) -> list[Piece]:
-    """`pieces` with each run of text (or of reasoning) joined into one piece."""
-    out: list[Piece] = []
-    run: list[str] = []
-    kind: type[Text] | type[Reasoning] | None = None
-    for piece in pieces:
-        if type(piece) is not kind and run:
-            assert kind is not None
-            out.append(kind("".join(run)))
-            run = []
-        if isinstance(piece, Text | Reasoning):
-            kind = type(piece)
-            run.append(piece.text)
-        else:
-            kind = None
-            out.append(piece)
-    if run:
-        assert kind is not None
-        out.append(kind("".join(run)))
-    return out
-
-
-class _Unstarted:
-    """The body of a response whose headers have not gone out: nothing is written to it
-    (`_Chunks` holds what arrives until it starts)."""
-
-    def behind(self) -> bool:
-        return False
-
-    def write(self, frame: bytes) -> bool:
-        raise RuntimeError("a chat stream wrote before its response started")
-
-    async def drain(self) -> None:
-        raise RuntimeError("a chat stream drained before its response started")
-
-
-_UNSTARTED = _Unstarted()
-
-
-class _Chunks:
-    """One stream's pieces to the client as `chat.completion.chunk` frames.
-
-    Once a write says the client is behind, the pieces that follow are held and go out
-    after the drain with their text joined: a client that is behind gets fewer, larger
-    chunks. What is held is bounded by what arrives before the drain (a read or two,
-    `arrivals.Arrivals`).
-
-    The response starts (its `200` and headers go out: the commit) at the first piece,
-    at the first heartbeat, or `[server] commit_wait` seconds in, whichever comes
-    first; until then the first pieces are held as for a client that is behind, and the
-    drain that follows starts the response. A failure before the commit is the
-    handler's to send as an HTTP status."""
-
-    def __init__(
-        self,
-        request: web.Request,
-        response: web.StreamResponse,
-        framer: ChunkFramer,
-        guard: Guard,
-        outcome: _Outcome,
-    ) -> None:
-        self._request = request
-        self._response = response
-        self._body: BodyWriter | _Unstarted = _UNSTARTED
-        self._frame = framer.frame
-        self._framer = framer
-        self._guard = guard
-        self._outcome = outcome
-        # A list while the client is behind, or while the response has not started.
-        self._held: list[Piece] | None = []
-        self._lock = asyncio.Lock()  # one start, whoever asks first (the stream, a ping)
-        self._timer: asyncio.TimerHandle | None = None
-        self._waited: asyncio.Task[None] | None = None  # the start commit_wait made
-
-    @property
-    def started(self) -> bool:
-        return self._body is not _UNSTARTED
-
-    async def start(self) -> None:
-        """Start the response (send its status and headers) unless it has."""
-        async with self._lock:
-            if self._body is _UNSTARTED:
-                self.disarm()
-                self._body = await BodyWriter.start(self._request, self._response)
-
-    def arm(self, wait: float) -> None:
-        """Start the response `wait` seconds from now, with a heartbeat, if nothing did."""
-        self._timer = asyncio.get_running_loop().call_later(wait, self._wait_passed)
-
-    def disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _wait_passed(self) -> None:
-        self._timer = None
-        if not self.started:
-            self._waited = asyncio.get_running_loop().create_task(self._start_waited())
-
-    async def _start_waited(self) -> None:
-        with contextlib.suppress(ClientGone):  # the stream's own writes will say it
-            await self.start()
-            if self._body.write(PING):  # proxies see bytes now, not only headers
-                return  # behind already: the stream's next write waits for it
-            self._guard.wrote()
-
-    async def settle(self) -> bool:
-        """No start after this but the caller's; True when the response has started."""
-        self.disarm()
-        if self._waited is not None:
-            with contextlib.suppress(ClientGone):
-                await self._waited
-        return self.started
-
-    async def ping(self) -> None:
-        """The guard's heartbeat; the first one starts the response."""
-        if not self.started:
-            await self.start()
-        await self._response.write(PING)
-
-    def push(self, batch: list[Piece]) -> bool:
-        """The frames of one upstream read in one write: back-to-back chunks cost one
-        syscall, not one each. True when the client is behind: `drain()`."""
-        if self._held is not None:
-            self._held += batch
-            return True
-        if len(batch) > 1 and self._body.behind():  # a read that piled up while it was
-            batch = coalesce(batch)
-        if self._write(batch):
-            self._held = []
-            return True
-        return False
-
-    def _write(self, batch: list[Piece]) -> bool:
-        if len(batch) == 1:
-            data = self._frame(batch[0])
-            if data is None:
-                return False
-            self._outcome.frames += 1
-        else:
-            frames = [data for piece in batch if (data := self._frame(piece))]
-            if not frames:
-                return False
-            self._outcome.frames += len(frames)
-            data = b"".join(frames)
-        if self._outcome.first_token is None:
-            self._outcome.first_token = time.monotonic()
-        if self._body.write(data):
-            return True
-        self._guard.wrote()
-        return False
-
-    async def write_end(self) -> None:
-        if not self.started:  # an answer without a piece: nothing started the response
-            await self.drain()
-        if self._body.write(self._framer.end()):
-            await self.drain()
-        else:
-            self._guard.wrote()
-
-    async def drain(self) -> None:
-        """The client is behind: wait for it, under the slow-client limit; then what was
-        held meanwhile."""
-        self._guard.writing()
-        if self.started:
-            await self._body.drain()
-        else:  # the first piece (or the end): the commit; what it held goes out as it came
-            await self.start()
-            held, self._held = self._held, None
-            if held and self._write(held):
-                self._held = []
-                await self._body.drain()
-        while self._held:
-            held, self._held = coalesce(self._held), None
-            if self._write(held):
-                self._held = []
-                self._guard.writing()
-                await self._body.drain()
-        self._held = None
-        self._guard.wrote()
-
-    def release(self) -> None:
-        """Write what is held without waiting: the stream ends (an error frame follows).
-        The response has started."""
-        held, self._held = self._held, None
-        if held:
-            with contextlib.suppress(ClientGone):
-                self._write(coalesce(held))
-
-
 async def _stream(
     request: web.Request,
     services: Services,
@@ -432,7 +243,7 @@ async def _run_stream(
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers=SSE_HEADERS)
     bound_send_buffer(request, services.config.limits.send_buffer_bytes)
-    chunks: _Chunks | None = None
+    chunks: ChunkStream | None = None
 
     async def ping() -> None:
         assert chunks is not None
@@ -448,7 +259,7 @@ async def _run_stream(
     error: LeanError | None = None
     framer = ChunkFramer(completion_id=new_id(), model=model.alias, include_usage=include_usage)
     relay = Relay(services, model, body, guard)
-    chunks = _Chunks(request, response, framer, guard, outcome)
+    chunks = ChunkStream(request, response, framer, guard, outcome)
     commit_wait = services.config.server.commit_wait
     try:
         if commit_wait > 0:
