@@ -1,9 +1,9 @@
 """An OpenAPI 3.1 description of lean's own routes (docs/protocol.md §1-§6), served at
 `GET /openapi.json`.
 
-Built once, when the app is made, from the Structs lean decodes and encodes (the scene
-events, a scene's body, a tool result, a saved message) and from the error tree, so the
-shapes cannot drift from the code; the routes and their prose are written here, and
+Built once, when the app is made. Its schemas come from the Structs lean decodes and
+encodes and from the error tree (`lean.openapi_schemas`), so the shapes cannot drift from
+the code; the routes and their prose are written here, and
 tests/test_openapi.py checks that they are exactly the routes `lean.app` registers.
 
 The document is the same for every lean: it names no model, scene, token or address of
@@ -20,144 +20,15 @@ from typing import Any
 import msgspec
 
 from lean import __version__
-from lean.errors import LeanError
-from lean.events import Event
-from lean.messages import MessageRecord
-from lean.scene_handlers import ToolResult
-from lean.scenes import SceneRequest
+from lean.openapi_schemas import ref, schemas
 
 __all__ = ["document", "encoded"]
 
-REF = "#/components/schemas/{name}"
 JSON = "application/json"
 SSE = "text/event-stream"
 NDJSON = "application/x-ndjson"
 
 
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": REF.format(name=name)}
-
-
-def error_codes() -> list[str]:
-    """Every wire error code: one per LeanError class (docs/protocol.md §5)."""
-    codes: list[str] = []
-    todo: list[type[LeanError]] = [LeanError]
-    while todo:
-        cls = todo.pop(0)
-        if cls.code not in codes:
-            codes.append(cls.code)
-        todo.extend(cls.__subclasses__())
-    return codes
-
-
-def _ecma(schema: Any) -> Any:
-    """Python's `\\A`/`\\Z` anchors (msgspec copies patterns as written) as JSON Schema's
-    ECMA-262 `^`/`$`; and every property of an encoded Struct as required (lean's encoders
-    write defaults too)."""
-    if isinstance(schema, dict):
-        out = {key: _ecma(value) for key, value in schema.items()}
-        pattern = out.get("pattern")
-        if isinstance(pattern, str):
-            out["pattern"] = pattern.replace("\\A", "^").replace("\\Z", "$")
-        return out
-    if isinstance(schema, list):
-        return [_ecma(value) for value in schema]
-    return schema
-
-
-def _schemas() -> dict[str, Any]:
-    (event, *_), components = msgspec.json.schema_components(
-        (Event, SceneRequest, ToolResult, MessageRecord), ref_template=REF
-    )
-    schemas: dict[str, Any] = _ecma(components)
-    # Sent, never received: every field is always there (no omitted defaults).
-    for name in ("Start", "Delta", "ToolStart", "ToolEnd", "Waiting", "Done", "Error", "Usage"):
-        schemas[name]["required"] = list(schemas[name]["properties"])
-    schemas["MessageRecord"]["required"] = list(schemas["MessageRecord"]["properties"])
-    schemas["MessageRecord"]["description"] = (
-        "A saved message. user: `content` is what the user typed (a scene without"
-        " `{message}`: its inputs as `name: value` lines), `prompt` the filled template the"
-        " model saw; assistant: `content` the answer, `prompt` null."
-    )
-    schemas["SceneEvent"] = {
-        "description": "A scene event (docs/protocol.md §2); on the WebSocket with `runId`.",
-        "oneOf": event["anyOf"],
-        "discriminator": event["discriminator"],
-    }
-    schemas["ErrorBody"] = {
-        "type": "object",
-        "properties": {
-            "error": {
-                "type": "object",
-                "properties": {
-                    "message": {"type": "string"},
-                    "type": {"type": "string"},
-                    "code": {"enum": error_codes()},
-                },
-                "required": ["message", "type", "code"],
-            }
-        },
-        "required": ["error"],
-    }
-    schemas["ChatCompletionRequest"] = {
-        "type": "object",
-        "description": "OpenAI Chat Completions; unknown fields pass through to an"
-        " OpenAI-compatible upstream.",
-        "properties": {
-            "model": {"type": "string", "description": "a model alias of the config"},
-            "messages": {"type": "array", "items": {"type": "object"}, "minItems": 1},
-            "stream": {"type": "boolean", "default": False},
-            "stream_options": {
-                "type": "object",
-                "properties": {"include_usage": {"type": "boolean"}},
-            },
-            "tools": {"type": "array", "items": {"type": "object"}},
-            "tool_choice": {},
-            "max_tokens": {"type": "integer"},
-            "max_completion_tokens": {"type": "integer"},
-            "temperature": {"type": "number"},
-            "n": {"type": "integer", "const": 1, "description": "more than 1 is a 400"},
-        },
-        "required": ["model", "messages"],
-        "additionalProperties": True,
-    }
-    schemas["Messages"] = {
-        "type": "object",
-        "properties": {
-            "conversationId": {"type": "string"},
-            "messages": {"type": "array", "items": _ref("MessageRecord")},
-        },
-        "required": ["conversationId", "messages"],
-    }
-    schemas["Scenes"] = {
-        "type": "object",
-        "properties": {
-            "scenes": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "name": {"type": "string"},
-                        "model": {"type": "string"},
-                        "inputs": {"type": "array", "items": {"type": "string"}},
-                        "tools": {"type": "array", "items": {"type": "string"}},
-                        "needsMessage": {"type": "boolean"},
-                    },
-                    "required": ["name", "model", "inputs", "tools", "needsMessage"],
-                },
-            }
-        },
-        "required": ["scenes"],
-    }
-    schemas["Status"] = {
-        "type": "object",
-        "properties": {"status": {"type": "string"}, "error": {"type": "string"}},
-        "required": ["status"],
-    }
-    return schemas
-
-
-# The error answers a route can give (docs/protocol.md §5), by status.
 _ERRORS = {
     "400": "a bad body, field, input or query parameter",
     "401": "missing or wrong client token (only when lean has tokens)",
@@ -227,7 +98,7 @@ def _paths() -> dict[str, Any]:
             SSE: sse_lines,
             NDJSON: {
                 "schema": {
-                    **_ref("SceneEvent"),
+                    **ref("SceneEvent"),
                     "description": 'one SceneEvent per line; `{"type":"ping"}` heartbeats',
                 }
             },
@@ -247,7 +118,7 @@ def _paths() -> dict[str, Any]:
                 "security": _POST_AUTH,
                 "requestBody": {
                     "required": True,
-                    "content": {JSON: {"schema": _ref("ChatCompletionRequest")}},
+                    "content": {JSON: {"schema": ref("ChatCompletionRequest")}},
                 },
                 "responses": {
                     "200": {
@@ -280,7 +151,7 @@ def _paths() -> dict[str, Any]:
             "get": {
                 "summary": "the scenes: their model, inputs and tools",
                 "security": _GET_AUTH,
-                "responses": {"200": _json(_ref("Scenes"), "the scenes"), **_errors()},
+                "responses": {"200": _json(ref("Scenes"), "the scenes"), **_errors()},
             }
         },
         "/v1/scenes/{scene}/stream": {
@@ -288,7 +159,7 @@ def _paths() -> dict[str, Any]:
             "post": {
                 "summary": "run a scene; SSE, or NDJSON with Accept: application/x-ndjson",
                 "security": _POST_AUTH,
-                "requestBody": {"content": {JSON: {"schema": _ref("SceneRequest")}}},
+                "requestBody": {"content": {JSON: {"schema": ref("SceneRequest")}}},
                 "responses": {"200": scene_stream, **_errors("400", "404", "413", "415", "503")},
             },
             "get": {
@@ -337,7 +208,7 @@ def _paths() -> dict[str, Any]:
                 "security": _POST_AUTH,
                 "requestBody": {
                     "required": True,
-                    "content": {JSON: {"schema": _ref("ToolResult")}},
+                    "content": {JSON: {"schema": ref("ToolResult")}},
                 },
                 "responses": {
                     "200": _json(
@@ -374,7 +245,7 @@ def _paths() -> dict[str, Any]:
                     }
                 ],
                 "responses": {
-                    "200": _json(_ref("Messages"), "the messages"),
+                    "200": _json(ref("Messages"), "the messages"),
                     **_errors("400", "404"),
                 },
             },
@@ -397,7 +268,7 @@ def _paths() -> dict[str, Any]:
             "get": {
                 "summary": "200 while the process serves",
                 "security": _PUBLIC,
-                "responses": {"200": _json(_ref("Status"), "serving")},
+                "responses": {"200": _json(ref("Status"), "serving")},
             }
         },
         "/readyz": {
@@ -405,8 +276,8 @@ def _paths() -> dict[str, Any]:
                 "summary": "200 when lean takes new work",
                 "security": _PUBLIC,
                 "responses": {
-                    "200": _json(_ref("Status"), "ready"),
-                    "503": _json(_ref("Status"), "draining, or the store cannot write"),
+                    "200": _json(ref("Status"), "ready"),
+                    "503": _json(ref("Status"), "draining, or the store cannot write"),
                 },
             }
         },
@@ -434,7 +305,7 @@ def _paths() -> dict[str, Any]:
 
 
 def document() -> dict[str, Any]:
-    error = {"content": {JSON: {"schema": _ref("ErrorBody")}}}
+    error = {"content": {JSON: {"schema": ref("ErrorBody")}}}
     responses = {f"E{status}": {"description": text, **error} for status, text in _ERRORS.items()}
     responses["Upstream"] = {
         "description": "the upstream failed (429 rate_limited, 502 upstream_error,"
@@ -452,7 +323,7 @@ def document() -> dict[str, Any]:
         "security": _GET_AUTH,
         "paths": _paths(),
         "components": {
-            "schemas": _schemas(),
+            "schemas": schemas(),
             "responses": responses,
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer", "description": "a client token"},
