@@ -27,6 +27,7 @@ from lean.providers.base import (
     Text,
     ToolCall,
     Usage,
+    decode_answer,
 )
 from lean.sse import SSEMessage
 
@@ -104,10 +105,7 @@ _decode_count = msgspec.json.Decoder(_Count).decode
 
 def parse_count(body: bytes | bytearray) -> int:
     """The `input_tokens` of a count_tokens answer; its error raised as an upstream error."""
-    try:
-        count = _decode_count(body)
-    except (msgspec.DecodeError, ValueError) as exc:
-        raise UpstreamError(f"unparseable upstream answer: {exc}", retryable=True) from None
+    count = decode_answer(_decode_count, body)
     if count.type == "error" or count.error is not None:
         raise _error(count.error or _Error())
     if count.input_tokens is None:
@@ -238,10 +236,7 @@ class StreamTranslator:
 
 def parse_completion(body: bytes | bytearray) -> list[Piece]:
     """A non-streaming Messages answer, as the pieces a stream would have carried."""
-    try:
-        answer = _decode_answer(body)
-    except (msgspec.DecodeError, ValueError) as exc:
-        raise UpstreamError(f"unparseable upstream answer: {exc}", retryable=True) from None
+    answer = decode_answer(_decode_answer, body)
     if answer.type == "error" or answer.error is not None:
         raise _error(answer.error or _Error())
     if answer.content is None:

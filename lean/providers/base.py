@@ -8,11 +8,15 @@ finish reasons ("stop", "length", "tool_calls", "content_filter").
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 import msgspec
 
+from lean.errors import UpstreamError
 from lean.sse import SSEMessage
+
+_T = TypeVar("_T")
 
 
 class Text(msgspec.Struct, frozen=True, gc=False):
@@ -124,3 +128,12 @@ class StreamTranslator(Protocol):
     def close(self) -> None:
         """End of the byte stream: raise `UpstreamError` when it was truncated."""
         ...
+
+
+def decode_answer(decode: Callable[[bytes | bytearray], _T], body: bytes | bytearray) -> _T:
+    """A whole upstream answer decoded; one that is not what it should be is a retryable
+    upstream error (a proxy's HTML page, a cut body), never a crash."""
+    try:
+        return decode(body)
+    except (msgspec.DecodeError, ValueError) as exc:
+        raise UpstreamError(f"unparseable upstream answer: {exc}", retryable=True) from None

@@ -37,6 +37,7 @@ from lean.providers.base import (
     Text,
     ToolCall,
     Usage,
+    decode_answer,
 )
 from lean.sse import SSEMessage
 
@@ -342,10 +343,7 @@ class StreamTranslator:
 
 def parse_completion(body: bytes | bytearray, *, nonce: str | None = None) -> list[Piece]:
     """A non-streaming GenerateContentResponse, as the pieces a stream would have carried."""
-    try:
-        response = _decode(body)
-    except (msgspec.DecodeError, ValueError) as exc:
-        raise UpstreamError(f"unparseable upstream answer: {exc}", retryable=True) from None
+    response = decode_answer(_decode, body)
     translator = StreamTranslator(nonce=nonce)
     pieces = translator.translate(response)
     if not translator.finished:

@@ -37,6 +37,7 @@ from lean.providers.base import (
     ToolCall,
     Usage,
     Verbatim,
+    decode_answer,
 )
 from lean.sse import SSEMessage
 
@@ -244,10 +245,7 @@ class StreamTranslator:
 
 def parse_completion(body: bytes | bytearray) -> list[Piece]:
     """A non-streaming answer, as the pieces a stream would have carried."""
-    try:
-        completion = _decode_completion(body)
-    except (msgspec.DecodeError, ValueError) as exc:
-        raise UpstreamError(f"unparseable upstream answer: {exc}", retryable=True) from None
+    completion = decode_answer(_decode_completion, body)
     if completion.error is not None:
         raise inband_error(completion.error)
     if not completion.choices or completion.choices[0].message is None:
