@@ -16,6 +16,7 @@ from aiohttp import WSCloseCode, web
 from lean import handlers, scene_handlers, static, ws
 from lean.config import Config, ConfigError
 from lean.connections import Connections
+from lean.encoders.chat import error_response
 from lean.errors import (
     BadRequest,
     Internal,
@@ -26,7 +27,7 @@ from lean.errors import (
     Unauthorized,
     clip,
 )
-from lean.handlers import connections_key, error_response, services_key
+from lean.handlers import connections_key, services_key
 from lean.origin import Browsers
 from lean.services import Services
 

@@ -1,7 +1,8 @@
-"""A `/v1/chat/completions` stream on its way to the client: chunks, commit, coalescing.
+"""A dialect's stream on its way to the client: frames, commit, coalescing.
 
-`ChunkStream` frames each upstream read's pieces as `chat.completion.chunk` lines and
-writes them in one transport write. Two things decide when bytes go out:
+`ChunkStream` frames each upstream read's pieces with the request's `Encoder` (OpenAI
+chunks, Anthropic or Responses events) and writes them in one transport write. Two things
+decide when bytes go out:
 - the commit: the response (its `200` and headers) starts at the first piece, at the
   first heartbeat, or `[server] commit_wait` seconds in, whichever comes first, so a
   failure before it can still be an HTTP status (docs/protocol.md §1);
@@ -20,13 +21,11 @@ from typing import Protocol
 from aiohttp import web
 
 from lean.client_io import BodyWriter, ClientGone
+from lean.encoders import Encoder
 from lean.guard import Guard
-from lean.openai_compat import ChunkFramer
 from lean.providers.base import Piece, Reasoning, Text
 
-__all__ = ["PING", "ChunkStream", "Tally", "coalesce"]
-
-PING = b": ping\n\n"
+__all__ = ["ChunkStream", "Tally", "coalesce"]
 
 
 class Tally(Protocol):
@@ -76,7 +75,7 @@ _UNSTARTED = _Unstarted()
 
 
 class ChunkStream:
-    """One stream's pieces to the client as `chat.completion.chunk` frames.
+    """One stream's pieces to the client as its encoder's frames.
 
     Once a write says the client is behind, the pieces that follow are held and go out
     after the drain with their text joined: a client that is behind gets fewer, larger
@@ -93,15 +92,15 @@ class ChunkStream:
         self,
         request: web.Request,
         response: web.StreamResponse,
-        framer: ChunkFramer,
+        encoder: Encoder,
         guard: Guard,
         outcome: Tally,
     ) -> None:
         self._request = request
         self._response = response
         self._body: BodyWriter | _Unstarted = _UNSTARTED
-        self._frame = framer.frame
-        self._framer = framer
+        self._frame = encoder.frame
+        self._encoder = encoder
         self._guard = guard
         self._outcome = outcome
         # A list while the client is behind, or while the response has not started.
@@ -119,7 +118,11 @@ class ChunkStream:
         async with self._lock:
             if self._body is _UNSTARTED:
                 self.disarm()
-                self._body = await BodyWriter.start(self._request, self._response)
+                body = await BodyWriter.start(self._request, self._response)
+                self._body = body
+                begin = self._encoder.begin()  # the dialect's opening (a message's start)
+                if begin:
+                    body.write(begin)  # if the client is behind, the next write waits
 
     def arm(self, wait: float) -> None:
         """Start the response `wait` seconds from now, with a heartbeat, if nothing did."""
@@ -138,7 +141,7 @@ class ChunkStream:
     async def _start_waited(self) -> None:
         with contextlib.suppress(ClientGone):  # the stream's own writes will say it
             await self.start()
-            if self._body.write(PING):  # proxies see bytes now, not only headers
+            if self._body.write(self._encoder.ping):  # proxies see bytes now, not only headers
                 return  # behind already: the stream's next write waits for it
             self._guard.wrote()
 
@@ -154,7 +157,7 @@ class ChunkStream:
         """The guard's heartbeat; the first one starts the response."""
         if not self.started:
             await self.start()
-        await self._response.write(PING)
+        await self._response.write(self._encoder.ping)
 
     def push(self, batch: list[Piece]) -> bool:
         """The frames of one upstream read in one write: back-to-back chunks cost one
@@ -191,7 +194,7 @@ class ChunkStream:
     async def write_end(self) -> None:
         if not self.started:  # an answer without a piece: nothing started the response
             await self.drain()
-        if self._body.write(self._framer.end()):
+        if self._body.write(self._encoder.end()):
             await self.drain()
         else:
             self._guard.wrote()

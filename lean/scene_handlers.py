@@ -17,8 +17,9 @@ from aiohttp import web
 from lean import events, scenes
 from lean.client_io import BodyWriter, bound_send_buffer, reset
 from lean.config import SceneConfig
+from lean.driver import SSE_HEADERS
 from lean.errors import BadRequest, NotFound, StoreUnavailable, clip
-from lean.handlers import SSE_HEADERS, read_json, services_key
+from lean.handlers import read_json, services_key
 from lean.inbound import ClientId, decode
 from lean.run import Run, Sink, new_run_id
 from lean.scenes import SceneRequest, chat_body, new_conversation_id, render, typed
