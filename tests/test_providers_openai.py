@@ -214,6 +214,33 @@ def test_logprobs_keep_the_chunk_verbatim_and_a_null_one_does_not() -> None:
     assert json.loads(kept.choices)[0]["logprobs"] == logprobs
 
 
+def test_fields_lean_does_not_know_keep_the_chunk_verbatim() -> None:
+    details = [{"type": "reasoning.encrypted", "data": "gAAA", "index": 0}]
+    wire = (
+        data({"choices": [{"index": 0, "delta": {"role": "assistant", "content": "a"}}]})
+        + data({"choices": [{"index": 0, "delta": {"content": "b", "reasoning_details": details}}]})
+        + data(
+            {
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {},
+                        "finish_reason": "stop",
+                        "native_finish_reason": "end_turn",
+                    }
+                ]
+            }
+        )
+        + b"data: [DONE]\n\n"
+    )
+    plain, kept, last = translate(wire)
+    assert plain == Text("a")  # `role` is known: the usual chunk
+    assert isinstance(kept, Verbatim) and kept.pieces == (Text("b"),)
+    assert json.loads(kept.choices)[0]["delta"]["reasoning_details"] == details
+    assert isinstance(last, Verbatim) and last.pieces == (Finish("stop"),)
+    assert json.loads(last.choices)[0]["native_finish_reason"] == "end_turn"
+
+
 def test_a_refusal_is_its_own_piece() -> None:
     wire = data({"choices": [{"index": 0, "delta": {"refusal": "No."}, "finish_reason": "stop"}]})
     assert translate(wire) == [Refusal("No."), Finish("stop")]

@@ -220,6 +220,25 @@ async def test_stream_logprobs_and_annotations_reach_the_sdk_unchanged(
     assert {c.id for c in chunks} == {chunks[0].id} and {c.model for c in chunks} == {"default"}
 
 
+async def test_stream_fields_lean_does_not_know_reach_the_sdk_unchanged(
+    client: openai.AsyncOpenAI, fake: FakeOpenAI
+) -> None:
+    details = [{"type": "reasoning.summary", "summary": "Thinking of Paris.", "index": 0}]
+    part = chunk({"content": "Paris", "reasoning_details": details})
+    part["choices"][0]["native_finish_reason"] = None
+    last = chunk({}, finish_reason="stop")
+    last["choices"][0]["native_finish_reason"] = "end_turn"
+    fake.push(Stream([sse(part), sse(last), DONE]))
+    chunks = await collect(client)
+    choices = [c.choices[0] for c in chunks if c.choices]
+    assert "".join(c.delta.content or "" for c in choices) == "Paris"
+    extra = [c.delta.model_extra for c in choices if c.delta.model_extra]
+    assert extra == [{"reasoning_details": details}]
+    finish = [c for c in choices if c.finish_reason]
+    assert len(finish) == 1 and finish[0].finish_reason == "stop"
+    assert finish[0].model_extra == {"native_finish_reason": "end_turn"}
+
+
 async def test_non_stream_logprobs_and_annotations_reach_the_sdk_unchanged(
     client: openai.AsyncOpenAI, fake: FakeOpenAI
 ) -> None:

@@ -9,8 +9,12 @@ Chat Completions streaming format and the dialects seen in the wild:
 - tool calls as fragments keyed by `index`, `id` and `function.name` on the first;
 - usage on a chunk with empty `choices` (`stream_options.include_usage`) or on
   the finish chunk (some servers);
-- `logprobs` and `delta.annotations` (web-search citations): such a chunk's choices go
-  on as the upstream sent them (a `Verbatim` piece), decoded a second time only then;
+- `logprobs`, `delta.annotations` (web-search citations) and any field of a choice or a
+  delta lean does not know (OpenRouter's `reasoning_details`, `native_finish_reason`, a
+  server's own): such a chunk's choices go on as the upstream sent them (a `Verbatim`
+  piece), decoded a second time only then. The choice and delta Structs forbid unknown
+  fields, so a chunk without any costs nothing more; the chunk's own fields (`id`,
+  `model`, `system_fingerprint`, ...) are lean's stream's, not passed on;
 - an in-band `{"error": ...}` object, raised as the matching upstream error;
 - comment lines (OpenRouter's `: OPENROUTER PROCESSING`) never reach a translator.
 A stream is finished by `[DONE]` or by a finish reason; one that ends with
@@ -53,7 +57,8 @@ class _ToolCallDelta(msgspec.Struct, gc=False):
     function: _Function | None = None
 
 
-class _Delta(msgspec.Struct, gc=False):
+class _Delta(msgspec.Struct, gc=False, forbid_unknown_fields=True):
+    role: msgspec.Raw = msgspec.Raw()  # "assistant": the client's stream says it itself
     content: str | None = None
     refusal: str | None = None
     reasoning_content: str | None = None
@@ -62,11 +67,21 @@ class _Delta(msgspec.Struct, gc=False):
     annotations: msgspec.Raw = msgspec.Raw()  # kept as bytes, never decoded: see _given
 
 
-class _Choice(msgspec.Struct, gc=False):
+class _Choice(msgspec.Struct, gc=False, forbid_unknown_fields=True):
     index: int = 0
     delta: _Delta | None = None
     finish_reason: str | None = None
     logprobs: msgspec.Raw = msgspec.Raw()  # OpenAI sends `"logprobs":null` on every chunk
+
+
+# The same, taking fields lean does not know: a chunk that has some is decoded again with
+# these, and its choices go on verbatim.
+class _AnyDelta(_Delta, forbid_unknown_fields=False):
+    pass
+
+
+class _AnyChoice(_Choice, forbid_unknown_fields=False):
+    delta: _AnyDelta | None = None
 
 
 class _RawChoices(msgspec.Struct, gc=False):
@@ -101,6 +116,10 @@ class _Chunk(msgspec.Struct, gc=False):
     error: _Error | str | None = None
 
 
+class _AnyChunk(_Chunk):
+    choices: list[_AnyChoice] | None = None  # type: ignore[assignment]
+
+
 class _ToolCallFull(msgspec.Struct, gc=False):
     id: str = ""
     function: _Function | None = None
@@ -128,6 +147,7 @@ class _Completion(msgspec.Struct, gc=False):
 
 
 _decode_chunk = msgspec.json.Decoder(_Chunk).decode
+_decode_any_chunk = msgspec.json.Decoder(_AnyChunk).decode
 _decode_completion = msgspec.json.Decoder(_Completion).decode
 _decode_raw_choices = msgspec.json.Decoder(_RawChoices).decode
 
@@ -197,8 +217,15 @@ class StreamTranslator:
             return [] if self.finished else self._finish("stop")
         if not data:
             return []
+        unknown = False  # a choice or delta has fields lean does not know: sent verbatim
         try:
             chunk = _decode_chunk(data)
+        except msgspec.ValidationError:
+            try:
+                chunk = _decode_any_chunk(data)
+            except (msgspec.DecodeError, ValueError) as exc:
+                raise UpstreamError(f"unparseable upstream chunk: {exc}", retryable=True) from None
+            unknown = True
         except (msgspec.DecodeError, ValueError) as exc:
             raise UpstreamError(f"unparseable upstream chunk: {exc}", retryable=True) from None
         if chunk.error is not None:
@@ -224,7 +251,11 @@ class StreamTranslator:
                     )
             if choice.finish_reason and not self.finished:
                 pieces.extend(self._finish(choice.finish_reason))
-            if _given(choice.logprobs) or (delta is not None and _given(delta.annotations)):
+            if (
+                unknown
+                or _given(choice.logprobs)
+                or (delta is not None and _given(delta.annotations))
+            ):
                 carried = tuple(pieces[start:])
                 del pieces[start:]
                 pieces.append(Verbatim(bytes(_decode_raw_choices(data).choices), carried))
