@@ -17,7 +17,7 @@ run: $(BIN)/lean
 	$(BIN)/lean serve --config $(CONFIG)
 
 test: $(BIN)/lean $(BROWSER_DRIVER)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2  # two workers: most tests wait on sockets and timers
 
 # The browser tests' driver (playwright-core; it drives Debian's chromium, downloads none).
 # Without npm, or offline, the browser tests skip and pytest says why.
