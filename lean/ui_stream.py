@@ -10,7 +10,9 @@ Strategy. Each lean event becomes zero or more parts, written as one frame
     delta       text-start / reasoning-start when that kind of part is not open (the open
                 one is ended first), then text-delta / reasoning-delta {id, delta}. A
                 refusal is a text part of its own, marked `providerMetadata.lean.refusal`.
-                The first delta after a tool round ends the step: finish-step, start-step.
+                A step is one model call with its tool round: the first delta after a
+                round, or a tool call after a round's results, ends it (finish-step,
+                start-step), as in the AI SDK's own streams.
     tool_start  a tool lean runs: tool-input-start + tool-input-available, both
                 `dynamic` (the app does not declare lean's tools) and `providerExecuted`
                 (so `useChat` never calls `onToolCall` for it). A client tool
@@ -238,14 +240,26 @@ class UIParts:
     here: a text or reasoning part is started before its deltas and ended once; a tool's
     input comes before its output; nothing follows `[DONE]` (a feed after it raises)."""
 
-    __slots__ = ("_client_tools", "_count", "_finished", "_open", "_open_id", "_server", "_tools")
+    __slots__ = (
+        "_client_tools",
+        "_count",
+        "_finished",
+        "_open",
+        "_open_id",
+        "_results",
+        "_server",
+        "_tools",
+    )
 
     def __init__(self, client_tools: frozenset[str] = frozenset()) -> None:
         self._client_tools = client_tools  # the scene's `kind = client` tools, by name
         self._count = 0  # parts started: their ids are `text-1`, `reasoning-2`...
         self._open = ""  # the kind of the open text part ("text", "reasoning", "refusal")
         self._open_id = ""
-        self._tools = False  # the step has had a tool call: the next delta starts a new step
+        # A step is one model call and its tool round. The step has had a tool call: the next
+        # delta is the next call's; it has had a tool result: so is the next tool call.
+        self._tools = False
+        self._results = False
         self._server: set[str] = set()  # tool call ids lean runs itself (dynamic parts)
         self._finished = False
 
@@ -262,7 +276,6 @@ class UIParts:
         if isinstance(event, events.ToolStart):
             return self._end_part() + self._tool_start(event)
         if isinstance(event, events.Waiting):
-            self._tools = True
             return self._end_part() + frame(
                 ToolInputAvailable(event.tool_call_id, event.name, _input(event.arguments))
             )
@@ -297,7 +310,7 @@ class UIParts:
         head = b""
         if self._tools:  # the model answers the tool round: a new step
             head = self._end_part() + _NEXT_STEP
-            self._tools = False
+            self._tools = self._results = False
         if kind != self._open:
             head += self._end_part()
             self._count += 1
@@ -321,16 +334,23 @@ class UIParts:
         return frame(ReasoningEnd(part_id) if kind == "reasoning" else TextEnd(part_id))
 
     def _tool_start(self, event: events.ToolStart) -> bytes:
+        head = b""
+        if self._results:  # the model asks for more tools after a round: a new step
+            head = _NEXT_STEP
+            self._results = False
         self._tools = True
         call_id, name = event.tool_call_id, event.name
         if name in self._client_tools:  # its input goes out with `waiting`
-            return frame(ToolInputStart(call_id, name))
+            return head + frame(ToolInputStart(call_id, name))
         self._server.add(call_id)
-        return frame(ToolInputStart(call_id, name, True, True)) + frame(
-            ToolInputAvailable(call_id, name, _input(event.arguments), True, True)
+        return (
+            head
+            + frame(ToolInputStart(call_id, name, True, True))
+            + frame(ToolInputAvailable(call_id, name, _input(event.arguments), True, True))
         )
 
     def _tool_end(self, event: events.ToolEnd) -> bytes:
+        self._results = True
         call_id = event.tool_call_id
         ours: bool | Unset = True if call_id in self._server else UNSET
         self._server.discard(call_id)

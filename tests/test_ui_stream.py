@@ -595,3 +595,31 @@ async def test_stream_events_replays_a_run_from_an_event_source() -> None:
             replayed = parse(await resp.text())
     assert replayed == fed(UIParts(), evs)
     assert replayed[2:6] == text_parts("text-1", ["Hel", "lo"])
+
+
+def test_each_model_call_is_a_step_even_one_that_only_calls_tools() -> None:
+    def round_of(call_id: str) -> list[events.Event]:
+        return [
+            events.ToolStart(message_id=MID, tool_call_id=call_id, name="clock", arguments="{}"),
+            events.ToolEnd(
+                message_id=MID,
+                tool_call_id=call_id,
+                name="clock",
+                result="now",
+                duration_ms=1,
+                is_error=False,
+            ),
+        ]
+
+    evs = run_events(*round_of("t1"), *round_of("t2"), events.Delta(message_id=MID, text="ok"))
+    kinds = [p if p == DONE_FRAME else p["type"] for p in fed(UIParts(), evs)]
+    assert kinds == [
+        "start",
+        "start-step",
+        *("tool-input-start", "tool-input-available", "tool-output-available"),
+        *("finish-step", "start-step"),
+        *("tool-input-start", "tool-input-available", "tool-output-available"),
+        *("finish-step", "start-step"),
+        *("text-start", "text-delta", "text-end"),
+        *("finish-step", "finish", DONE_FRAME),
+    ]
