@@ -623,3 +623,35 @@ def test_each_model_call_is_a_step_even_one_that_only_calls_tools() -> None:
         *("text-start", "text-delta", "text-end"),
         *("finish-step", "finish", DONE_FRAME),
     ]
+
+
+async def test_a_listed_page_reads_the_stream_and_its_header_and_others_are_refused() -> None:
+    page, foreign, token = "https://chat.example.com", "https://evil.example.net", "ui-token"
+    bearer = {"Authorization": f"Bearer {token}"}
+    async with FakeOpenAI() as fake:
+        cors = lean_config(
+            fake.base_url,
+            server=f"cors_origins = {page}",
+            extra=SCENES + "[auth]\ntokens_env = LEAN_TOKENS\n",
+            environ={"LEAN_TOKENS": token},
+        )
+        async with running(cors) as lean, aiohttp.ClientSession() as http:
+            url = f"{lean.url}/v1/scenes/chat/ui"
+            headers = {**bearer, "Origin": page, "Sec-Fetch-Site": "cross-site"}
+            async with http.post(url, json=chat_body("hi"), headers=headers) as resp:
+                assert resp.status == 200
+                assert resp.headers["Access-Control-Allow-Origin"] == page
+                exposed = resp.headers["Access-Control-Expose-Headers"].lower()
+                assert "x-vercel-ai-ui-message-stream" in exposed  # useChat may check it
+                assert parse(await resp.text())[-1] == DONE_FRAME
+            resume = f"{lean.url}/v1/scenes/chat/ui/chatA1/stream"
+            async with http.get(resume, headers={**bearer, "Origin": page}) as resp:
+                assert resp.status == 204
+                assert resp.headers["Access-Control-Allow-Origin"] == page
+            headers = {**bearer, "Origin": foreign, "Sec-Fetch-Site": "cross-site"}
+            async with http.post(url, json=chat_body("hi"), headers=headers) as resp:
+                assert resp.status == 403
+                assert "Access-Control-Allow-Origin" not in resp.headers
+            async with http.post(url, json=chat_body("hi")) as resp:
+                assert resp.status == 401  # no token
+        assert len(fake.requests) == 1
