@@ -43,7 +43,7 @@ class UISink:
     def write(self, name: str, seq: int, payload: bytes) -> bool:
         body = self.body
         assert body is not None, "the run starts after the response"
-        return body.write(self._parts.feed(payload))
+        return body.write(self._parts.feed(name, payload))
 
     async def drain(self) -> None:
         assert self.body is not None, "the run starts after the response"
@@ -129,7 +129,7 @@ async def stream_events(
     """Scene events from `source` (one run's, from its `start`) as a UI message stream."""
     response = web.StreamResponse(headers=UI_HEADERS)
     body = await BodyWriter.start(request, response)
-    async for _seq, _name, payload in source:
-        if body.write(parts.feed(payload)):
+    async for _seq, name, payload in source:
+        if body.write(parts.feed(name, payload)):
             await body.drain()
     return response

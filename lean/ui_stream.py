@@ -214,6 +214,19 @@ class Finish(_Part, tag="finish", frozen=True):
 
 
 _encode: Final = msgspec.json.Encoder().encode
+# One decoder per event type: the sink is told the event's name, so no tag dispatch.
+_DECODERS: Final[dict[str, msgspec.json.Decoder[Any]]] = {
+    str(cls.__struct_config__.tag): msgspec.json.Decoder(cls)
+    for cls in (
+        events.Start,
+        events.Delta,
+        events.ToolStart,
+        events.ToolEnd,
+        events.Waiting,
+        events.Done,
+        events.Error,
+    )
+}
 _START_STEP: Final = b'data: {"type":"start-step"}\n\n'
 _FINISH_STEP: Final = b'data: {"type":"finish-step"}\n\n'
 _NEXT_STEP: Final = _FINISH_STEP + _START_STEP
@@ -263,9 +276,10 @@ class UIParts:
         self._server: set[str] = set()  # tool call ids lean runs itself (dynamic parts)
         self._finished = False
 
-    def feed(self, payload: bytes) -> bytes:
-        """The frames for one encoded lean event (`events.encode`): what a `Sink` is given."""
-        return self.event(events.decode(payload))
+    def feed(self, name: str, payload: bytes) -> bytes:
+        """The frames for one encoded lean event (`events.encode`) named `name`: what a
+        `Sink` is given."""
+        return self.event(_DECODERS[name].decode(payload))
 
     def event(self, event: events.Event) -> bytes:
         """The frames for one lean event, as one bytes object (b"" when there are none)."""

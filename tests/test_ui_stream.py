@@ -514,7 +514,7 @@ def run_events(*middle: events.Event, last: events.Event | None = None) -> list[
 
 
 def fed(parts: UIParts, evs: list[events.Event]) -> list[Any]:
-    return parse(b"".join(parts.feed(events.encode(e)) for e in evs).decode())
+    return parse(b"".join(parts.feed(events.event_name(e), events.encode(e)) for e in evs).decode())
 
 
 def test_switching_kinds_ends_the_open_part_and_numbers_the_next() -> None:
@@ -567,9 +567,9 @@ def test_unparsable_tool_arguments_go_out_as_text_and_a_lone_waiting_is_input() 
 def test_nothing_follows_the_end() -> None:
     parts = UIParts()
     for event in run_events():
-        parts.feed(events.encode(event))
+        parts.feed(events.event_name(event), events.encode(event))
     with pytest.raises(RuntimeError, match="after the UI stream ended"):
-        parts.feed(events.encode(events.Delta(message_id=MID, text="late")))
+        parts.feed("delta", events.encode(events.Delta(message_id=MID, text="late")))
 
 
 async def test_stream_events_replays_a_run_from_an_event_source() -> None:
