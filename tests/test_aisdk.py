@@ -81,11 +81,16 @@ async def chat(lean: Server, chat_id: str, text: str, tool_answer: str = "") -> 
 
 
 async def test_the_ai_sdk_assembles_text_tools_and_a_client_tool_answer() -> None:
-    async with FakeOpenAI() as fake, running(lean_config(fake.base_url, extra=SCENES)) as lean:
+    answer = text_stream("It is late in Paris.", reasoning="Both tools answered.")
+    answer.first_byte_delay = 0.35  # lean's `: ping` comments go through the AI SDK's reader
+    async with (
+        FakeOpenAI() as fake,
+        running(lean_config(fake.base_url, extra=SCENES, server="ping_interval = 0.1")) as lean,
+    ):
         fake.push(
             tool_call_stream([("call_clock", "clock", "{}")]),
             tool_call_stream([("call_ask", "ask_user", '{"question": "Which city?"}')]),
-            text_stream("It is late in Paris.", reasoning="Both tools answered."),
+            answer,
         )
         seen = await chat(lean, "aisdkChat1", "Time and city?", tool_answer="Paris")
         third = await fake.wait_request(2)

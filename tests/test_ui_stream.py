@@ -655,3 +655,18 @@ async def test_a_listed_page_reads_the_stream_and_its_header_and_others_are_refu
             async with http.post(url, json=chat_body("hi")) as resp:
                 assert resp.status == 401  # no token
         assert len(fake.requests) == 1
+
+
+async def test_heartbeats_are_sse_comments_between_parts() -> None:
+    late = text_stream(TEXT)
+    late.first_byte_delay = 0.35
+    async with FakeOpenAI() as fake, running(config(fake, server="ping_interval = 0.1")) as lean:
+        fake.push(late)
+        async with aiohttp.ClientSession() as http:
+            url = f"{lean.url}/v1/scenes/chat/ui"
+            async with http.post(url, json=chat_body("hi")) as resp:
+                raw = await resp.text()
+    head, _, rest = raw.partition('data: {"type":"start-step"}\n\n')
+    assert head.startswith('data: {"type":"start"')
+    assert rest.startswith(": ping\n\n")  # the AI SDK's reader skips comments
+    assert parse(raw)[-1] == DONE_FRAME
