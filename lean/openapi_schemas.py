@@ -14,7 +14,7 @@ from lean.events import Event
 from lean.messages import MessageRecord
 from lean.scene_handlers import ToolResult
 from lean.scenes import SceneRequest
-from lean.ui_stream import UIChat
+from lean.ui_stream import UIChat, UIMessage
 
 __all__ = ["error_codes", "ref", "schemas"]
 
@@ -54,7 +54,7 @@ def _ecma(schema: Any) -> Any:
 
 def schemas() -> dict[str, Any]:
     (event, *_), components = msgspec.json.schema_components(
-        (Event, SceneRequest, ToolResult, MessageRecord, UIChat), ref_template=REF
+        (Event, SceneRequest, ToolResult, MessageRecord, UIChat, UIMessage), ref_template=REF
     )
     schemas: dict[str, Any] = _ecma(components)
     # Sent, never received: every field is always there (no omitted defaults).
@@ -66,6 +66,7 @@ def schemas() -> dict[str, Any]:
         " `{message}`: its inputs as `name: value` lines), `prompt` the filled template the"
         " model saw; assistant: `content` the answer, `prompt` null."
     )
+    schemas["UIChat"]["properties"]["messages"]["items"] = ref("UIMessage")
     schemas["UIChat"]["description"] = (
         "`useChat`'s body (AI SDK 5+): `id` is the conversation, the last message must be"
         " the user's and its text parts are the run's message; other fields are ignored."

@@ -46,11 +46,11 @@ from typing import Any, Final
 import msgspec
 
 from lean import events
-from lean.errors import BadRequest
+from lean.errors import BadRequest, clip
 from lean.inbound import decode
 from lean.scenes import Scalar, SceneRequest, validated
 
-__all__ = ["DONE", "UIChat", "UIParts", "parse_chat", "scene_request"]
+__all__ = ["DONE", "ChatTurn", "UIChat", "UIMessage", "UIParts", "parse_chat", "scene_request"]
 
 HEADER: Final = ("x-vercel-ai-ui-message-stream", "v1")
 DONE: Final = b"data: [DONE]\n\n"
@@ -73,41 +73,50 @@ class UIMessage(msgspec.Struct, frozen=True):
 
 
 class UIChat(msgspec.Struct, frozen=True):
+    """`useChat`'s body. Each message stays raw JSON: `useChat` sends the whole history every
+    time, and lean reads only the last message (it keeps the history itself)."""
+
     id: str
-    messages: list[UIMessage]
+    messages: list[msgspec.Raw]
     inputs: dict[str, Scalar] = {}
 
 
+class ChatTurn(msgspec.Struct, frozen=True):
+    """What lean takes from a `UIChat`: the conversation, the last message, the inputs."""
+
+    id: str
+    last: UIMessage
+    inputs: dict[str, Scalar]
+
+
 _decode_chat = msgspec.json.Decoder(UIChat)
+_decode_message = msgspec.json.Decoder(UIMessage)
 
 
-def parse_chat(body: bytes) -> UIChat:
+def parse_chat(body: bytes) -> ChatTurn:
     """`useChat`'s body; a 400 naming the field when it is not usable."""
     chat = decode(_decode_chat, body)
     if not chat.messages:
         raise BadRequest("invalid request: messages is empty (it must end with a user message)")
-    last = chat.messages[-1]
+    where = f"messages[{len(chat.messages) - 1}]"
+    last = decode(_decode_message, chat.messages[-1], what=f"request: {where}")
     if last.role != "user":
         # A body ending with an assistant message is `useChat` sending tool outputs back
         # (`sendAutomaticallyWhen`): lean's run is still waiting for them on its
         # tool-results route, and answering the question again would bill a second run.
         raise BadRequest(
-            f"invalid request: messages[{len(chat.messages) - 1}].role must be 'user', not "
-            f"'{last.role[:20]}' (answer lean's client tools with POST "
-            "/v1/runs/{runId}/tool-results)"
+            f"invalid request: {where}.role must be 'user', not '{clip(last.role, 40)}' "
+            "(answer lean's client tools with POST /v1/runs/{runId}/tool-results)"
         )
     for n, part in enumerate(last.parts):
         if part.type == "text" and not isinstance(part.text, str):
-            raise BadRequest(
-                f"invalid request: messages[{len(chat.messages) - 1}].parts[{n}].text "
-                "must be a string"
-            )
-    return chat
+            raise BadRequest(f"invalid request: {where}.parts[{n}].text must be a string")
+    return ChatTurn(chat.id, last, chat.inputs)
 
 
-def scene_request(chat: UIChat) -> SceneRequest:
+def scene_request(chat: ChatTurn) -> SceneRequest:
     """The scene request `chat` makes: its last message's text, its id as the conversation."""
-    text = "".join(part.text for part in chat.messages[-1].parts if part.type == "text")
+    text = "".join(part.text for part in chat.last.parts if part.type == "text")
     try:
         return validated(SceneRequest(inputs=chat.inputs, message=text, conversation_id=chat.id))
     except BadRequest:

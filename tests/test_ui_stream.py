@@ -311,6 +311,7 @@ async def test_the_chat_id_is_the_conversation_and_lean_keeps_the_history() -> N
         body["messages"] = [
             {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "One"}]},
             {"id": "a1", "role": "assistant", "parts": [{"type": "text", "text": "ignored"}]},
+            {"id": "odd", "metadata": {"any": ["thing"]}},  # earlier messages are not read
             {
                 "id": "u2",
                 "role": "user",
@@ -349,8 +350,12 @@ async def test_scene_inputs_come_in_the_body() -> None:
         ({"messages": []}, 400, "field `id`"),
         ({"id": "c1"}, 400, "field `messages`"),
         ({"id": "c1", "messages": []}, 400, "messages is empty"),
-        ({"id": "c1", "messages": [{"role": "user"}]}, 400, "`$.messages[0]`"),
-        ({"id": "c1", "messages": [{"role": "user", "parts": "hi"}]}, 400, "`$.messages[0].parts`"),
+        ({"id": "c1", "messages": [{"role": "user"}]}, 400, "messages[0]: Object missing"),
+        (
+            {"id": "c1", "messages": [{"role": "user", "parts": "hi"}]},
+            400,
+            "messages[0]: Expected `array`, got `str` - at `$.parts`",
+        ),
         (
             {"id": "c1", "messages": [{"role": "user", "parts": [{"type": "text", "text": 3}]}]},
             400,
