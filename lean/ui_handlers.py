@@ -100,7 +100,8 @@ def replay(services: Services, run: Run) -> SceneEvents | None:
     """SEAM (resume): the run's events from its first, then the live ones, from the per-run
     event buffer of docs/protocol.md §6 (`subscribe(run.run_id, after=0)`). lean has no such
     buffer yet, so a running answer cannot be replayed: None, and the route says 409. Once the
-    buffer is merged, return its iterator here; `stream_events` does the rest."""
+    buffer is merged, return its iterator here; `stream_events` does the rest (it has no
+    heartbeat nor slow-client limit of its own: the buffer's reader must bring them)."""
     return None
 
 
