@@ -38,6 +38,7 @@ from tests.fakes import (
     tool_call_stream,
 )
 from tests.support import lean_config, running
+from tests.test_scenes import BIG, raw_post, saved_answer
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -675,3 +676,20 @@ async def test_heartbeats_are_sse_comments_between_parts() -> None:
     assert head.startswith('data: {"type":"start"')
     assert rest.startswith(": ping\n\n")  # the AI SDK's reader skips comments
     assert parse(raw)[-1] == DONE_FRAME
+
+
+async def test_a_client_that_stops_reading_is_cut_and_the_answer_saved() -> None:
+    async with FakeOpenAI() as fake:
+        async with running(config(fake, limits="slow_client_timeout = 0.5")) as lean:
+            fake.push(Stream(events=[BIG] * 5000 + [b"data: [DONE]\n\n"]))  # ~20 MB
+            _, writer = await asyncio.open_connection("127.0.0.1", lean.port)
+            writer.write(raw_post("/v1/scenes/chat/ui", chat_body("x", chat_id="slowUI")))
+            await writer.drain()
+            # The client reads nothing: lean stops reading upstream, then cuts the client.
+            await fake.wait_disconnect(0, timeout=6)
+            assert fake.requests[0].events_sent < 5000
+            rows = await saved_answer(lean, "slowUI")
+            writer.close()
+    assert rows[-1]["status"] == "incomplete"
+    assert rows[-1]["errorCode"] == "slow_client"
+    assert rows[-1]["content"].startswith("zzz")
