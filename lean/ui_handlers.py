@@ -96,12 +96,13 @@ def running_answer(services: Services, scene: SceneConfig, chat_id: str) -> Run 
     return services.runs.of_conversation(chat_id, scene.name)
 
 
-def replay(services: Services, run: Run) -> SceneEvents | None:
+async def replay(services: Services, run: Run) -> SceneEvents | None:
     """SEAM (resume): the run's events from its first, then the live ones, from the per-run
     event buffer of docs/protocol.md §6 (`subscribe(run.run_id, after=0)`). lean has no such
     buffer yet, so a running answer cannot be replayed: None, and the route says 409. Once the
-    buffer is merged, return its iterator here; `stream_events` does the rest (it has no
-    heartbeat nor slow-client limit of its own: the buffer's reader must bring them)."""
+    buffer is merged, return its subscription here (and close it when `stream_events` returns);
+    `stream_events` does the rest. It has no heartbeat nor slow-client limit of its own: the
+    buffer's reader must bring them."""
     return None
 
 
@@ -115,7 +116,7 @@ async def resume_ui(request: web.Request) -> web.StreamResponse:
     run = running_answer(services, scene, chat_id)
     if run is None:  # nothing running (or it has ended): `useChat` shows what it has
         return web.Response(status=204)
-    source = replay(services, run)
+    source = await replay(services, run)
     if source is None:
         raise StillRunning(
             f"an answer of chat '{chat_id}' is running (run '{run.run_id}') and lean cannot "
@@ -127,10 +128,21 @@ async def resume_ui(request: web.Request) -> web.StreamResponse:
 async def stream_events(
     request: web.Request, parts: UIParts, source: SceneEvents
 ) -> web.StreamResponse:
-    """Scene events from `source` (one run's, from its `start`) as a UI message stream."""
+    """Scene events from `source` (one run's, from its `start`) as a UI message stream.
+
+    A second `start` is a buffer restarting the answer for a reader that fell behind (its
+    next events were dropped): a UI message stream cannot take back the parts it sent, so
+    the connection is reset there; `useChat` sees a failed stream, and its next resume gets
+    the answer from its start again."""
     response = web.StreamResponse(headers=UI_HEADERS)
     body = await BodyWriter.start(request, response)
+    started = False
     async for _seq, name, payload in source:
+        if name == "start":
+            if started:
+                reset(request)
+                break
+            started = True
         if body.write(parts.feed(name, payload)):
             await body.drain()
     return response

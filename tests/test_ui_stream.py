@@ -693,3 +693,28 @@ async def test_a_client_that_stops_reading_is_cut_and_the_answer_saved() -> None
     assert rows[-1]["status"] == "incomplete"
     assert rows[-1]["errorCode"] == "slow_client"
     assert rows[-1]["content"].startswith("zzz")
+
+
+async def test_a_replay_that_restarts_the_answer_cuts_the_connection() -> None:
+    """A buffer restarts the answer (`start` again) for a reader that fell behind: the parts
+    already sent cannot be taken back, so the reader's connection is reset."""
+    first = run_events(events.Delta(message_id=MID, text="Hel"))[:2]
+    again = run_events(events.Delta(message_id=MID, text="Hello"))
+
+    async def source() -> AsyncIterator[tuple[int, str, bytes]]:
+        for seq, event in enumerate([*first, *again], 1):
+            await asyncio.sleep(0)
+            yield seq, events.event_name(event), events.encode(event)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await stream_events(request, UIParts(), source())
+
+    app = web.Application()
+    app.router.add_get("/replay", handler)
+    async with TestServer(app, host="127.0.0.1") as server, aiohttp.ClientSession() as http:
+        async with http.get(server.make_url("/replay")) as resp:
+            got = b""
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async for data in resp.content.iter_any():
+                    got += data
+    assert "Hello" not in got.decode() and "[DONE]" not in got.decode()
