@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from lean import events, scenes
-from lean.client_io import BodyWriter, bound_send_buffer, reset
+from lean.client_io import BodyWriter, ClientGone, bound_send_buffer, reset
 from lean.config import Config, SceneConfig
-from lean.errors import BadRequest, StillRunning
+from lean.errors import BadRequest, Cancelled, StillRunning
 from lean.handlers import SSE_HEADERS, read_json, services_key
 from lean.run import Run, new_run_id
 from lean.scene_handlers import new_run
@@ -38,11 +38,20 @@ class UISink:
     def __init__(self, request: web.Request, parts: UIParts) -> None:
         self._request = request
         self._parts = parts
+        self._started = False
         self.body: BodyWriter | None = None  # set once the response has started
 
     def write(self, name: str, seq: int, payload: bytes) -> bool:
         body = self.body
         assert body is not None, "the run starts after the response"
+        if name == "start":
+            if self._started:
+                # Only a replay does this: a buffer restarting the answer for a reader that
+                # fell behind. Parts sent cannot be taken back: cut the reader, whose next
+                # resume gets the answer from its start.
+                self.abort()
+                raise ClientGone(Cancelled("the answer restarted: resume it again"))
+            self._started = True
         return body.write(self._parts.feed(name, payload))
 
     async def drain(self) -> None:
@@ -122,27 +131,22 @@ async def resume_ui(request: web.Request) -> web.StreamResponse:
             f"an answer of chat '{chat_id}' is running (run '{run.run_id}') and lean cannot "
             "replay it yet: its messages are at /v1/conversations/{id}/messages once it ends"
         )
-    return await stream_events(request, UIParts(client_tools(services.config, scene)), source)
+    sink = UISink(request, UIParts(client_tools(services.config, scene)))
+    return await stream_events(request, sink, source)
 
 
 async def stream_events(
-    request: web.Request, parts: UIParts, source: SceneEvents
+    request: web.Request, sink: UISink, source: SceneEvents
 ) -> web.StreamResponse:
-    """Scene events from `source` (one run's, from its `start`) as a UI message stream.
-
-    A second `start` is a buffer restarting the answer for a reader that fell behind (its
-    next events were dropped): a UI message stream cannot take back the parts it sent, so
-    the connection is reset there; `useChat` sees a failed stream, and its next resume gets
-    the answer from its start again."""
+    """Scene events from `source` (one run's, from its `start`) as a UI message stream, until
+    the source ends or the client is gone. Once the buffer is merged, its `pump` (which adds
+    heartbeats, the slow-client limit and `max_streams`) does this with the same `UISink`."""
     response = web.StreamResponse(headers=UI_HEADERS)
-    body = await BodyWriter.start(request, response)
-    started = False
-    async for _seq, name, payload in source:
-        if name == "start":
-            if started:
-                reset(request)
-                break
-            started = True
-        if body.write(parts.feed(name, payload)):
-            await body.drain()
+    sink.body = await BodyWriter.start(request, response)
+    try:
+        async for seq, name, payload in source:
+            if sink.write(name, seq, payload):
+                await sink.drain()
+    except ClientGone:
+        pass
     return response

@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestServer
 from lean import events
 from lean.app import Server
 from lean.config import Config
-from lean.ui_handlers import stream_events
+from lean.ui_handlers import UISink, stream_events
 from lean.ui_stream import UIParts
 from tests import toolbox
 from tests.fakes import (
@@ -591,7 +591,7 @@ async def test_stream_events_replays_a_run_from_an_event_source() -> None:
             yield seq, events.event_name(event), events.encode(event)
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        return await stream_events(request, UIParts(), source())
+        return await stream_events(request, UISink(request, UIParts()), source())
 
     app = web.Application()
     app.router.add_get("/replay", handler)
@@ -707,7 +707,7 @@ async def test_a_replay_that_restarts_the_answer_cuts_the_connection() -> None:
             yield seq, events.event_name(event), events.encode(event)
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        return await stream_events(request, UIParts(), source())
+        return await stream_events(request, UISink(request, UIParts()), source())
 
     app = web.Application()
     app.router.add_get("/replay", handler)
