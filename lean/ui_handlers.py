@@ -5,7 +5,8 @@ the resume route `useChat` calls after a reload.
 (`scene_handlers.new_run`: everything a request can get wrong is an HTTP error before the
 response starts) and writes its events through `UISink`, which frames them with
 `ui_stream.UIParts`. `GET /v1/scenes/{scene}/ui/{chatId}/stream` answers 204 unless an
-answer of that chat is running.
+answer of that chat is running; then it is meant to replay it through the same sink, which
+waits for the per-run event buffer (`replay`, the seam): 409 `still_running` meanwhile.
 """
 
 from __future__ import annotations
