@@ -718,3 +718,68 @@ async def test_a_replay_that_restarts_the_answer_cuts_the_connection() -> None:
                 async for data in resp.content.iter_any():
                     got += data
     assert "Hello" not in got.decode() and "[DONE]" not in got.decode()
+
+
+# The fields `ai` 5.0.0 accepts per part type: its uiMessageChunkSchema was strict (a field it
+# does not know fails the whole stream; later versions accept more). Transcribed from its
+# dist/index.mjs.
+AI_5_0_0_FIELDS: dict[str, set[str]] = {
+    "start": {"messageId", "messageMetadata"},
+    "start-step": set(),
+    "finish-step": set(),
+    "finish": {"messageMetadata"},
+    "abort": set(),
+    "message-metadata": {"messageMetadata"},
+    "error": {"errorText"},
+    "text-start": {"id", "providerMetadata"},
+    "text-delta": {"id", "delta", "providerMetadata"},
+    "text-end": {"id", "providerMetadata"},
+    "reasoning-start": {"id", "providerMetadata"},
+    "reasoning-delta": {"id", "delta", "providerMetadata"},
+    "reasoning-end": {"id", "providerMetadata"},
+    "tool-input-start": {"toolCallId", "toolName", "providerExecuted", "dynamic"},
+    "tool-input-available": {
+        "toolCallId",
+        "toolName",
+        "input",
+        "providerExecuted",
+        "providerMetadata",
+        "dynamic",
+    },
+    "tool-output-available": {"toolCallId", "output", "providerExecuted", "dynamic"},
+    "tool-output-error": {"toolCallId", "errorText", "providerExecuted", "dynamic"},
+}
+
+
+@pytest.mark.parametrize("code", ["upstream_error", "cancelled", None])
+def test_every_part_has_only_fields_ai_5_0_0_accepts(code: str | None) -> None:
+    def tool_end(call_id: str, is_error: bool) -> events.ToolEnd:
+        return events.ToolEnd(
+            message_id=MID,
+            tool_call_id=call_id,
+            name="clock",
+            result="r",
+            duration_ms=1,
+            is_error=is_error,
+        )
+
+    last = None
+    if code is not None:
+        last = events.Error(message_id=MID, code=code, message="it failed", retryable=True)
+    evs = run_events(
+        events.Delta(message_id=MID, text="t", part="thinking"),
+        events.Delta(message_id=MID, text="a"),
+        events.ToolStart(message_id=MID, tool_call_id="s1", name="clock", arguments="{}"),
+        events.ToolStart(message_id=MID, tool_call_id="c1", name="ask", arguments="{}"),
+        events.Waiting(message_id=MID, tool_call_id="c1", name="ask", arguments="{}"),
+        tool_end("s1", True),
+        tool_end("c1", False),
+        events.Delta(message_id=MID, text="no", part="refusal"),
+        last=last,
+    )
+    parts = [p for p in fed(UIParts(frozenset({"ask"})), evs) if p != DONE_FRAME]
+    for part in parts:
+        kind = part.pop("type")
+        assert set(part) <= AI_5_0_0_FIELDS[kind], kind
+    seen = {p.get("type") for p in fed(UIParts(frozenset({"ask"})), evs) if p != DONE_FRAME}
+    assert len(seen) >= 14  # the scenario covers nearly every kind lean sends
