@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import WSCloseCode, web
 
-from lean import handlers, scene_handlers, static, ws
+from lean import handlers, scene_handlers, static, ui_handlers, ws
 from lean.config import Config, ConfigError
 from lean.connections import Connections
 from lean.encoders.chat import error_response
@@ -160,6 +160,8 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/v1/scenes", scene_handlers.list_scenes)
     app.router.add_post("/v1/scenes/{scene}/stream", scene_handlers.stream_scene)
     app.router.add_get("/v1/scenes/{scene}/stream", scene_handlers.stream_scene)
+    app.router.add_post("/v1/scenes/{scene}/ui", ui_handlers.stream_ui)
+    app.router.add_get("/v1/scenes/{scene}/ui/{chat_id}/stream", ui_handlers.resume_ui)
     app.router.add_post("/v1/runs/{run_id}/cancel", scene_handlers.cancel_run)
     app.router.add_post("/v1/runs/{run_id}/tool-results", scene_handlers.tool_result)
     app.router.add_get(

@@ -58,6 +58,11 @@ class NotFound(LeanError):
     status, code, openai_type = 404, "not_found", "invalid_request_error"
 
 
+class StillRunning(LeanError):
+    # A resume of a chat whose answer is running, that lean cannot replay (docs/protocol.md §6).
+    status, code, openai_type, retryable = 409, "still_running", "invalid_request_error", True
+
+
 class RateLimited(LeanError):
     status, code, openai_type, retryable = 429, "rate_limited", "rate_limit_error", True
 

@@ -34,6 +34,7 @@ _ERRORS = {
     "401": "missing or wrong client token (only when lean has tokens)",
     "403": "a foreign Origin or Host (docs/protocol.md §6)",
     "404": "unknown model, scene, run or conversation",
+    "409": "an answer of the chat is running and lean cannot replay it yet (still_running)",
     "413": "body larger than [server] max_body_bytes",
     "415": "a body that is not JSON",
     "503": "overloaded, shutting down or store unavailable (Retry-After)",
@@ -177,6 +178,43 @@ def _paths() -> dict[str, Any]:
                     },
                     "204": {"description": "a reconnect (Last-Event-ID): never a second run"},
                     **_errors("400", "404", "503"),
+                },
+            },
+        },
+        "/v1/scenes/{scene}/ui": {
+            "parameters": [_SCENE],
+            "post": {
+                "summary": "run a scene for AI SDK `useChat`: the UI message stream",
+                "description": "Header `x-vercel-ai-ui-message-stream: v1`; parts `start`,"
+                " `start-step`, `text-*`, `reasoning-*`, `tool-input-*`, `tool-output-*`,"
+                " `finish-step`, `finish`, `message-metadata`, `error`, `abort`, then"
+                " `data: [DONE]` (docs/protocol.md §6).",
+                "security": _POST_AUTH,
+                "requestBody": {"required": True, "content": {JSON: {"schema": ref("UIChat")}}},
+                "responses": {
+                    "200": {
+                        "description": "the run as UI message stream parts",
+                        "content": {SSE: {"schema": {"type": "string"}}},
+                    },
+                    **_errors("400", "404", "413", "415", "503"),
+                },
+            },
+        },
+        "/v1/scenes/{scene}/ui/{chatId}/stream": {
+            "parameters": [
+                _SCENE,
+                _path("chatId", "the chat's id (its conversation)", "^[A-Za-z0-9_-]{1,64}$"),
+            ],
+            "get": {
+                "summary": "`useChat`'s resume: the chat's running answer, or 204",
+                "security": _GET_AUTH,
+                "responses": {
+                    "200": {
+                        "description": "the running answer's parts from its start, then live",
+                        "content": {SSE: {"schema": {"type": "string"}}},
+                    },
+                    "204": {"description": "no answer of the chat is running"},
+                    **_errors("400", "404", "409"),
                 },
             },
         },

@@ -14,6 +14,7 @@ from lean.events import Event
 from lean.messages import MessageRecord
 from lean.scene_handlers import ToolResult
 from lean.scenes import SceneRequest
+from lean.ui_stream import UIChat, UIMessage
 
 __all__ = ["error_codes", "ref", "schemas"]
 
@@ -53,7 +54,7 @@ def _ecma(schema: Any) -> Any:
 
 def schemas() -> dict[str, Any]:
     (event, *_), components = msgspec.json.schema_components(
-        (Event, SceneRequest, ToolResult, MessageRecord), ref_template=REF
+        (Event, SceneRequest, ToolResult, MessageRecord, UIChat, UIMessage), ref_template=REF
     )
     schemas: dict[str, Any] = _ecma(components)
     # Sent, never received: every field is always there (no omitted defaults).
@@ -64,6 +65,11 @@ def schemas() -> dict[str, Any]:
         "A saved message. user: `content` is what the user typed (a scene without"
         " `{message}`: its inputs as `name: value` lines), `prompt` the filled template the"
         " model saw; assistant: `content` the answer, `prompt` null."
+    )
+    schemas["UIChat"]["properties"]["messages"]["items"] = ref("UIMessage")
+    schemas["UIChat"]["description"] = (
+        "`useChat`'s body (AI SDK 5+): `id` is the conversation, the last message must be"
+        " the user's and its text parts are the run's message; other fields are ignored."
     )
     schemas["SceneEvent"] = {
         "description": "A scene event (docs/protocol.md §2); on the WebSocket with `runId`.",

@@ -66,10 +66,14 @@ def parse_query(query: Mapping[str, str]) -> SceneRequest:
     )
 
 
+def is_conversation_id(value: str) -> bool:
+    return _CONVERSATION_ID.fullmatch(value) is not None
+
+
 def validated(request: SceneRequest) -> SceneRequest:
     """The request, once its conversation id is known to be usable."""
     cid = request.conversation_id
-    if cid is not None and not _CONVERSATION_ID.fullmatch(cid):
+    if cid is not None and not is_conversation_id(cid):
         raise BadRequest(
             "invalid request: conversationId must be 1-64 characters of A-Z, a-z, 0-9, _ or -"
         )

@@ -32,6 +32,14 @@ class Runs:
     def get(self, run_id: str) -> Run | None:
         return self._runs.get(run_id)
 
+    def of_conversation(self, conversation_id: str, scene: str) -> Run | None:
+        """The newest running run of a conversation in `scene` (`useChat`'s resume route).
+        A scan of the running runs: only resume requests ask, and they are rare."""
+        for run in reversed(self._runs.values()):
+            if run.conversation_id == conversation_id and run.scene.name == scene:
+                return run
+        return None
+
     def add(self, run: Run) -> None:
         if run.run_id in self._runs:
             raise RuntimeError(f"run id {run.run_id} is already running")
