@@ -19,8 +19,9 @@ from aiohttp import web
 from lean import events, scenes
 from lean.client_io import BodyWriter, ClientGone, bound_send_buffer, reset
 from lean.config import Config, SceneConfig
+from lean.driver import SSE_HEADERS
 from lean.errors import BadRequest, Cancelled, StillRunning
-from lean.handlers import SSE_HEADERS, read_json, services_key
+from lean.handlers import read_json, services_key
 from lean.run import Run, new_run_id
 from lean.scene_handlers import new_run
 from lean.services import Services
