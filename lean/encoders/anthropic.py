@@ -194,16 +194,13 @@ class MessagesEncoder:
 
     def _signature(self, piece: Signature) -> bytes | None:
         if piece.kind == "anthropic_redacted":
+            out = self._close()
             index = self._blocks
             self._blocks += 1
             block = {"type": "redacted_thinking", "data": piece.value}
             start = {"type": "content_block_start", "index": index, "content_block": block}
             stop = {"type": "content_block_stop", "index": index}
-            return (
-                self._close()
-                + _event(b"content_block_start", start)
-                + _event(b"content_block_stop", stop)
-            )
+            return out + _event(b"content_block_start", start) + _event(b"content_block_stop", stop)
         if piece.kind != "anthropic":
             return None  # another provider's (Gemini's): no Anthropic client can use it
         out = b"" if self._open == _THINKING and not self._signed else self._opened(_THINKING)
