@@ -1,4 +1,5 @@
-"""Anthropic Messages in (docs/protocol.md §5): requests, error bodies, the model list.
+"""Anthropic Messages in (docs/protocol.md §1, "The Anthropic dialect"): requests, error
+bodies, the model list.
 
 `parse_request` checks a `POST /v1/messages` body the way Anthropic's API reads it and
 turns it into lean's chat body, the OpenAI Chat Completions shape every provider adapter
