@@ -148,6 +148,20 @@ async def test_the_event_order_and_the_estimate_in_message_start() -> None:
     assert usage["input_tokens"] == PROMPT_TOKENS and usage["output_tokens"] > 0
 
 
+async def test_a_silent_upstream_gets_message_start_then_pings() -> None:
+    async with gateway("openai", server="commit_wait = 0.1\nping_interval = 30") as (fake, lean):
+        stream = text_stream(TEXT)
+        stream.first_byte_delay = 0.4
+        fake.push(stream)
+        events = await raw_events(
+            lean, {"model": "default", "max_tokens": 64, "messages": HI, "stream": True}
+        )
+    names = [name for name, _ in events]
+    assert names[:2] == ["message_start", "ping"]  # the commit: the message, a heartbeat
+    assert events[1][1] == {"type": "ping"}
+    assert names[-1] == "message_stop"
+
+
 async def test_usage_the_upstream_did_not_give_is_left_out() -> None:
     async with gateway("openai") as (fake, lean):
         fake.push(text_stream(TEXT, usage=False))

@@ -126,7 +126,6 @@ class MessagesEncoder:
         self._signed = False  # the open thinking block has its signature
         self._text_head = b""  # the open text or thinking block's delta, up to its text
         self._calls: dict[int, int] = {}  # tool-call index -> its block's index
-        self._call = -1  # the tool-call index of the open tool_use block
         self._finish: Finish | None = None
         self._refused = False
         self.usage: Usage | None = None
@@ -187,7 +186,6 @@ class MessagesEncoder:
         if not self._open:
             return b""
         self._open = 0
-        self._call = -1
         return _event(
             b"content_block_stop", {"type": "content_block_stop", "index": self._blocks - 1}
         )
@@ -217,7 +215,6 @@ class MessagesEncoder:
             index = self._calls[piece.index] = self._blocks
             self._blocks += 1
             self._open = _TOOL
-            self._call = piece.index
             block = {
                 "type": "tool_use",
                 "id": piece.id or "toolu_" + uuid.uuid4().hex[:24],
