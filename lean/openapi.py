@@ -71,25 +71,9 @@ _GET_AUTH: list[dict[str, list[str]]] = [{"bearer": []}, {"accessToken": []}]
 
 _ANTHROPIC_AUTH: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]
 _OBJECT = {"type": "object"}
-# Anthropic's error body, `{"type": "error", "error": {"type", "message"}}`, with its statuses.
 _ANTHROPIC_ERROR = {
     "description": "an error in Anthropic's shape (529: overloaded; Retry-After on 429)",
-    "content": {
-        JSON: {
-            "schema": {
-                "type": "object",
-                "properties": {
-                    "type": {"const": "error"},
-                    "error": {
-                        "type": "object",
-                        "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
-                        "required": ["type", "message"],
-                    },
-                },
-                "required": ["type", "error"],
-            }
-        }
-    },
+    "content": {JSON: {"schema": ref("AnthropicErrorBody")}},
 }
 
 
