@@ -35,6 +35,7 @@ from tests.fakes_providers import (
     FakeAnthropic,
     FakeGemini,
     anthropic_event,
+    anthropic_message,
     anthropic_text_stream,
     anthropic_tool_stream,
     gemini_text_stream,
@@ -289,6 +290,25 @@ async def test_reasoning_content_becomes_thinking_blocks() -> None:
     assert [block.type for block in whole.content] == ["thinking", "text"]
 
 
+async def test_gemini_thoughts_become_thinking_without_its_signature() -> None:
+    async with gateway("gemini") as (fake, lean), sdk(lean) as client:
+        fake.push(gemini_text_stream(TEXT, reasoning="Thinking it over.", signature="g-sig"))
+        async with client.messages.stream(model="default", max_tokens=64, messages=HI) as stream:
+            final = await stream.get_final_message()
+    assert [block.type for block in final.content] == ["thinking", "text"]
+    assert final.content[0].thinking == "Thinking it over."
+    assert final.content[0].signature == ""  # Gemini's is no Anthropic signature
+    assert final.usage.input_tokens == PROMPT_TOKENS
+
+
+async def test_a_whole_anthropic_answer_keeps_its_thinking_signature() -> None:
+    async with gateway("anthropic") as (fake, lean), sdk(lean) as client:
+        fake.push(Reply(body=anthropic_message("Hi.", reasoning="Hmm.")))
+        whole = await client.messages.create(model="default", max_tokens=64, messages=HI)
+    assert [block.type for block in whole.content] == ["thinking", "text"]
+    assert whole.content[0].signature == THINKING_SIGNATURE
+
+
 async def test_a_refusal_is_text_with_stop_reason_refusal() -> None:
     refusal = [
         sse(chunk({"role": "assistant", "refusal": ""})),
@@ -411,8 +431,9 @@ async def test_x_api_key_and_bearer_tokens_and_401s_in_anthropics_shape() -> Non
             async with sdk(lean, api_key="wrong") as client:
                 with pytest.raises(anthropic.AuthenticationError) as caught:
                     await client.messages.create(model="default", max_tokens=64, messages=HI)
-                with pytest.raises(anthropic.AuthenticationError):
+                with pytest.raises(anthropic.AuthenticationError) as listing:
                     await client.models.list()
+    assert listing.value.body["error"]["type"] == "authentication_error"
     assert caught.value.body["error"]["type"] == "authentication_error"
     assert len(fake.requests) == 2
     for recorded in fake.requests:  # the operator's key upstream, never the client's token
