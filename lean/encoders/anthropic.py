@@ -109,6 +109,10 @@ def _delta_head(index: int, kind: bytes) -> bytes:
 _TEXT_START = b'"content_block":{"type":"text","text":""}}\n\n'
 _THINKING_START = b'"content_block":{"type":"thinking","thinking":"","signature":""}}\n\n'
 _CLOSE_DELTA = b"}}\n\n"
+_JSON_DELTA = (
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+    b'"delta":{"type":"input_json_delta","partial_json":%b}}\n\n'
+)
 
 
 class MessagesEncoder:
@@ -226,9 +230,7 @@ class MessagesEncoder:
         if piece.arguments:
             # A fragment of a call whose block closed (an upstream that interleaves calls)
             # still names its block: the SDKs add it to that block's input.
-            delta = {"type": "input_json_delta", "partial_json": piece.arguments}
-            body = {"type": "content_block_delta", "index": index, "delta": delta}
-            out += _event(b"content_block_delta", body)
+            out += _JSON_DELTA % (index, _encode(piece.arguments))
         return out or None
 
     def end(self) -> bytes:
