@@ -461,6 +461,25 @@ async def test_versions_and_betas_reach_an_anthropic_upstream_unchanged() -> Non
     assert headers["anthropic-version"] == "2099-01-01"
 
 
+async def test_the_beta_client_as_claude_code_uses_it() -> None:
+    """`client.beta.messages` (Claude Code's): `POST /v1/messages?beta=true`, its betas as
+    `anthropic-beta`, the beta stream accumulator."""
+    async with gateway("anthropic") as (fake, lean), sdk(lean) as client:
+        fake.push(anthropic_tool_stream([("toolu_1", "get_weather", '{"city":"Paris"}')]))
+        async with client.beta.messages.stream(
+            model="default",
+            max_tokens=64,
+            messages=HI,
+            tools=[WEATHER],
+            betas=["interleaved-thinking-2025-05-14", "context-1m-2025-08-07"],
+        ) as stream:
+            final = await stream.get_final_message()
+    assert final.stop_reason == "tool_use"
+    assert final.content[0].input == {"city": "Paris"}
+    sent = fake.requests[-1].headers["anthropic-beta"]
+    assert sent == "interleaved-thinking-2025-05-14,context-1m-2025-08-07"
+
+
 async def test_bad_requests_unknown_models_and_untranslatable_fields() -> None:
     search = {"type": "web_search_20250305", "name": "web_search"}
     async with gateway("openai") as (fake, lean), sdk(lean) as client:
