@@ -65,7 +65,7 @@ def _renderer(request: web.Request) -> Renderer:
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    error_response = _renderer(request)
+    error_response = _renderer(request)  # this path's dialect: its SDK types the error
     try:
         return await handler(request)
     except LeanError as exc:
