@@ -31,8 +31,13 @@ from bench.harness.scenarios import SCENARIOS
 from bench.harness.targets import Lean, Mock
 from bench.harness.wires import BENCH_MODEL, BENCH_SCENE
 
-WIRES = ("openai", "scene-sse", "scene-ndjson", "scene-ws")
+WIRES = ("openai", "messages", "scene-sse", "scene-ndjson", "scene-ws")
 _OPENAI_BODY = b'{"model":"%s","stream":true,"messages":[{"role":"user","content":"Hi"}]}'
+_MESSAGES_BODY = (
+    b'{"model":"%s","max_tokens":1024,"stream":true,"messages":[{"role":"user","content":"Hi"}]}'
+)
+# The first line of a content event, per wire (an Anthropic event is two lines).
+CONTENT_LINES = (b'data: {"id"', b"event: content_block_delta", b"event: delta", b'{"type":"delta"')
 
 
 def targets_of(wire: str, port: int) -> tuple[str, bytes, str]:
@@ -40,6 +45,8 @@ def targets_of(wire: str, port: int) -> tuple[str, bytes, str]:
     base = f"127.0.0.1:{port}/v1"
     if wire == "openai":
         return f"http://{base}/chat/completions", _OPENAI_BODY % BENCH_MODEL.encode(), "*/*"
+    if wire == "messages":
+        return f"http://{base}/messages", _MESSAGES_BODY % BENCH_MODEL.encode(), "*/*"
     if wire == "scene-ws":
         run = b'{"type":"run","runId":"r1","scene":"%s","message":"Hi"}' % BENCH_SCENE.encode()
         return f"ws://{base}/ws", run, ""
@@ -58,7 +65,7 @@ async def load(url: str, body: bytes, accept: str, streams: int) -> int:
         async with session.post(url, data=body, headers=headers) as resp:
             resp.raise_for_status()
             async for line in resp.content:
-                if line.startswith((b'data: {"id"', b"event: delta", b'{"type":"delta"')):
+                if line.startswith(CONTENT_LINES):
                     received += 1
 
     async def one_ws(session: aiohttp.ClientSession) -> None:

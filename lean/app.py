@@ -13,9 +13,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import WSCloseCode, web
 
-from lean import handlers, scene_handlers, static, ui_handlers, ws
+from lean import anthropic_routes, handlers, scene_handlers, static, ui_handlers, ws
 from lean.config import Config, ConfigError
 from lean.connections import Connections
+from lean.encoders import anthropic as anthropic_encoder
 from lean.encoders.chat import error_response
 from lean.errors import (
     BadRequest,
@@ -44,8 +45,27 @@ PROBE_PATHS = frozenset({"/healthz", "/readyz"})
 PUBLIC_PATHS = PROBE_PATHS | static.PATHS
 
 
+Renderer = Callable[[LeanError], web.Response]
+# Errors in the body of the dialect a path speaks (its SDK raises its own typed error);
+# OpenAI's elsewhere. A path-prefix, its renderer.
+RENDERERS: list[tuple[str, Renderer]] = [
+    ("/v1/messages", anthropic_encoder.error_response),
+]
+
+
+def _renderer(request: web.Request) -> Renderer:
+    path = request.path
+    for prefix, renderer in RENDERERS:
+        if path.startswith(prefix):
+            return renderer
+    if path == "/v1/models" and "anthropic-version" in request.headers:
+        return anthropic_encoder.error_response  # an Anthropic SDK listing models
+    return error_response
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    error_response = _renderer(request)  # this path's dialect: its SDK types the error
     try:
         return await handler(request)
     except LeanError as exc:
@@ -97,6 +117,8 @@ def _token_of(request: web.Request) -> str:
     scheme, _, token = header.partition(" ")
     if scheme.lower() == "bearer" and token:
         return token.strip()
+    if key := request.headers.get("x-api-key"):  # Anthropic's SDKs and Claude Code
+        return key.strip()
     if request.method != "GET":
         return ""
     if request.path == "/v1/ws" and (token := ws.protocol_token(request)):
@@ -157,6 +179,8 @@ def create_app(config: Config) -> web.Application:
     app[connections_key] = connections
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_get("/v1/models", handlers.models)
+    app.router.add_post("/v1/messages", anthropic_routes.messages)
+    app.router.add_post("/v1/messages/count_tokens", anthropic_routes.count_tokens)
     app.router.add_get("/v1/scenes", scene_handlers.list_scenes)
     app.router.add_post("/v1/scenes/{scene}/stream", scene_handlers.stream_scene)
     app.router.add_get("/v1/scenes/{scene}/stream", scene_handlers.stream_scene)

@@ -10,6 +10,7 @@ from aiohttp import web
 from lean import driver
 from lean.config import Config, ModelConfig
 from lean.connections import Connections
+from lean.dialects.anthropic import models_body as anthropic_models_body
 from lean.encoders.chat import ChatEncoder
 from lean.errors import NotFound, PayloadTooLarge, clip
 from lean.inbound import require_json
@@ -50,8 +51,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def models(request: web.Request) -> web.Response:
+    """The aliases in OpenAI's list shape, or Anthropic's for a request that carries
+    `anthropic-version` (an Anthropic SDK; docs/protocol.md §1)."""
     aliases = list(request.app[services_key].config.models)
-    return web.Response(body=models_body(aliases), content_type="application/json")
+    if "anthropic-version" in request.headers:
+        body = anthropic_models_body(aliases)
+    else:
+        body = models_body(aliases)
+    return web.Response(body=body, content_type="application/json")
 
 
 async def healthz(request: web.Request) -> web.Response:

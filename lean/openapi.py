@@ -70,6 +70,18 @@ _POST_AUTH: list[dict[str, list[str]]] = [{"bearer": []}]
 _GET_AUTH: list[dict[str, list[str]]] = [{"bearer": []}, {"accessToken": []}]
 
 
+_ANTHROPIC_AUTH: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]
+_OBJECT = {"type": "object"}
+_ANTHROPIC_ERROR = {
+    "description": "an error in Anthropic's shape (529: overloaded; Retry-After on 429)",
+    "content": {JSON: {"schema": ref("AnthropicErrorBody")}},
+}
+
+
+def _anthropic_errors(*statuses: str) -> dict[str, Any]:
+    return {s: _ANTHROPIC_ERROR for s in ("401", "403", *statuses)}
+
+
 def _file(summary: str, content_type: str) -> dict[str, Any]:
     return {
         "get": {
@@ -140,11 +152,47 @@ def _paths() -> dict[str, Any]:
         },
         "/v1/models": {
             "get": {
-                "summary": "the config's model aliases, in OpenAI's list shape",
+                "summary": "the config's model aliases, in OpenAI's list shape (Anthropic's"
+                " when the request carries `anthropic-version`)",
                 "security": _GET_AUTH,
                 "responses": {
                     "200": _json({"type": "object"}, "an OpenAI model list"),
                     **_errors(),
+                },
+            }
+        },
+        "/v1/messages": {
+            "post": {
+                "summary": "Anthropic Messages, streamed or whole (docs/protocol.md §1)",
+                "security": _ANTHROPIC_AUTH,
+                "requestBody": {"required": True, "content": {JSON: {"schema": _OBJECT}}},
+                "responses": {
+                    "200": {
+                        "description": "a `message`, or with `stream` its events: message_start,"
+                        " content blocks, message_delta, message_stop (an error after the"
+                        " first byte: one `event: error`, no message_stop)",
+                        "content": {JSON: {"schema": _OBJECT}, SSE: {"schema": {"type": "string"}}},
+                    },
+                    **_anthropic_errors("400", "404", "413", "429", "500", "502", "504", "529"),
+                },
+            }
+        },
+        "/v1/messages/count_tokens": {
+            "post": {
+                "summary": "a Messages request's input tokens: an Anthropic upstream's count,"
+                " else lean's estimate",
+                "security": _ANTHROPIC_AUTH,
+                "requestBody": {"required": True, "content": {JSON: {"schema": _OBJECT}}},
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {"input_tokens": {"type": "integer", "minimum": 1}},
+                            "required": ["input_tokens"],
+                        },
+                        "the count",
+                    ),
+                    **_anthropic_errors("400", "404", "413"),
                 },
             }
         },
@@ -365,6 +413,12 @@ def document() -> dict[str, Any]:
             "responses": responses,
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer", "description": "a client token"},
+                "apiKey": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "x-api-key",
+                    "description": "a client token, as Anthropic's SDKs send it",
+                },
                 "accessToken": {
                     "type": "apiKey",
                     "in": "query",

@@ -9,6 +9,7 @@ from typing import Any
 
 import msgspec
 
+from lean.dialects.anthropic import ERROR_TYPES as ANTHROPIC_TYPES
 from lean.errors import LeanError
 from lean.events import Event
 from lean.messages import MessageRecord
@@ -90,6 +91,22 @@ def schemas() -> dict[str, Any]:
             }
         },
         "required": ["error"],
+    }
+    schemas["AnthropicErrorBody"] = {
+        "type": "object",
+        "description": "Anthropic's error body, on /v1/messages (docs/protocol.md §1)",
+        "properties": {
+            "type": {"const": "error"},
+            "error": {
+                "type": "object",
+                "properties": {
+                    "type": {"enum": sorted(set(ANTHROPIC_TYPES.values()))},
+                    "message": {"type": "string"},
+                },
+                "required": ["type", "message"],
+            },
+        },
+        "required": ["type", "error"],
     }
     schemas["ChatCompletionRequest"] = {
         "type": "object",

@@ -33,6 +33,7 @@ from lean.errors import (
 )
 from lean.guard import Guard
 from lean.providers import adapter, demo
+from lean.providers import anthropic as anthropic_wire
 from lean.providers.base import Piece, Text
 from lean.sse import SSEParser, SSEProtocolError
 
@@ -290,6 +291,32 @@ class Upstream:
                     resp.content, resp.content_length, lease, provider.name
                 )
                 return list(wire.parse_completion(body_bytes))
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"upstream {provider.name} did not answer within {provider.first_byte_timeout:g} s"
+            ) from None
+        except LeanError as exc:
+            raise self._clean(exc) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise self._transport_error(provider, exc) from None
+
+    async def count(self, model: ModelConfig, native: anthropic_wire.Native) -> int:
+        """An Anthropic upstream's own count of a Messages request's input tokens
+        (`POST /messages/count_tokens`), under `first_byte_timeout`."""
+        provider = self.provider(model)
+        request = anthropic_wire.build_count_request(provider, model, native)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=provider.connect_timeout)
+        try:
+            async with (
+                asyncio.timeout(provider.first_byte_timeout),
+                self.session.post(
+                    request.url, data=request.body, headers=request.headers, timeout=timeout
+                ) as resp,
+            ):
+                body = await read_at_most(resp.content, MAX_ERROR_BYTES)
+                if resp.status != 200:
+                    raise error_from_response(resp.status, body, resp.headers, provider.name)
+                return anthropic_wire.parse_count(body)
         except TimeoutError:
             raise UpstreamTimeout(
                 f"upstream {provider.name} did not answer within {provider.first_byte_timeout:g} s"

@@ -280,7 +280,7 @@ class _NativeFake(FakeOpenAI):
 
 class FakeAnthropic(_NativeFake):
     def _route(self, request: web.Request) -> bool:
-        return request.path == "/v1/messages"
+        return request.path in ("/v1/messages", "/v1/messages/count_tokens")
 
     def _default(self, body: Any) -> Behaviour:
         if isinstance(body, dict) and body.get("stream") is True:

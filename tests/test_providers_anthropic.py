@@ -281,10 +281,23 @@ def test_error_event_after_message_start(kind: str, error: type[LeanError]) -> N
     ],
 )
 def test_finish_mapping(stop_reason: str, finish: str) -> None:
+    # A reason OpenAI's words lose is kept as it was, for a Messages client.
+    said = stop_reason in ("end_turn", "max_tokens", "tool_use")
+    expected = Finish(finish) if said else Finish(finish, stop_reason)
     wire = TEXT_STREAM.replace(b'"end_turn"', json.dumps(stop_reason).encode())
-    assert [p for p in translate(wire) if isinstance(p, Finish)] == [Finish(finish)]
+    assert [p for p in translate(wire) if isinstance(p, Finish)] == [expected]
     body = json.dumps({"content": [], "stop_reason": stop_reason}).encode()
-    assert [p for p in parse_completion(body) if isinstance(p, Finish)] == [Finish(finish)]
+    assert [p for p in parse_completion(body) if isinstance(p, Finish)] == [expected]
+
+
+def test_the_stop_sequence_that_matched_is_kept() -> None:
+    wire = TEXT_STREAM.replace(
+        b'"stop_reason": "end_turn", "stop_sequence":null',
+        b'"stop_reason": "stop_sequence", "stop_sequence": "END"',
+    )
+    assert [p for p in translate(wire) if isinstance(p, Finish)] == [
+        Finish("stop", "stop_sequence", "END")
+    ]
 
 
 def test_cache_tokens_count_as_prompt_tokens() -> None:

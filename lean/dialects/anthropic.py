@@ -1,4 +1,5 @@
-"""Anthropic Messages in (docs/protocol.md §5): requests, error bodies, the model list.
+"""Anthropic Messages in (docs/protocol.md §1, "The Anthropic dialect"): requests, error
+bodies, the model list.
 
 `parse_request` checks a `POST /v1/messages` body the way Anthropic's API reads it and
 turns it into lean's chat body, the OpenAI Chat Completions shape every provider adapter
@@ -42,6 +43,7 @@ from lean.providers.anthropic import Native
 from lean.providers.base import NATIVE
 
 __all__ = [
+    "ERROR_TYPES",
     "Request",
     "error_body",
     "error_event",
@@ -337,7 +339,7 @@ def _tool_choice(choice: _ToolChoice) -> str | dict[str, Any]:
 # Anthropic's error types by status (docs.anthropic.com "Errors"): 400 also stands for
 # the other 4xx it does not list. lean's own 503s (full, shutting down, store) are
 # Anthropic's 529 `overloaded_error`: its clients know it as "try again later".
-_TYPES = {
+ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     403: "permission_error",
@@ -359,7 +361,7 @@ def error_status(error: LeanError) -> int:
 def error_type(error: LeanError) -> str:
     status = error_status(error)
     default = "invalid_request_error" if status < 500 else "api_error"
-    return _TYPES.get(status, default)
+    return ERROR_TYPES.get(status, default)
 
 
 class _ErrorDetail(msgspec.Struct):

@@ -40,6 +40,14 @@ FINISH = {
     "tool_use": "tool_calls",
     "refusal": "content_filter",
 }
+# Stop reasons OpenAI's words say as they are: any other is kept as `Finish.native` too.
+_SAID = frozenset({"end_turn", "max_tokens", "tool_use"})
+
+
+def _finish(reason: str, stop_sequence: str | None) -> Finish:
+    if reason in _SAID:
+        return Finish(FINISH[reason])
+    return Finish(FINISH.get(reason, "stop"), reason, stop_sequence)
 
 
 class _Usage(msgspec.Struct):
@@ -62,6 +70,7 @@ class _Block(msgspec.Struct):
     input: Any = None
     partial_json: str | None = None
     stop_reason: str | None = None
+    stop_sequence: str | None = None
 
 
 class _Error(msgspec.Struct):
@@ -75,6 +84,7 @@ class _Answer(msgspec.Struct):
     type: str = ""
     content: list[_Block] | None = None
     stop_reason: str | None = None
+    stop_sequence: str | None = None
     usage: _Usage | None = None
     error: _Error | None = None
 
@@ -183,10 +193,10 @@ class StreamTranslator:
         if kind == "message_delta":
             if event.usage is not None:
                 self._usage(event.usage)
-            reason = event.delta.stop_reason if event.delta is not None else None
-            if reason and not self.finished:
+            delta = event.delta
+            if delta is not None and delta.stop_reason and not self.finished:
                 self.finished = True
-                return [Finish(FINISH.get(reason, "stop"))]
+                return [_finish(delta.stop_reason, delta.stop_sequence)]
             return []
         if kind == "message_stop":
             self._stopped = True
@@ -247,7 +257,7 @@ def parse_completion(body: bytes | bytearray) -> list[Piece]:
         pieces.extend(_pieces(block, calls, empty="{}"))
         calls += block.type == "tool_use"
     reason = answer.stop_reason or ("tool_use" if calls else "end_turn")
-    pieces.append(Finish(FINISH.get(reason, "stop")))
+    pieces.append(_finish(reason, answer.stop_sequence))
     if answer.usage is not None:
         usage = answer.usage
         pieces.append(

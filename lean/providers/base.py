@@ -44,7 +44,14 @@ class ToolCall(msgspec.Struct, frozen=True, gc=False):
 
 
 class Finish(msgspec.Struct, frozen=True, gc=False):
+    """How the upstream ended the answer, in OpenAI's words; `native` is an Anthropic
+    upstream's own stop reason where OpenAI's words lose it (`stop_sequence`,
+    `pause_turn`, `refusal`, ...), with the `stop_sequence` that matched, for a Messages
+    client."""
+
     reason: str
+    native: str | None = None
+    stop_sequence: str | None = None
 
 
 class Usage(msgspec.Struct, frozen=True, gc=False):
