@@ -8,7 +8,6 @@ status + error body); from `start` on, the run's events carry the outcome.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from typing import Any
 
 import msgspec
@@ -23,6 +22,7 @@ from lean.inbound import ClientId, decode
 from lean.run import Run, Sink, new_run_id
 from lean.scenes import SceneRequest, chat_body, new_conversation_id, render, typed
 from lean.services import Services
+from lean.store import StoreWriteError
 
 NDJSON = "application/x-ndjson"
 NDJSON_HEADERS = {
@@ -123,7 +123,7 @@ async def new_run(
             turn = await store.begin_turn(
                 conversation_id=cid, scene=scene.name, user_content=content, prompt=prompt
             )
-        except sqlite3.Error as exc:
+        except StoreWriteError as exc:
             raise StoreUnavailable(
                 f"the store cannot write ({exc})", retry_after=STORE_RETRY_AFTER
             ) from None
