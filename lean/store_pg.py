@@ -58,6 +58,11 @@ LOCK_TIMEOUT_MS = 10_000
 # Seconds a connection attempt may take: a database that is down fails start-up, or the probe.
 CONNECT_TIMEOUT = 5
 
+# What a bad op alone raises (a CHECK, a NOT NULL, a value out of range): the op fails, the
+# rest of its batch commits. Any other error of the server (a lock timeout, a full disk, a
+# read-only server) fails the batch, so the store reports it cannot write and retries.
+OP_ERRORS = (psycopg.errors.IntegrityError, psycopg.errors.DataError)
+
 SCHEMA_TABLE = "CREATE TABLE IF NOT EXISTS lean_schema (version INTEGER NOT NULL)"
 TOUCH = "UPDATE lean_schema SET version = version"
 LOCK_TURNS = (
@@ -100,18 +105,25 @@ class PgWriter:
         self._backend = backend
         self.conn = conn
         self._isolate = False
+        # Saves not yet sent, written with one executemany (pipelined: one round trip, not
+        # one each, which under a busy loop also means one wait for the GIL, not one each)
+        # before the batch's next statement. Only outside `isolate`.
+        self._saves: list[list[Any]] = []
 
     def begin(self, *, isolate: bool = False) -> None:
         if self.conn.closed or self.conn.broken:
             self.conn.close()
             self.conn = self._backend.connect()  # fails this batch if it cannot
         self._isolate = isolate
+        self._saves.clear()
         self.conn.execute("BEGIN")
 
     def commit(self) -> None:
+        self._send_saves()
         self.conn.execute("COMMIT")
 
     def rollback(self) -> None:
+        self._saves.clear()
         if self.conn.broken or self.conn.closed:
             return
         if self.conn.info.transaction_status != pq.TransactionStatus.IDLE:
@@ -125,12 +137,28 @@ class PgWriter:
             self.conn.execute(LOCK_TURNS, (cids,))
 
     def save(self, row: list[Any]) -> None:
+        if not self._isolate:
+            self._saves.append(row)
+            return
+
         def write() -> None:
             self.conn.execute(_INSERT, row)
 
         self._op(write)
 
+    def _send_saves(self) -> None:
+        if not self._saves:
+            return
+        rows, self._saves = self._saves, []
+        try:
+            with self.conn.cursor() as cur:
+                cur.executemany(_INSERT, rows)
+        except OP_ERRORS as exc:  # which save it was, the replay finds out
+            raise Replay from exc
+
     def turn(self, cid: str, scene: str, content: str, at: str, prompt: str | None) -> int:
+        self._send_saves()
+
         def write() -> int:
             last = self.conn.execute(_LAST_TURN, (cid,)).fetchone()
             turn = (last[0] if last else 0) + 1
@@ -140,6 +168,8 @@ class PgWriter:
         return self._op(write)
 
     def progress(self, rows: list[tuple[str, str, str]]) -> None:
+        self._send_saves()
+
         def write() -> None:
             with self.conn.cursor() as cur:
                 cur.executemany(_UPDATE_STREAMING, rows)  # pipelined: one round trip
@@ -147,12 +177,17 @@ class PgWriter:
         self._op(write)
 
     def touch(self) -> None:
+        self._send_saves()
         self.conn.execute(TOUCH)
 
     def op_failed(self, exc: Exception) -> None:
+        if isinstance(exc, Replay):
+            raise exc
         status = self.conn.info.transaction_status
         if self.conn.broken or status == pq.TransactionStatus.UNKNOWN:
             raise exc  # the connection is gone: so is the batch
+        if isinstance(exc, psycopg.Error) and not isinstance(exc, OP_ERRORS):
+            raise exc  # the database cannot write (see OP_ERRORS), whatever the op
         if status == pq.TransactionStatus.INERROR:
             if self._isolate:  # its savepoint could not be rolled back to
                 raise exc

@@ -1,14 +1,17 @@
 """Shared test set-up: every async test runs on both asyncio and uvloop, but those marked
 `one_loop` (they drive a `lean serve` subprocess, which runs uvloop whatever the test's loop
-is) run once."""
+is) run once. `target`: a fresh database of each kind the store runs on."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 
 import pytest
 import uvloop
+
+from tests.store_targets import BACKENDS, PgServer, PgTarget, SqliteTarget, Target
 
 LOOPS: Mapping[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
@@ -26,3 +29,22 @@ def pytest_asyncio_loop_factories(
     if item.get_closest_marker("one_loop") is not None:
         return {"uvloop": LOOPS["uvloop"]}
     return LOOPS
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    server = PgServer()
+    yield server
+    server.drop()
+
+
+@pytest.fixture(params=BACKENDS)
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> Target:
+    """A fresh database of each kind the store runs on (tests/store_targets.py)."""
+    if request.param == "sqlite":
+        return SqliteTarget(tmp_path)
+    server: PgServer = request.getfixturevalue("pg_server")
+    if server.skip:
+        pytest.skip(server.skip)
+    server.clean()
+    return PgTarget(server.url)
