@@ -1,0 +1,129 @@
+"""lean.store on PostgreSQL where it differs from one SQLite file: several instances on one
+database (start-up, turns), a connection the server drops, a URL's password kept out of
+sight, and a migration step appended as plain SQL (that one on both databases)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+import lean.store_pg
+import lean.store_sqlite
+from lean.messages import MIGRATIONS, SCHEMA_VERSION
+from lean.store import Store, StoreWriteError
+from tests.store_targets import PgServer, PgTarget, Target
+
+
+@pytest.fixture
+def pg(pg_server: PgServer) -> Iterator[PgTarget]:
+    if pg_server.skip:
+        pytest.skip(pg_server.skip)
+    pg_server.clean()
+    yield PgTarget(pg_server.url)
+
+
+async def ask(store: Store, cid: str) -> int:
+    return await store.begin_turn(conversation_id=cid, scene="chat", user_content="q")
+
+
+async def test_instances_starting_together_on_an_empty_database_do_not_race(
+    pg: PgTarget,
+) -> None:
+    stores = [Store(pg.where) for _ in range(6)]
+    await asyncio.gather(*(s.open() for s in stores))  # each migrates under the advisory lock
+    try:
+        assert pg.sql("SELECT version FROM lean_schema") == [(SCHEMA_VERSION,)]
+        assert pg.sql("SELECT count(*) FROM messages") == [(0,)]
+        assert await ask(stores[0], "a") == 1
+        assert await ask(stores[5], "a") == 2  # one table, seen by every instance
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
+
+
+async def test_two_instances_never_give_a_conversation_the_same_turn(pg: PgTarget) -> None:
+    one, two = Store(pg.where), Store(pg.where)
+    await one.open()
+    await two.open()
+    try:
+        turns = await asyncio.gather(
+            *(ask(store, "shared") for _ in range(15) for store in (one, two))
+        )
+        assert sorted(turns) == list(range(1, 31))
+        rows = await one.messages("shared", limit=100)
+        assert [m.turn for m in rows] == list(range(1, 31))
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_a_connection_the_server_drops_fails_a_batch_then_the_store_reconnects(
+    pg: PgTarget,
+) -> None:
+    store = Store(pg.where)
+    await store.open()
+    try:
+        assert await ask(store, "a") == 1
+        killed = pg.sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'lean' AND datname = current_database()"
+        )
+        assert len(killed) == 2  # the writer's connection and the reader's
+        with pytest.raises(StoreWriteError):
+            await ask(store, "a")  # its batch went with the connection
+        assert not store.writable
+        async with asyncio.timeout(5):
+            while not store.writable:  # noqa: ASYNC110 - the probe reconnects by itself
+                await asyncio.sleep(0.02)
+        assert await ask(store, "a") == 2
+        assert [m.turn for m in await store.messages("a")] == [1, 2]  # the reader reconnected
+    finally:
+        await store.close()
+
+
+def test_a_url_password_never_shows() -> None:
+    shown = lean.store_pg.redacted("postgresql://lean:s3cret@db.internal:5432/lean")
+    assert shown == "postgresql://lean:***@db.internal:5432/lean"
+    shown = lean.store_pg.redacted("postgresql://db/lean?user=lean&password=s3cret&sslmode=require")
+    assert "s3cret" not in shown and "sslmode=require" in shown
+
+
+async def test_an_unreachable_database_fails_open_without_its_password() -> None:
+    store = Store("postgresql://lean:s3cret@127.0.0.1:9/lean?connect_timeout=2")
+    assert store.backend.shown == "postgresql://lean:***@127.0.0.1:9/lean?connect_timeout=2"
+    with pytest.raises(store.backend.errors) as info:
+        await store.open()
+    assert "s3cret" not in str(info.value)
+
+
+# A step as another feature would append it: a column, an index, a table, types of both.
+EXTRA_STEP = (
+    "ALTER TABLE messages ADD COLUMN client TEXT;"
+    " CREATE INDEX IF NOT EXISTS messages_by_client ON messages (client);"
+    " CREATE TABLE responses (response_id TEXT PRIMARY KEY, body TEXT NOT NULL,"
+    " created REAL NOT NULL, size INTEGER);"
+)
+
+
+async def test_a_plain_sql_step_appended_to_migrations_runs_on_both(
+    target: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(target.where)  # a database at today's version, with a message
+    await store.open()
+    await ask(store, "a")
+    await store.close()
+    for backend in (lean.store_sqlite, lean.store_pg):
+        monkeypatch.setattr(backend, "MIGRATIONS", [*MIGRATIONS, EXTRA_STEP])
+        monkeypatch.setattr(backend, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    store = Store(target.where)
+    await store.open()
+    try:
+        assert [m.turn for m in await store.messages("a")] == [1]
+        assert await ask(store, "a") == 2
+    finally:
+        await store.close()
+    assert target.version() == SCHEMA_VERSION + 1
+    target.sql("INSERT INTO responses VALUES ('r1', '{}', 1700000000.123456, 2)")
+    assert target.sql("SELECT created FROM responses") == [(1700000000.123456,)]  # 8 bytes
+    assert target.sql("SELECT count(client) FROM messages") == [(0,)]
