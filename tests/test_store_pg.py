@@ -1,19 +1,24 @@
 """lean.store on PostgreSQL where it differs from one SQLite file: several instances on one
-database (start-up, turns), a connection the server drops, a URL's password kept out of
+database (start-up, turns, a conversation going on on another instance), a connection the
+server drops, a URL's password kept out of
 sight, and a migration step appended as plain SQL (that one on both databases)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
+import aiohttp
+import msgspec
 import pytest
 
 import lean.store_pg
 import lean.store_sqlite
 from lean.messages import MIGRATIONS, SCHEMA_VERSION
 from lean.store import Store, StoreWriteError
+from tests.fakes import FakeOpenAI, text_stream
 from tests.store_targets import PgServer, PgTarget, Target
+from tests.support import lean_config, running
 
 
 @pytest.fixture
@@ -22,6 +27,12 @@ def pg(pg_server: PgServer) -> Iterator[PgTarget]:
         pytest.skip(pg_server.skip)
     pg_server.clean()
     yield PgTarget(pg_server.url)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeOpenAI]:
+    async with FakeOpenAI() as f:
+        yield f
 
 
 async def ask(store: Store, cid: str) -> int:
@@ -80,6 +91,40 @@ async def test_a_connection_the_server_drops_fails_a_batch_then_the_store_reconn
         assert [m.turn for m in await store.messages("a")] == [1, 2]  # the reader reconnected
     finally:
         await store.close()
+
+
+SCENE = "[scene.chat]\nmodel = default\ntemplate = {message}\nhistory_turns = 5\n"
+
+
+async def test_a_conversation_started_on_one_instance_goes_on_on_another(
+    pg: PgTarget, fake: FakeOpenAI
+) -> None:
+    config = lean_config(fake.base_url, store=f"url = {pg.where}", extra=SCENE)
+    ndjson = {"Accept": "application/x-ndjson"}
+    async with running(config) as a, running(config) as b, aiohttp.ClientSession() as http:
+        fake.push(text_stream("Paris."))
+        async with http.post(
+            a.url + "/v1/scenes/chat/stream", json={"message": "Capital of France?"}, headers=ndjson
+        ) as resp:
+            events = [msgspec.json.decode(line) async for line in resp.content if line.strip()]
+        done, cid = events[-1], events[0]["conversationId"]
+        assert (done["type"], done["saved"]) == ("done", True)  # committed before `done`
+        fake.push(text_stream("Lyon."))
+        body = {"message": "And the second city?", "conversationId": cid}
+        async with http.post(b.url + "/v1/scenes/chat/stream", json=body, headers=ndjson) as resp:
+            events = [msgspec.json.decode(line) async for line in resp.content if line.strip()]
+        assert events[-1]["saved"] is True
+        sent = fake.requests[-1].body["messages"]  # B read A's turn as history
+        history = [m["content"] for m in sent][-3:]
+        assert history == ["Capital of France?", "Paris.", "And the second city?"]
+        async with http.get(f"{a.url}/v1/conversations/{cid}/messages") as resp:
+            rows = (await resp.json())["messages"]
+        assert [(r["turn"], r["role"], r["content"]) for r in rows] == [
+            (1, "user", "Capital of France?"),
+            (1, "assistant", "Paris."),
+            (2, "user", "And the second city?"),
+            (2, "assistant", "Lyon."),
+        ]
 
 
 def test_a_url_password_never_shows() -> None:
