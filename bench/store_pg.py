@@ -10,7 +10,11 @@ Figures: rows/s of each step (median of REPEATS), CPU of the event-loop thread p
 the loop pays: 0 for the thread design), and the RSS a connection costs (CONNS connections
 opened, RSS before and after, per connection; the driver's import on its own line).
 
-Needs PostgreSQL on 127.0.0.1:5432 with trust auth (a database is created and dropped).
+Then the chosen one through lean.store.Store, beside SQLite (the same front): rows/s of
+batched saves, a begin_turn's round trip, and what `done` waits for (an awaited final save),
+with the server's default synchronous_commit (on: each commit waits for the WAL's fsync).
+
+Needs PostgreSQL on 127.0.0.1:5432 with trust auth (databases are created and dropped).
 Run: .venv/bin/python -m bench.store_pg   (~1 min)
 """
 
@@ -23,6 +27,7 @@ import secrets
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -273,6 +278,26 @@ asyncio.run(many())
     return float(imp), float(per)
 
 
+async def through_store(where: str, rows: int = 10_000) -> tuple[float, float, float, float]:
+    """(rows/s of saves nobody awaits, µs per awaited begin_turn, p50 / p99 ms of an awaited
+    final save with 100 runs ending at once) through lean.store.Store."""
+    from bench.bench_store import final_saves, record, turns
+    from lean.store import Store
+
+    store = Store(where)
+    await store.open()
+    records = [record(i) for i in range(rows)]
+    t0 = time.perf_counter()
+    for r in records:
+        await store.save_assistant(r, wait=False)
+    await store.flush()
+    rate = rows / (time.perf_counter() - t0)
+    await store.close()
+    one, _ = await turns(where, 500)
+    _, p50, p99 = await final_saves(where, 500)
+    return rate, one, p50, p99
+
+
 def main() -> None:
     import asyncpg
     import psycopg
@@ -283,12 +308,17 @@ def main() -> None:
         f" (libpq {psycopg.pq.version()}), asyncpg {asyncpg.__version__}, uvloop;"
         f" {RUNS} runs per batch, median of {REPEATS}"
     )
-    names = [f"lean_bench_{secrets.token_hex(4)}" for _ in range(3)]
+    names = [f"lean_bench_{secrets.token_hex(4)}" for _ in range(4)]
     results: dict[str, Steps] = {}
     try:
         results[PsycopgSync.name] = uvloop.run(measure_thread(fresh_db(names[0])))
         results[PsycopgAsync.name] = uvloop.run(measure_async(PsycopgAsync(), fresh_db(names[1])))
         results[Asyncpg.name] = uvloop.run(measure_async(Asyncpg(), fresh_db(names[2])))
+        psql(f"CREATE DATABASE {names[3]}")
+        pg_url = f"postgresql://postgres@127.0.0.1:5432/{names[3]}"
+        store_pg = uvloop.run(through_store(pg_url))
+        with tempfile.TemporaryDirectory() as tmp:
+            store_sqlite = uvloop.run(through_store(os.path.join(tmp, "lean.db")))
         rss = {
             PsycopgSync.name: conn_rss("psycopg-sync", ADMIN),
             PsycopgAsync.name: conn_rss("psycopg-async", ADMIN),
@@ -313,6 +343,10 @@ def main() -> None:
             f"{name:32} {rates[0]:15,.0f} {rates[1]:10,.0f} {rates[2]:10,.0f}"
             f" {loop_s / rows * 1e6:12.1f} {cpu_s / rows * 1e6:11.1f} {imp:10,.0f} {per:8,.0f}"
         )
+    print("through lean.store.Store (psycopg 3 sync on the writer thread), beside SQLite:")
+    print(f"{'':32} {'saves rows/s':>13} {'turn µs':>8} {'final save p50 / p99 ms':>24}")
+    for name, (rate, one, p50, p99) in (("SQLite", store_sqlite), ("PostgreSQL", store_pg)):
+        print(f"{name:32} {rate:13,.0f} {one:8.0f} {p50:15.2f} / {p99:.2f}")
     gc.collect()
 
 
