@@ -267,7 +267,10 @@ class PgBackend:
     def _migrate(self, conn: psycopg.Connection[Any]) -> None:
         with conn.transaction():
             conn.execute(f"SELECT pg_advisory_xact_lock({NAMESPACE}, {MIGRATION_LOCK})")
-            conn.execute(SCHEMA_TABLE)
+            # Created only when missing: CREATE ... IF NOT EXISTS would need the CREATE
+            # privilege on every start, not only on the first.
+            if conn.execute("SELECT to_regclass('lean_schema')").fetchone() == (None,):
+                conn.execute(SCHEMA_TABLE)
             row = conn.execute("SELECT version FROM lean_schema").fetchone()
             version = 0 if row is None else int(row[0])
             if version > SCHEMA_VERSION:  # nothing was written: the lock and the table only
