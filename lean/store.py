@@ -74,6 +74,7 @@ from lean.store_batches import (
     Reader,
     Settled,
     StoreError,
+    StoreReadError,
     StoreWriteError,
 )
 from lean.store_sqlite import SqliteBackend
@@ -84,6 +85,7 @@ __all__ = [
     "Store",
     "StoreClosed",
     "StoreError",
+    "StoreReadError",
     "StoreWriteError",
     "backend_for",
 ]
@@ -318,7 +320,7 @@ class Store:
 
     async def _query(self, sql: str, args: tuple[Any, ...], convert: Callable[[Any], _T]) -> _T:
         """Run one SELECT on the reader thread, after the writes queued before it; `convert`
-        its rows there too."""
+        its rows there too. A failure is `StoreReadError`, whichever the database."""
         loop = self._check_open()
         await self.flush(report=False)
 
@@ -326,7 +328,10 @@ class Store:
             assert self._rconn is not None
             return convert(self._rconn.query(sql, args))
 
-        return await loop.run_in_executor(self._reader, run)
+        try:
+            return await loop.run_in_executor(self._reader, run)
+        except self.backend.errors as exc:  # a database that went away, not a bad query
+            raise StoreReadError(str(exc).partition("\n")[0]) from exc
 
     def _open_reader(self) -> None:
         self._rconn = self.backend.connect_reader()

@@ -49,6 +49,10 @@ class StoreWriteError(Exception):
     """A write failed (its cause is the driver's error); the store goes on serving."""
 
 
+class StoreReadError(Exception):
+    """A read failed (a database that went away); its cause is the driver's error."""
+
+
 class Replay(Exception):
     """Raised by `Writer.op_failed`: the failed op took the transaction with it; write the
     batch again with each op isolated (`Writer.begin(isolate=True)`)."""

@@ -17,7 +17,7 @@ import lean.store_sqlite
 from lean.messages import MIGRATIONS, SCHEMA_VERSION
 from lean.store import Store, StoreWriteError
 from tests.fakes import FakeOpenAI, text_stream
-from tests.store_targets import PgServer, PgTarget, Target
+from tests.store_targets import ADMIN_URL, PgServer, PgTarget, Target
 from tests.support import lean_config, running
 
 
@@ -125,6 +125,70 @@ async def test_a_conversation_started_on_one_instance_goes_on_on_another(
             (2, "user", "And the second city?"),
             (2, "assistant", "Lyon."),
         ]
+
+
+def admin(sql: str) -> None:
+    import psycopg
+
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        conn.execute(sql)
+
+
+async def test_a_database_that_goes_away_is_told_refused_and_recovered(
+    pg: PgTarget, fake: FakeOpenAI
+) -> None:
+    """The database refuses lean (its connections cut, new ones refused): `done` says
+    `saved: false`, new runs and reads get 503 store_unavailable, /readyz fails; when it
+    takes connections again lean finds out by itself and writes what it kept."""
+    name = pg.where.rpartition("/")[2]
+    config = lean_config(fake.base_url, store=f"url = {pg.where}", extra=SCENE)
+    ndjson = {"Accept": "application/x-ndjson"}
+    scene = "/v1/scenes/chat/stream"
+    async with running(config) as lean, aiohttp.ClientSession() as http:
+        fake.push(text_stream("first."))
+        async with http.post(lean.url + scene, json={"message": "one"}, headers=ndjson) as resp:
+            events = [msgspec.json.decode(line) async for line in resp.content if line.strip()]
+        old = events[0]["conversationId"]
+        try:
+            admin(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+            admin(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                f" WHERE datname = '{name}' AND application_name = 'lean'"
+            )
+            # A new conversation needs no read: its run starts, its saves fail.
+            fake.push(text_stream("an answer kept for later"))
+            async with http.post(lean.url + scene, json={"message": "two"}, headers=ndjson) as resp:
+                events = [msgspec.json.decode(line) async for line in resp.content if line.strip()]
+            cid = events[0]["conversationId"]
+            assert (events[-1]["type"], events[-1]["saved"]) == ("done", False)
+            for method, path in (
+                ("POST", scene),  # a new run: refused before any provider call
+                ("GET", f"/v1/conversations/{old}/messages"),  # a read
+            ):
+                async with http.request(method, lean.url + path, json={"message": "x"}) as resp:
+                    assert resp.status == 503, path
+                    assert int(resp.headers["Retry-After"]) >= 1  # retryable
+                    assert (await resp.json())["error"]["code"] == "store_unavailable"
+            async with http.get(lean.url + "/readyz") as resp:
+                assert resp.status == 503
+        finally:
+            admin(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        async with asyncio.timeout(10):
+            while True:
+                async with http.get(lean.url + "/readyz") as resp:
+                    if resp.status == 200:
+                        break
+                await asyncio.sleep(0.05)
+        async with http.get(f"{lean.url}/v1/conversations/{cid}/messages") as resp:
+            rows = (await resp.json())["messages"]
+        # The first turn and the final save were written with the first commit that succeeded.
+        assert [(r["role"], r["status"], r["content"]) for r in rows] == [
+            ("user", "complete", "two"),
+            ("assistant", "complete", "an answer kept for later"),
+        ]
+        async with http.get(lean.url + "/metrics") as resp:
+            metrics = await resp.text()
+        assert 'lean_store_failures_total{op="save"}' in metrics
 
 
 def test_a_url_password_never_shows() -> None:
