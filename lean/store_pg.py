@@ -24,6 +24,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -57,6 +58,11 @@ TURN_LOCKS = 0x6C65616F  # with hashtext(conversation_id): one lock per conversa
 LOCK_TIMEOUT_MS = 10_000
 # Seconds a connection attempt may take: a database that is down fails start-up, or the probe.
 CONNECT_TIMEOUT = 5
+# TCP keepalives, so a database host that vanished without a reset (a network cut) fails the
+# statement waiting on it within ~25 s, instead of holding the writer thread for the kernel's
+# two hours; the store then reports it cannot write, and reconnects.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+              "keepalives_count": 3}  # fmt: skip
 
 # What a bad op alone raises (a CHECK, a NOT NULL, a value out of range): the op fails, the
 # rest of its batch commits. Any other error of the server (a lock timeout, a full disk, a
@@ -241,11 +247,16 @@ class PgBackend:
     def __init__(self, url: str) -> None:
         self.url = url
         self.shown = redacted(url)
+        # KEEPALIVES unless the URL sets its own (a malformed URL fails at open, in one line)
+        self._conninfo = url
+        with contextlib.suppress(psycopg.Error):
+            params = {**KEEPALIVES, **psycopg.conninfo.conninfo_to_dict(url)}
+            self._conninfo = psycopg.conninfo.make_conninfo("", **params)
 
     def connect(self) -> psycopg.Connection[Any]:
         """A connection in autocommit mode: the writer sends its own BEGIN and COMMIT."""
         return psycopg.connect(
-            self.url,
+            self._conninfo,
             autocommit=True,
             connect_timeout=CONNECT_TIMEOUT,
             application_name="lean",
