@@ -11,8 +11,9 @@ What it guarantees, whichever the database (`lean.store_sqlite`, `lean.store_pg`
   connection on their own thread.
 - A read sees every write queued before it: it first waits for those to be committed.
 - Turns never race: `begin_turn` allocates the turn on the writer thread, in queue order
-  (the highest turn of the conversation + 1: its user row is written in the same step), and
-  returns once that row is committed. A conversation exists once it has a message.
+  (the highest turn of the conversation + 1: its user row is written in the same step; on
+  PostgreSQL under a lock on the conversation that every instance takes), and returns once
+  that row is committed. A conversation exists once it has a message.
 - A run writes its answer's row with status `streaming` as it starts (`save_assistant`,
   not awaited); `save_progress` rewrites running answers' text (one op for every answer
   that grew, so one statement per answer per flush interval, never per token);
@@ -30,8 +31,9 @@ What it guarantees, whichever the database (`lean.store_sqlite`, `lean.store_pg`
   database that went away) clears `writable`; while it is clear the writer tries a real
   write every `PROBE_INTERVAL`, and the next commit that succeeds sets it again. The final
   saves of a failed batch (answers whose `done` said `saved: false`) and its first turns are
-  kept, up to `RETRY_MAX`, and written with that next commit. `open` fails on a database it cannot
-  write to or whose schema is newer than this lean's (`StoreError`).
+  kept, up to `RETRY_MAX`, and written with that next commit. `open` fails on a database it
+  cannot write to or whose schema is newer than this lean's (`StoreError`). A read that
+  fails is `StoreReadError`.
 - A process that is killed (not stopped) may lose the writes nobody awaited in its last
   `LINGER`, and the text a running answer received since its last progress flush.
 - `close` commits every write accepted before it; writes after it raise `StoreClosed`.
