@@ -28,6 +28,7 @@ from lean.config_keys import (
     ToolKind,
     read_section,
 )
+from lean.config_store import StoreConfig, store_config
 
 __all__ = [
     "AuthConfig",
@@ -106,14 +107,6 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
 class AuthConfig(msgspec.Struct, frozen=True, kw_only=True):
     tokens_env: str = "LEAN_TOKENS"
     tokens: tuple[Secret, ...] = ()  # from $tokens_env, comma-separated; empty = no client auth
-
-
-class StoreConfig(msgspec.Struct, frozen=True, kw_only=True):
-    path: str = "lean.db"  # absolute once loaded
-    # Seconds between writes of a running answer's text: what a kill -9 can lose of an
-    # answer. One row update per running answer per interval, all in one commit; 0: only
-    # the row at the start and the final save.
-    flush_interval: float = 1.0
 
 
 class LimitsConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -331,18 +324,6 @@ def _auth(values: dict[str, Any], environ: Mapping[str, str]) -> AuthConfig:
     return AuthConfig(tokens_env=tokens_env, tokens=tokens)
 
 
-def _store(values: dict[str, Any], config_path: str) -> StoreConfig:
-    path = values.get("path", "lean.db")
-    if not path or path == ":memory:":
-        # The store is a file in WAL mode, read and written on two connections: an
-        # in-memory database can be neither (and answers must outlive a restart).
-        raise ConfigError("store", "path", "a file path, e.g. lean.db", path or None)
-    base = os.path.dirname(os.path.abspath(config_path))
-    path = os.path.join(base, os.path.expanduser(path))  # join keeps an absolute path
-    flush_interval = values.get("flush_interval", StoreConfig().flush_interval)
-    return StoreConfig(path=path, flush_interval=flush_interval)
-
-
 def parse_config(
     text: str, *, path: str = "<string>", environ: Mapping[str, str] | None = None
 ) -> Config:
@@ -398,7 +379,7 @@ def parse_config(
     return Config(
         server=server,
         auth=auth,
-        store=_store(single("store"), path),
+        store=store_config(single("store"), path),
         limits=LimitsConfig(**single("limits")),
         providers=providers,
         models=models,

@@ -174,7 +174,7 @@ KEYS: dict[str, dict[str, _Parser]] = {
         "commit_wait": _float(zero_ok=True),
     },
     "auth": {"tokens_env": _str},
-    "store": {"path": _str, "flush_interval": _float(zero_ok=True)},
+    "store": {"path": _str, "url": _str, "flush_interval": _float(zero_ok=True)},
     "limits": {
         "max_streams": _COUNT,
         "queue_events": _COUNT,

@@ -1,4 +1,5 @@
-"""A saved message: its shape, its SQLite table, and the conversion between the two.
+"""A saved message: its shape, its table (the same on SQLite and PostgreSQL), the schema's
+versions, and the conversion between a record and a row.
 
 `lean.store` moves these rows through its writer thread; this module says what they are.
 Columns follow `MessageRecord`'s field order, so a row is the record's tuple (tool calls
@@ -7,22 +8,31 @@ as JSON text).
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 
-SCHEMA_VERSION = 3  # kept in PRAGMA user_version; a newer file is refused, not guessed at
-
+# The schema is a list of steps: MIGRATIONS[v] takes a database at version v to v + 1. A new
+# database runs every step, so an old database and a new one take the same path. Each is plain
+# SQL that SQLite and PostgreSQL both run (lean.store_sqlite, lean.store_pg); to change the
+# schema, append a step (CREATE TABLE / CREATE INDEX / ALTER TABLE ... ADD COLUMN, types TEXT,
+# INTEGER, REAL) and never edit one that has shipped. The version is kept in the database
+# (SQLite: PRAGMA user_version; PostgreSQL: the table lean_schema); a database at a newer
+# version than this lean's is refused, not guessed at.
+#
+# Version 1: the messages table.
 # Version 2: status `streaming` (a run's answer while it runs, flushed as it grows) and
-# `run_id`. SQLite cannot change a CHECK in place, so a version-1 table is copied into a new
-# one (MIGRATE_FROM_1), in the same transaction that sets the version.
+# `run_id`. SQLite cannot change a CHECK in place, so the table is copied into a new one.
 # Version 3: `prompt`, the filled template a user message became (what the model saw), beside
 # `content`, what the user typed. NULL when the two are the same (a `{message}` template), so
 # a plain chat stores its text once; a version-2 row (whose `content` was the filled template)
-# gets NULL too, and reads back as before. A nullable column added at the end needs no copy
-# (MIGRATE_FROM_2).
+# gets NULL too, and reads back as before. A nullable column added at the end needs no copy.
+_V1_COLUMNS = (
+    "message_id, conversation_id, turn, role, content, status, created_at, scene, model,"
+    " reasoning, tool_calls, finish_reason, error_code, prompt_tokens, completion_tokens,"
+    " first_token_ms, duration_ms"
+)
 _TABLE = """
 CREATE TABLE {name} (
     message_id TEXT PRIMARY KEY,
@@ -30,8 +40,7 @@ CREATE TABLE {name} (
     turn INTEGER NOT NULL CHECK (turn >= 1),
     role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
     content TEXT NOT NULL,
-    status TEXT NOT NULL
-        CHECK (status IN ('complete', 'error', 'cancelled', 'incomplete', 'streaming')),
+    status TEXT NOT NULL CHECK (status IN ({statuses})),
     created_at TEXT NOT NULL,
     scene TEXT NOT NULL,
     model TEXT NOT NULL,
@@ -42,30 +51,30 @@ CREATE TABLE {name} (
     prompt_tokens INTEGER,
     completion_tokens INTEGER,
     first_token_ms REAL,
-    duration_ms REAL,
-    run_id TEXT,
-    prompt TEXT,
+    duration_ms REAL,{more}
     CHECK (role = 'assistant' OR status = 'complete')
 );
 """
+_STATUSES = "'complete', 'error', 'cancelled', 'incomplete'"
 _INDEX = "CREATE INDEX IF NOT EXISTS messages_by_turn ON messages (conversation_id, turn);"
-SCHEMA = _TABLE.format(name="IF NOT EXISTS messages") + _INDEX
-_V1_COLUMNS = (
-    "message_id, conversation_id, turn, role, content, status, created_at, scene, model,"
-    " reasoning, tool_calls, finish_reason, error_code, prompt_tokens, completion_tokens,"
-    " first_token_ms, duration_ms"
-)
-# Each makes the current table of a file at that version.
-MIGRATE_FROM_1 = (
-    _TABLE.format(name="messages_new")
+MIGRATIONS: list[str] = [
+    # 0 -> 1
+    _TABLE.format(name="IF NOT EXISTS messages", statuses=_STATUSES, more="") + _INDEX,
+    # 1 -> 2
+    _TABLE.format(
+        name="messages_new", statuses=_STATUSES + ", 'streaming'", more="\n    run_id TEXT,"
+    )
     + f"INSERT INTO messages_new ({_V1_COLUMNS}) SELECT {_V1_COLUMNS} FROM messages;"
     + "DROP TABLE messages; ALTER TABLE messages_new RENAME TO messages;"
-    + _INDEX
-)
-MIGRATE_FROM_2 = "ALTER TABLE messages ADD COLUMN prompt TEXT;"
-MIGRATIONS = {0: SCHEMA, 1: MIGRATE_FROM_1, 2: MIGRATE_FROM_2, SCHEMA_VERSION: ""}
+    + _INDEX,
+    # 2 -> 3
+    "ALTER TABLE messages ADD COLUMN prompt TEXT;",
+]
+SCHEMA_VERSION = len(MIGRATIONS)  # 3
+SCHEMA = "".join(MIGRATIONS)  # a new database's schema, every step in one script
 # At start-up no run is running: a row still `streaming` is an answer cut by a crash, and
-# keeps the text flushed before it.
+# keeps the text flushed before it. (One instance per database: with several, each must
+# sweep only its own rows.)
 END_STREAMING = "UPDATE messages SET status = 'incomplete' WHERE status = 'streaming'"
 
 
@@ -100,10 +109,13 @@ class MessageRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
 _FIELDS = MessageRecord.__struct_fields__
 _TOOL_CALLS = _FIELDS.index("tool_calls")
 _COLUMNS = ", ".join(_FIELDS)
+# An upsert, not SQLite's INSERT OR REPLACE, so one statement serves both databases.
 INSERT_MESSAGE = (
-    f"INSERT OR REPLACE INTO messages ({_COLUMNS}) VALUES ({', '.join('?' * len(_FIELDS))})"
+    f"INSERT INTO messages ({_COLUMNS}) VALUES ({', '.join('?' * len(_FIELDS))})"
+    " ON CONFLICT (message_id) DO UPDATE SET "
+    + ", ".join(f"{name} = excluded.{name}" for name in _FIELDS[1:])
 )
-_LAST_TURN = "SELECT coalesce(max(turn), 0) FROM messages WHERE conversation_id = ?"
+LAST_TURN = "SELECT coalesce(max(turn), 0) FROM messages WHERE conversation_id = ?"
 # Newest first so LIMIT keeps the latest messages; the caller reverses.
 SELECT_MESSAGES = (
     f"SELECT {_COLUMNS} FROM messages WHERE conversation_id = ?"
@@ -132,12 +144,11 @@ _encode_json = msgspec.json.Encoder().encode
 _decode_tool_calls = msgspec.json.Decoder(list[dict[str, Any]]).decode
 
 
-def begin_turn(
-    conn: sqlite3.Connection, cid: str, scene: str, content: str, at: str, prompt: str | None
-) -> int:
-    """Write the user message of the conversation's next turn; its number (writer thread).
-    `prompt` is the filled template, when it differs from `content`."""
-    turn: int = conn.execute(_LAST_TURN, (cid,)).fetchone()[0] + 1
+def user_row(
+    cid: str, scene: str, content: str, at: str, prompt: str | None, turn: int
+) -> list[Any]:
+    """The user message of a conversation's turn `turn`, as an `INSERT_MESSAGE` row. `prompt`
+    is the filled template, kept when it differs from `content`."""
     user = MessageRecord(
         message_id=f"{scene}:{cid}:{turn}:user",
         conversation_id=cid,
@@ -149,8 +160,7 @@ def begin_turn(
         scene=scene,
         prompt=None if prompt == content else prompt,
     )
-    conn.execute(INSERT_MESSAGE, row(user))
-    return turn
+    return row(user)
 
 
 def row(record: MessageRecord) -> list[Any]:

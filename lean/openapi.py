@@ -332,7 +332,7 @@ def _paths() -> dict[str, Any]:
                 ],
                 "responses": {
                     "200": _json(ref("Messages"), "the messages"),
-                    **_errors("400", "404"),
+                    **_errors("400", "404", "503"),  # 503: the database is away
                 },
             },
         },

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 import uuid
 from typing import Any, Literal, Protocol
@@ -50,6 +49,7 @@ from lean.messages import MessageRecord, utc_now
 from lean.providers.base import Piece, Usage
 from lean.relay import Relay
 from lean.services import Services
+from lean.store import StoreWriteError
 from lean.tool_round import Call, ToolRound
 from lean.tools import openai_tools
 
@@ -419,7 +419,7 @@ class Run:
         store_error: str | None = None
         try:  # the store counts a failed write (lean_store_failures_total)
             await self.services.store.save_assistant(record)
-        except sqlite3.Error as exc:  # a full disk, a read-only file: no traceback
+        except StoreWriteError as exc:  # a full disk, a database gone: no traceback
             store_error = str(exc)
         except Exception as exc:
             log.exception("run %s: saving the answer failed", self.run_id)

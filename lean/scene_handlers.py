@@ -8,7 +8,8 @@ status + error body); from `start` on, the run's events carry the outcome.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -24,6 +25,7 @@ from lean.inbound import ClientId, decode
 from lean.run import Run, Sink, new_run_id
 from lean.scenes import SceneRequest, chat_body, new_conversation_id, render, typed
 from lean.services import Services
+from lean.store import StoreReadError, StoreWriteError
 
 NDJSON = "application/x-ndjson"
 NDJSON_HEADERS = {
@@ -85,6 +87,17 @@ class NDJSONSink(_HttpSink):
 STORE_RETRY_AFTER = 5.0
 
 
+@contextlib.contextmanager
+def reading() -> Iterator[None]:
+    """A read the store could not make (a database that went away) is 503, retryable."""
+    try:
+        yield
+    except StoreReadError as exc:
+        raise StoreUnavailable(
+            f"the store cannot read ({exc})", retry_after=STORE_RETRY_AFTER
+        ) from None
+
+
 async def new_run(
     services: Services,
     scene: SceneConfig,
@@ -119,12 +132,13 @@ async def new_run(
         )
     else:
         if scene.history_turns:
-            history = await store.history(cid, scene.history_turns)
+            with reading():
+                history = await store.history(cid, scene.history_turns)
         try:
             turn = await store.begin_turn(
                 conversation_id=cid, scene=scene.name, user_content=content, prompt=prompt
             )
-        except sqlite3.Error as exc:
+        except StoreWriteError as exc:
             raise StoreUnavailable(
                 f"the store cannot write ({exc})", retry_after=STORE_RETRY_AFTER
             ) from None
@@ -207,9 +221,10 @@ async def conversation_messages(request: web.Request) -> web.Response:
         raise BadRequest("limit must be an integer") from None
     if not 1 <= limit <= 10_000:
         raise BadRequest("limit must be between 1 and 10000")
-    if not await store.conversation_exists(cid):
-        raise NotFound(f"conversation '{clip(cid)}' does not exist")
-    messages = await store.messages(cid, limit=limit)
+    with reading():
+        if not await store.conversation_exists(cid):
+            raise NotFound(f"conversation '{clip(cid)}' does not exist")
+        messages = await store.messages(cid, limit=limit)
     body = msgspec.json.encode({"conversationId": cid, "messages": messages})
     return web.Response(body=body, content_type="application/json")
 

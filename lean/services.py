@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -55,7 +54,11 @@ class Services:
         self.config = config
         self.upstream = Upstream(config)
         self.metrics = Metrics()
-        self.store = Store(config.store.path, on_failure=self.metrics.store_failed)
+        try:
+            where = config.store.url or config.store.path
+            self.store = Store(where, on_failure=self.metrics.store_failed)
+        except StoreError as exc:  # a url, and no driver installed
+            raise ConfigError("store", "url", str(exc)) from None
         self.progress = Progress(self.store, config.store.flush_interval)
         self.streams = Streams(config.limits.max_streams, self.metrics)
         # Imports python tools: a bad path stops start-up.
@@ -77,11 +80,14 @@ class Services:
         self.sockets: set[web.WebSocketResponse] = set()  # closed with 1001 on shutdown
 
     async def start(self) -> None:
+        backend = self.store.backend
+        fatal: tuple[type[Exception], ...] = (OSError, StoreError, *backend.errors)
         try:
             await self.store.open()
-        except (OSError, sqlite3.Error, StoreError) as exc:
+        except fatal as exc:
+            reason = str(exc).partition("\n")[0]
             raise ConfigError(
-                "store", "path", f"a writable SQLite file ({exc})", self.config.store.path
+                "store", backend.key, f"{backend.expected} ({reason})", backend.shown
             ) from None
         self.progress.start()
         await self.upstream.start()

@@ -1,40 +1,44 @@
-"""Conversations and messages in SQLite, never blocking the event loop (docs/protocol.md §1, §2).
+"""Conversations and messages in SQLite or PostgreSQL, never blocking the event loop
+(docs/protocol.md §1, §2, §7).
 
-What it guarantees:
-- The loop never waits on SQLite. One writer thread owns the only write connection (WAL,
-  synchronous=NORMAL) and takes ops from a bounded queue; it drains what is queued (up to
+What it guarantees, whichever the database (`lean.store_sqlite`, `lean.store_pg`):
+- The loop never waits on the database. One writer thread owns the only write connection
+  and takes ops from a bounded queue; it drains what is queued (up to
   `batch_max`) and commits it as ONE transaction. A write nobody waits for (a save, a new
   conversation's first turn) waits up to `LINGER` for company, so busy streams share
   commits and the writer wakes (and takes the GIL from the loop) a few times per `LINGER`,
   not twice per run; an op someone awaits ends the wait at once. Reads use a separate
-  read-only connection on their own thread.
+  connection on their own thread.
 - A read sees every write queued before it: it first waits for those to be committed.
 - Turns never race: `begin_turn` allocates the turn on the writer thread, in queue order
-  (the highest turn of the conversation + 1: its user row is written in the same step), and
-  returns once that row is committed. A conversation exists once it has a message.
+  (the highest turn of the conversation + 1: its user row is written in the same step; on
+  PostgreSQL under a lock on the conversation that every instance takes), and returns once
+  that row is committed. A conversation exists once it has a message.
 - A run writes its answer's row with status `streaming` as it starts (`save_assistant`,
   not awaited); `save_progress` rewrites running answers' text (one op for every answer
   that grew, so one statement per answer per flush interval, never per token);
-  `save_assistant` writes the answer for good (`INSERT OR REPLACE` keyed on messageId)
-  and, awaited, returns once it is committed: a run tells its client the truth about the
-  save. At `open`, rows still `streaming` (their lean was killed) become `incomplete`,
-  keeping the flushed text.
-- A failing write is logged and reported: to the awaiting `begin_turn` or `save_assistant`,
-  or, for a write nobody awaits, to the next `flush`; `on_failure` counts each op that
-  failed. The writer thread keeps serving.
-- What a batch does to the database (one transaction, health, retries, the schema at
-  open) is `lean.store_batches`; this module owns the threads, the queue and the loop.
-- Health: a batch that cannot be committed (a full disk, a file that became read-only)
-  clears `writable`; while it is clear the writer tries a real write (a header update) every
-  `PROBE_INTERVAL`, and the next commit that succeeds sets it again. The final saves of a
-  failed batch (answers whose `done` said `saved: false`) and its first turns are kept, up
-  to `RETRY_MAX`, and written with that next commit. `open` fails on a file
-  it cannot write to or whose schema is newer than this lean's (`StoreError`).
+  `save_assistant` writes the answer for good (an upsert keyed on messageId) and, awaited,
+  returns once it is committed: a run tells its client the truth about the save. At `open`,
+  rows still `streaming` (their lean was killed) become `incomplete`, keeping the flushed
+  text.
+- A failing write is logged and reported, as `StoreWriteError` whichever the database: to
+  the awaiting `begin_turn` or `save_assistant`, or, for a write nobody awaits, to the next
+  `flush`; `on_failure` counts each op that failed. The writer thread keeps serving.
+- What a batch means (one transaction, health, retries) is `lean.store_batches`; a database's
+  connections, SQL and schema are its backend's; this module owns the threads, the queue and
+  the loop.
+- Health: a batch that cannot be committed (a full disk, a file that became read-only, a
+  database that went away) clears `writable`; while it is clear the writer tries a real
+  write every `PROBE_INTERVAL`, and the next commit that succeeds sets it again. The final
+  saves of a failed batch (answers whose `done` said `saved: false`) and its first turns are
+  kept, up to `RETRY_MAX`, and written with that next commit. `open` fails on a database it
+  cannot write to or whose schema is newer than this lean's (`StoreError`). A read that
+  fails is `StoreReadError`.
 - A process that is killed (not stopped) may lose the writes nobody awaited in its last
   `LINGER`, and the text a running answer received since its last progress flush.
 - `close` commits every write accepted before it; writes after it raise `StoreClosed`.
-  synchronous=NORMAL may lose the last commits on power loss, never on a process crash: a chat
-  log can afford that; an fsync per batch would cost far more.
+  SQLite's synchronous=NORMAL may lose the last commits on power loss, never on a process
+  crash: a chat log can afford that; an fsync per batch would cost far more.
 """
 
 from __future__ import annotations
@@ -43,11 +47,9 @@ import asyncio
 import contextlib
 import logging
 import queue
-import sqlite3
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, TypeVar
 
 from lean.messages import (
@@ -66,16 +68,29 @@ from lean.store_batches import (
     SAVE,
     STOP,
     TURN,
+    Backend,
     Batches,
     Future,
     Op,
     Outcome,
+    Reader,
     Settled,
     StoreError,
-    connect,
+    StoreReadError,
+    StoreWriteError,
 )
+from lean.store_sqlite import SqliteBackend
 
-__all__ = ["LINGER", "PROBE_INTERVAL", "Store", "StoreClosed", "StoreError"]
+__all__ = [
+    "LINGER",
+    "PROBE_INTERVAL",
+    "Store",
+    "StoreClosed",
+    "StoreError",
+    "StoreReadError",
+    "StoreWriteError",
+    "backend_for",
+]
 
 _log = logging.getLogger("lean.store")
 _T = TypeVar("_T")
@@ -95,10 +110,22 @@ LINGER = 0.02
 PROBE_INTERVAL = 1.0
 
 
+def backend_for(where: str) -> Backend:
+    """A PostgreSQL URL's backend (the driver imported only then), else a SQLite file's."""
+    if where.startswith(("postgresql://", "postgres://")):
+        try:
+            from lean.store_pg import PgBackend
+        except ImportError as exc:
+            hint = "pip install 'lean[postgres]'"
+            raise StoreError(f"the PostgreSQL driver is missing: {hint} ({exc})") from None
+        return PgBackend(where)
+    return SqliteBackend(where)
+
+
 class Store:
     def __init__(
         self,
-        path: str,
+        where: str | Backend,
         *,
         queue_max: int = 10_000,
         batch_max: int = 512,
@@ -106,7 +133,8 @@ class Store:
     ) -> None:
         if queue_max < 1 or batch_max < 1:
             raise ValueError("queue_max and batch_max must be at least 1")
-        self._path = path
+        # A file path or a postgresql:// URL ([store] path or url), or a backend.
+        self.backend = backend_for(where) if isinstance(where, str) else where
         # Called on the loop with (op kind, how many failed): "turn", "save" or "progress".
         self._on_failure = on_failure
         # Loop side: False from a failed commit until a write succeeds (see _run); `error`
@@ -125,7 +153,7 @@ class Store:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer: threading.Thread | None = None  # set once it serves the queue
         self._reader: ThreadPoolExecutor | None = None
-        self._rconn: sqlite3.Connection | None = None  # used on the reader thread only
+        self._rconn: Reader | None = None  # used on the reader thread only
         self._urgent = threading.Event()  # an op someone awaits is queued: commit now
         self._closed = False
         self._closing: asyncio.Task[None] | None = None
@@ -149,7 +177,7 @@ class Store:
         try:
             await ready
             self._writer = writer
-            # One reader thread: sqlite3 connections are per thread, and a read is ~1 ms.
+            # One reader thread: a connection serves one thread, and a read is ~1 ms.
             self._reader = ThreadPoolExecutor(1, thread_name_prefix="lean-store-read")
             await loop.run_in_executor(self._reader, self._open_reader)
         except BaseException:
@@ -294,23 +322,25 @@ class Store:
 
     async def _query(self, sql: str, args: tuple[Any, ...], convert: Callable[[Any], _T]) -> _T:
         """Run one SELECT on the reader thread, after the writes queued before it; `convert`
-        its rows there too."""
+        its rows there too. A failure is `StoreReadError`, whichever the database."""
         loop = self._check_open()
         await self.flush(report=False)
 
         def run() -> _T:
             assert self._rconn is not None
-            return convert(self._rconn.execute(sql, args).fetchall())
+            return convert(self._rconn.query(sql, args))
 
-        return await loop.run_in_executor(self._reader, run)
+        try:
+            return await loop.run_in_executor(self._reader, run)
+        except self.backend.errors as exc:  # a database that went away, not a bad query
+            raise StoreReadError(str(exc).partition("\n")[0]) from exc
 
     def _open_reader(self) -> None:
-        uri = Path(self._path).resolve().as_uri() + "?mode=ro"
-        self._rconn = sqlite3.connect(uri, uri=True)
+        self._rconn = self.backend.connect_reader()
 
     def _run(self, ready: asyncio.Future[None]) -> None:
         try:
-            conn = connect(self._path)
+            conn = self.backend.connect_writer()
         except Exception as exc:
             self._settle([(ready, None, exc)])
             return

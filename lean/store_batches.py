@@ -1,38 +1,27 @@
-"""What the store's writer thread does to the database: open it, write batches, probe.
+"""What the store's writer thread does to the database: write batches, probe, report.
 
-`lean.store` owns the threads, the queue and the loop; this module owns the write
-connection's work, with no asyncio in it: a batch of ops goes in, and out come the futures
-to settle (with their results or errors), the failures to count and, when it changed,
-whether the store can write. It runs on the writer thread only.
+`lean.store` owns the threads, the queue and the loop; a backend (`lean.store_sqlite`,
+`lean.store_pg`) owns a database's connections, SQL and schema, behind the `Writer` and
+`Backend` protocols below; this module owns what a batch means, with no asyncio and no
+driver in it: a batch of ops goes in, and out come the futures to settle (with their
+results or errors), the failures to count and, when it changed, whether the store can write.
+It runs on the writer thread only.
 
-- `connect` opens the write connection: it refuses a newer lean's schema before writing
-  anything, migrates an older one, marks answers left `streaming` by a killed lean
-  `incomplete`, and always makes one real write, so a file lean cannot write to stops
-  start-up rather than failing the first answer.
 - `Batches.write` commits a batch as ONE transaction. A statement that fails alone is
   undone alone (its op fails, the rest commit); a batch that cannot commit (a full disk, a
-  file that became read-only) writes nothing, clears `healthy`, and keeps its final saves
-  and first turns (`RETRY_MAX`) for the next commit that succeeds. `Batches.probe` is that
-  commit when no traffic comes.
+  file that became read-only, a database that went away) writes nothing, clears `healthy`,
+  and keeps its final saves and first turns (`RETRY_MAX`) for the next commit that
+  succeeds. `Batches.probe` is that commit when no traffic comes.
+- A write's failure reaches its caller as `StoreWriteError` (the driver's error its cause),
+  whichever the database.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
-import sqlite3
-from typing import Any
-
-from lean.messages import (
-    END_STREAMING,
-    INSERT_MESSAGE,
-    MIGRATIONS,
-    SCHEMA_VERSION,
-    UPDATE_STREAMING,
-    begin_turn,
-)
+from typing import Any, Protocol
 
 _log = logging.getLogger("lean.store")
 
@@ -43,6 +32,7 @@ OP_NAMES = {SAVE: "save", TURN: "turn", PROGRESS: "progress"}
 Future = asyncio.Future[Any] | None
 Op = tuple[int, Any, Future]
 Settled = list[tuple[Future, Any, BaseException | None]]
+Rows = list[tuple[Any, ...]]
 
 # Writes kept for another try after their batch could not be committed (a full disk): final
 # saves (their `done` said `saved: false`) and new conversations' first turns (their run had
@@ -52,38 +42,79 @@ RETRY_MAX = 1000
 
 
 class StoreError(Exception):
-    """The database file cannot be used by this lean (a newer schema, WAL refused)."""
+    """The database cannot be used by this lean (a newer schema, WAL refused, unreachable)."""
 
 
-def connect(path: str) -> sqlite3.Connection:
-    """The write connection, the schema made current (see the module's docstring)."""
-    conn = sqlite3.connect(path, isolation_level=None)  # explicit BEGIN/COMMIT
-    try:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:  # before anything writes to a newer lean's file
-            raise StoreError(
-                f"{path} has schema version {version}, from a newer lean; "
-                f"this one knows up to {SCHEMA_VERSION}"
-            )
-        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if mode != "wal":  # reads beside writes need WAL
-            raise StoreError(f"{path}: journal_mode WAL refused ({mode})")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA busy_timeout=5000")
-        schema = MIGRATIONS[version]
-        # Always a real write (the header's user_version), so a file lean cannot write
-        # to stops start-up here rather than failing the first answer.
-        conn.executescript(
-            f"BEGIN IMMEDIATE; {schema} {END_STREAMING};"
-            f" PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-        )
-    except BaseException:
-        if conn.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-        conn.close()
-        raise
-    return conn
+class StoreWriteError(Exception):
+    """A write failed (its cause is the driver's error); the store goes on serving."""
+
+
+class StoreReadError(Exception):
+    """A read failed (a database that went away); its cause is the driver's error."""
+
+
+class Replay(Exception):
+    """Raised by `Writer.op_failed`: the failed op took the transaction with it; write the
+    batch again with each op isolated (`Writer.begin(isolate=True)`)."""
+
+
+class Writer(Protocol):
+    """The writer thread's connection to one database."""
+
+    # The driver's errors: a batch failing with one is logged without a traceback.
+    errors: tuple[type[Exception], ...]
+
+    def begin(self, *, isolate: bool = False) -> None:
+        """Start the batch's transaction; with `isolate`, each op undoes itself on failure."""
+
+    def commit(self) -> None: ...
+
+    def rollback(self) -> None:
+        """End a failed transaction, whatever state it is in; never raises."""
+
+    def lock_turns(self, cids: list[str]) -> None:
+        """Before a batch's turns: keep other writers of the database from allocating
+        turns in these conversations until the transaction ends (a no-op for one writer)."""
+
+    def save(self, row: list[Any]) -> None:
+        """Upsert one message row (messages.INSERT_MESSAGE)."""
+
+    def turn(self, cid: str, scene: str, content: str, at: str, prompt: str | None) -> int:
+        """Write the user message of the conversation's next turn; its number."""
+
+    def progress(self, rows: list[tuple[str, str, str]]) -> None:
+        """Running answers' text, as (content, reasoning, message_id), one batched op."""
+
+    def touch(self) -> None:
+        """One real write (the probe's), inside the transaction."""
+
+    def op_failed(self, exc: Exception) -> None:
+        """After an op raised `exc`: return when only that op was undone (the batch goes
+        on); raise `Replay`, or `exc`, when the transaction is lost."""
+
+    def close(self) -> None: ...
+
+
+class Reader(Protocol):
+    """The reader thread's connection: one SELECT at a time (SQL in messages.py's `?` style)."""
+
+    def query(self, sql: str, args: tuple[Any, ...]) -> Rows: ...
+
+    def close(self) -> None: ...
+
+
+class Backend(Protocol):
+    """One database: opens the writer (schema made current, one real write) and readers."""
+
+    errors: tuple[type[Exception], ...]  # the driver's errors
+    key: str  # the [store] key that names it: "path" or "url"
+    shown: str  # its name for logs and errors (a URL without its password)
+    expected: str  # what that key must name, for the config error when opening fails
+
+    def connect_writer(self) -> Writer:
+        """Raise `StoreError` (or the driver's error) when the database cannot be used."""
+
+    def connect_reader(self) -> Reader: ...
 
 
 class Outcome:
@@ -105,59 +136,67 @@ class Batches:
         self.healthy = True
         self.retry: collections.deque[tuple[int, Any]] = collections.deque(maxlen=RETRY_MAX)
         # The first save nobody awaited that failed since a reporting flush, and how many more.
-        self._failed: Exception | None = None
+        self._failed: StoreWriteError | None = None
         self._failed_more = 0
 
-    def probe(self, conn: sqlite3.Connection) -> Outcome:
+    def probe(self, conn: Writer) -> Outcome:
         """One real write, to see whether the store can write again."""
         outcome = Outcome()
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            conn.begin()
+            conn.lock_turns(sorted({args[0] for kind, args in self.retry if kind == TURN}))
             self._write_retries(conn)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-        except sqlite3.Error:
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
+            conn.touch()
+            conn.commit()
+        except Exception:
+            conn.rollback()
             return outcome
         self.retry.clear()
         self._set_health(outcome, None)
         return outcome
 
-    def write(self, conn: sqlite3.Connection, ops: list[Op]) -> Outcome:
+    def write(self, conn: Writer, ops: list[Op]) -> Outcome:
         """Write `ops` in one transaction."""
+        try:
+            return self._write(conn, ops, isolate=False)
+        except Replay:  # an op failed and took the transaction with it: again, op by op
+            conn.rollback()
+            return self._write(conn, ops, isolate=True)
+
+    def _write(self, conn: Writer, ops: list[Op], *, isolate: bool) -> Outcome:
         outcome = Outcome()
         settled, failed = outcome.settled, outcome.failed
         writes = False
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            conn.begin(isolate=isolate)
+            turns = {args[0] for kind, args in self.retry if kind == TURN}
+            conn.lock_turns(sorted(turns.union(args[0] for kind, args, _ in ops if kind == TURN)))
             self._write_retries(conn)
             for kind, args, fut in ops:
                 if kind == SAVE:
                     writes = True
                     try:
-                        conn.execute(INSERT_MESSAGE, args)
+                        conn.save(args)
                         settled.append((fut, None, None))
                     except Exception as exc:
-                        _op_failed(conn, exc, f"saving message {args[0]!r}")
+                        error = _op_failed(conn, exc, f"saving message {args[0]!r}")
                         failed["save"] = failed.get("save", 0) + 1
                         if fut is None:
-                            self._save_failed(exc)
+                            self._save_failed(error)
                         else:
-                            settled.append((fut, None, exc))
+                            settled.append((fut, None, error))
                 elif kind == TURN:
                     writes = True
                     try:
-                        settled.append((fut, begin_turn(conn, *args), None))
+                        settled.append((fut, conn.turn(*args), None))
                     except Exception as exc:
-                        _op_failed(conn, exc, f"begin_turn in {args[0]!r}")
+                        error = _op_failed(conn, exc, f"begin_turn in {args[0]!r}")
                         failed["turn"] = failed.get("turn", 0) + 1
-                        settled.append((fut, None, exc))
+                        settled.append((fut, None, error))
                 elif kind == PROGRESS:
                     writes = True
                     try:
-                        conn.executemany(UPDATE_STREAMING, args)
+                        conn.progress(args)
                     except Exception as exc:
                         _op_failed(conn, exc, f"saving the progress of {len(args)} answers")
                         failed["progress"] = failed.get("progress", 0) + len(args)
@@ -165,25 +204,24 @@ class Batches:
                     settled.append((fut, None, self._take_failures() if args else None))
                 else:
                     outcome.stop = fut
-            conn.execute("COMMIT")
+            conn.commit()
             if writes:
                 self._set_health(outcome, None)
             self.retry.clear()
+        except Replay:
+            raise
         except Exception as exc:  # nothing of the batch was written
             self._batch_failed(conn, ops, exc, outcome)
         return outcome
 
-    def _batch_failed(
-        self, conn: sqlite3.Connection, ops: list[Op], exc: Exception, outcome: Outcome
-    ) -> None:
-        if isinstance(exc, sqlite3.Error):  # a full disk, a read-only file: no traceback
-            _log.error("store: a batch of %d writes failed: %s", len(ops), exc)
+    def _batch_failed(self, conn: Writer, ops: list[Op], exc: Exception, outcome: Outcome) -> None:
+        if isinstance(exc, conn.errors):  # a full disk, a read-only file: no traceback
+            _log.error("store: a batch of %d writes failed: %s", len(ops), _first_line(exc))
         else:
             _log.exception("store: a batch of %d writes failed", len(ops))
-        if conn.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
+        conn.rollback()
         self._set_health(outcome, exc)
+        error = _retyped(exc)
         outcome.settled, outcome.failed = [], {}
         settled, failed = outcome.settled, outcome.failed
         unreported = False
@@ -199,21 +237,21 @@ class Batches:
             if kind in (SAVE, PROGRESS) and fut is None:
                 unreported = unreported or kind == SAVE
             else:
-                settled.append((fut, None, exc))
+                settled.append((fut, None, error))
                 if kind == FLUSH and op_args:  # a reporting flush told of it
                     self._failed, self._failed_more = None, 0
                     unreported = False
         if unreported:  # saves after the batch's last flush: tell the next one
-            self._save_failed(exc)
+            self._save_failed(error)
 
-    def _write_retries(self, conn: sqlite3.Connection) -> None:
+    def _write_retries(self, conn: Writer) -> None:
         """Final saves that failed with their batch, first in the next transaction; they
         are forgotten once it commits."""
         for kind, args in self.retry:
             if kind == SAVE:
-                conn.execute(INSERT_MESSAGE, args)
+                conn.save(args)
             else:
-                begin_turn(conn, *args)
+                conn.turn(*args)
 
     def _set_health(self, outcome: Outcome, exc: Exception | None) -> None:
         healthy = exc is None
@@ -223,18 +261,19 @@ class Batches:
         if healthy:
             _log.warning("store: writing again; /readyz is ready")
         else:
-            _log.error("store: cannot write (%s); /readyz fails until a write succeeds", exc)
+            error = _first_line(exc)
+            _log.error("store: cannot write (%s); /readyz fails until a write succeeds", error)
         outcome.health_changed = True
-        outcome.error = None if exc is None else str(exc)
+        outcome.error = None if exc is None else _first_line(exc)
 
-    def _save_failed(self, exc: Exception) -> None:
+    def _save_failed(self, exc: StoreWriteError) -> None:
         # The first failure and a count: saves that fail while nobody flushes hold no memory.
         if self._failed is None:
             self._failed = exc
         else:
             self._failed_more += 1
 
-    def _take_failures(self) -> Exception | None:
+    def _take_failures(self) -> StoreWriteError | None:
         first, more = self._failed, self._failed_more
         if first is None:
             return None
@@ -244,7 +283,20 @@ class Batches:
         return first
 
 
-def _op_failed(conn: sqlite3.Connection, exc: Exception, what: str) -> None:
-    if not conn.in_transaction:  # SQLite rolled the whole transaction back
-        raise exc
-    _log.error("store: %s failed: %s", what, exc)  # only this statement was undone
+def _op_failed(conn: Writer, exc: Exception, what: str) -> StoreWriteError:
+    """An op's failure, re-typed for its caller; raises when the transaction went with it."""
+    conn.op_failed(exc)  # raises unless only this op was undone
+    _log.error("store: %s failed: %s", what, _first_line(exc))
+    return _retyped(exc)
+
+
+def _retyped(exc: Exception) -> StoreWriteError:
+    error = StoreWriteError(_first_line(exc))
+    error.__cause__ = exc
+    return error
+
+
+def _first_line(exc: BaseException | None) -> str:
+    """What went wrong, without PostgreSQL's DETAIL lines (they quote the row: a message's
+    text has no place in the log)."""
+    return str(exc).partition("\n")[0] or type(exc).__name__

@@ -58,7 +58,7 @@ def lean_config(
     text = "\n".join(
         [
             _section("server", {"host": "127.0.0.1", "drain_timeout": "0.5"}, server),
-            _section("store", {"path": str(_scratch() / "lean.db")}, store),
+            _section("store", _store_defaults(store), store),
             _section("limits", {"slow_client_timeout": "5"}, limits),
             _section(
                 "provider.up",
@@ -80,6 +80,12 @@ def lean_config(
     env = {"UP_KEY": SECRET}
     env.update(environ or {})
     return parse_config(text, environ=env)
+
+
+def _store_defaults(overrides: str) -> dict[str, str]:
+    """A fresh SQLite file, unless `overrides` names a PostgreSQL `url` instead."""
+    keys = {line.partition("=")[0].strip() for line in overrides.strip().splitlines()}
+    return {} if "url" in keys else {"path": str(_scratch() / "lean.db")}
 
 
 @asynccontextmanager

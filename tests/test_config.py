@@ -611,3 +611,27 @@ def test_absolute_store_path_and_no_memory_store(tmp_path: Path) -> None:
     assert_error(error("[store]\npath = :memory:\n"), "store", "path", "a file path")
     assert parse().store.path == os.path.join(os.getcwd(), "lean.db")
     assert_error(error("[store]\npath =\n"), "store", "path", "a file path")
+
+
+def test_store_url_instead_of_path() -> None:
+    url = "postgresql://lean:s3cret@127.0.0.1:5432/lean"
+    store = parse(f"[store]\nurl = {url}\nflush_interval = 0.5\n").store
+    assert (store.url, store.flush_interval) == (url, 0.5)
+    assert parse().store.url == ""  # neither: the SQLite file, as before
+    assert parse("[store]\nurl = postgres://db/lean\n").store.url == "postgres://db/lean"
+
+
+@pytest.mark.parametrize(
+    "store",
+    [
+        "url = postgresql://lean:s3cret@db/lean\npath = lean.db",  # both: which one is a guess
+        "url = mysql://lean:s3cret@db/lean",
+        "url = postgresql://lean:s3cret@db",  # no database
+        "url = postgresql://lean:s3cret@db/",
+        "url =",
+    ],
+)
+def test_bad_store_url(store: str) -> None:
+    e = error(f"[store]\n{store}\n")
+    assert_error(e, "store", "url")
+    assert "s3cret" not in str(e)

@@ -1,10 +1,10 @@
-"""lean.store: turn numbering, round trips, history, flush/close guarantees, a free loop."""
+"""lean.store: turn numbering, round trips, history, flush/close guarantees, a free loop;
+each test on SQLite and on PostgreSQL (`target`, tests/store_targets.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,18 +14,15 @@ import msgspec
 import pytest
 
 from lean.messages import SCHEMA_VERSION, MessageRecord, TextBuffer
-from lean.store import Store, StoreClosed, StoreError
+from lean.store import Store, StoreClosed, StoreError, StoreWriteError
+from tests.store_targets import Target
 
 AT = "2026-11-21T16:40:00.123Z"
 
 
-def db(tmp_path: Path) -> str:
-    return str(tmp_path / "lean.db")
-
-
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = Store(db(tmp_path))
+async def store(target: Target) -> AsyncIterator[Store]:
+    s = Store(target.where)
     await s.open()
     yield s
     await s.close()
@@ -49,15 +46,8 @@ async def ask(store: Store, cid: str, text: str = "q") -> int:
     return await store.begin_turn(conversation_id=cid, scene="chat", user_content=text)
 
 
-def count_rows(path: str) -> int:
-    with sqlite3.connect(path) as conn:
-        n: int = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
-    conn.close()
-    return n
-
-
-def wal_left(tmp_path: Path) -> bool:
-    return (tmp_path / "lean.db-wal").exists()
+def wal_left(target: Target) -> bool:
+    return Path(target.where + "-wal").exists()
 
 
 # -- turns ------------------------------------------------------------------------------------
@@ -253,58 +243,58 @@ async def test_a_read_sees_the_writes_queued_before_it(store: Store) -> None:
     assert await store.history("a", 1) == [("user", "q"), ("assistant", "answer 1")]
 
 
-async def test_a_save_nobody_waits_for_is_committed_by_itself(tmp_path: Path) -> None:
-    s = Store(db(tmp_path))
+async def test_a_save_nobody_waits_for_is_committed_by_itself(target: Target) -> None:
+    s = Store(target.where)
     await s.open()
     await s.save_assistant(answer("a", 1))
     for _ in range(500):  # LINGER is 20 ms; polled from another connection for up to 5 s
-        if count_rows(db(tmp_path)):
+        if target.count_rows():
             break
         await asyncio.sleep(0.01)
-    assert count_rows(db(tmp_path)) == 1
+    assert target.count_rows() == 1
     await s.close()
 
 
 async def test_a_waited_for_op_ends_the_linger_at_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    target: Target, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("lean.store.LINGER", 60.0)  # a save alone would wait a minute
-    s = Store(db(tmp_path))
+    s = Store(target.where)
     await s.open()
     await s.save_assistant(answer("a", 1))
     await asyncio.sleep(0.05)  # the writer has the save and lingers
     async with asyncio.timeout(5):
         assert await ask(s, "a") == 2  # turn 1 is the save's, committed in the same batch
-    assert count_rows(db(tmp_path)) == 2
+    assert target.count_rows() == 2
     await s.close()
 
 
-async def test_close_commits_every_queued_write(tmp_path: Path) -> None:
-    s = Store(db(tmp_path))
+async def test_close_commits_every_queued_write(target: Target) -> None:
+    s = Store(target.where)
     await s.open()
     for turn in range(1, 1001):
         await s.save_assistant(answer("a", turn))
     await s.close()  # no flush before
-    assert not wal_left(tmp_path)  # checkpointed on close
-    assert count_rows(db(tmp_path)) == 1000
-    s = Store(db(tmp_path))
+    assert target.kind != "sqlite" or not wal_left(target)  # checkpointed on close
+    assert target.count_rows() == 1000
+    s = Store(target.where)
     await s.open()
     assert len(await s.messages("a", limit=5000)) == 1000
     await s.close()
 
 
-async def test_close_commits_writes_waiting_for_queue_space(tmp_path: Path) -> None:
-    s = Store(db(tmp_path), queue_max=8, batch_max=4)
+async def test_close_commits_writes_waiting_for_queue_space(target: Target) -> None:
+    s = Store(target.where, queue_max=8, batch_max=4)
     await s.open()
     saves = [asyncio.create_task(s.save_assistant(answer("a", t))) for t in range(1, 301)]
     await asyncio.sleep(0)  # every save has started; most wait for space
     await s.close()
     await asyncio.gather(*saves)
-    assert count_rows(db(tmp_path)) == 300
+    assert target.count_rows() == 300
 
 
-async def test_backpressure_keeps_order_and_loses_nothing(tmp_path: Path) -> None:
-    s = Store(db(tmp_path), queue_max=4, batch_max=2)
+async def test_backpressure_keeps_order_and_loses_nothing(target: Target) -> None:
+    s = Store(target.where, queue_max=4, batch_max=2)
     await s.open()
     # The same message saved 200 times with growing content: the last one must win.
     await asyncio.gather(*(s.save_assistant(answer("a", 1, f"v{i}")) for i in range(200)))
@@ -315,8 +305,8 @@ async def test_backpressure_keeps_order_and_loses_nothing(tmp_path: Path) -> Non
     await s.close()
 
 
-async def test_after_close_writes_and_reads_raise(tmp_path: Path) -> None:
-    s = Store(db(tmp_path))
+async def test_after_close_writes_and_reads_raise(target: Target) -> None:
+    s = Store(target.where)
     await s.open()
     await s.close()
     await s.close()  # idempotent
@@ -331,17 +321,17 @@ async def test_after_close_writes_and_reads_raise(tmp_path: Path) -> None:
         await s.open()
 
 
-async def test_concurrent_close_calls_all_wait(tmp_path: Path) -> None:
-    s = Store(db(tmp_path))
+async def test_concurrent_close_calls_all_wait(target: Target) -> None:
+    s = Store(target.where)
     await s.open()
     for turn in range(1, 101):
         await s.save_assistant(answer("a", turn))
     await asyncio.gather(s.close(), s.close(), s.flush())
-    assert count_rows(db(tmp_path)) == 100
+    assert target.count_rows() == 100
 
 
-async def test_use_before_open_is_misuse(tmp_path: Path) -> None:
-    s = Store(db(tmp_path))
+async def test_use_before_open_is_misuse(target: Target) -> None:
+    s = Store(target.where)
     with pytest.raises(RuntimeError, match="open"):
         await s.save_assistant(answer("a", 1))
     await s.close()
@@ -353,7 +343,7 @@ async def test_failing_save_surfaces_on_flush_and_writer_keeps_going(
     await store.save_assistant(answer("a", 1), wait=False)
     await store.save_assistant(answer("a", 2, status="bogus"), wait=False)  # violates a CHECK
     await store.save_assistant(answer("a", 3), wait=False)
-    with caplog.at_level(logging.ERROR, logger="lean.store"), pytest.raises(sqlite3.IntegrityError):
+    with caplog.at_level(logging.ERROR, logger="lean.store"), pytest.raises(StoreWriteError):
         await store.flush()
     assert "chat:a:2" in caplog.text
     await store.flush()  # the failure was reported once
@@ -365,13 +355,13 @@ async def test_failing_save_surfaces_on_flush_and_writer_keeps_going(
 async def test_several_failures_reported_together(store: Store) -> None:
     for turn in (1, 2, 3):
         await store.save_assistant(answer("a", turn, status="bogus"), wait=False)
-    with pytest.raises(sqlite3.IntegrityError) as info:
+    with pytest.raises(StoreWriteError) as info:
         await store.flush()
     assert "2 more saves failed" in str(info.value.__notes__)
 
 
 async def test_failing_begin_turn_raises_and_does_not_use_the_turn(store: Store) -> None:
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(StoreWriteError):
         await store.begin_turn(conversation_id="a", scene="chat", user_content=None)  # type: ignore[arg-type]
     assert await ask(store, "a") == 1
     await store.flush()
@@ -427,60 +417,47 @@ async def test_loop_keeps_ticking_while_rows_are_written(store: Store) -> None:
 # -- the file ---------------------------------------------------------------------------------
 
 
-async def test_reopen_keeps_data_and_schema(tmp_path: Path) -> None:
+async def test_reopen_keeps_data_and_schema(target: Target) -> None:
     for _ in range(2):
-        s = Store(db(tmp_path))
+        s = Store(target.where)
         await s.open()
         await ask(s, "a")
         await s.close()
-    s = Store(db(tmp_path))
+    s = Store(target.where)
     await s.open()
     assert [m.turn for m in await s.messages("a")] == [1, 2]
     await s.close()
-    with sqlite3.connect(db(tmp_path)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    conn.close()
+    assert target.version() == SCHEMA_VERSION
+    if target.kind == "sqlite":
+        assert target.sql("PRAGMA journal_mode")[0][0] == "wal"
 
 
-async def test_newer_schema_is_refused(tmp_path: Path) -> None:
-    with sqlite3.connect(db(tmp_path)) as conn:
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    conn.close()
-    s = Store(db(tmp_path))
+async def test_newer_schema_is_refused(target: Target) -> None:
+    target.seed("", SCHEMA_VERSION + 1)
+    s = Store(target.where)
     with pytest.raises(StoreError, match="schema version"):
         await s.open()
     with pytest.raises(StoreClosed):
         await ask(s, "a")
-
-
-class QuickBusyStore(Store):
-    """Gives up on a locked file after 20 ms instead of 5 s, to make a whole batch fail."""
-
-    def _connect_writer(self) -> sqlite3.Connection:
-        conn = super()._connect_writer()
-        conn.execute("PRAGMA busy_timeout = 20")
-        return conn
+    assert target.version() == SCHEMA_VERSION + 1  # left as it was
 
 
 async def test_failed_transaction_fails_its_batch_and_the_writer_recovers(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    target: Target, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    s = QuickBusyStore(db(tmp_path))
+    target.quick_lock_timeout(monkeypatch)
+    s = Store(target.where)
     await s.open()
     assert await ask(s, "a") == 1
-    other = sqlite3.connect(db(tmp_path), isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
-    with caplog.at_level(logging.ERROR, logger="lean.store"):
-        await s.save_assistant(answer("a", 1), wait=False)
-        with pytest.raises(sqlite3.OperationalError, match="locked"):
-            await ask(s, "a")
-        with pytest.raises(sqlite3.OperationalError, match="locked"):
-            await s.flush()
-    assert "batch" in caplog.text
-    assert [m.role for m in await s.messages("a")] == ["user"]  # reads still work
-    other.execute("ROLLBACK")
-    other.close()
+    with target.locked():  # another process holds the write lock
+        with caplog.at_level(logging.ERROR, logger="lean.store"):
+            await s.save_assistant(answer("a", 1), wait=False)
+            with pytest.raises(StoreWriteError, match="lock"):
+                await ask(s, "a")
+            with pytest.raises(StoreWriteError, match="lock"):
+                await s.flush()
+        assert "batch" in caplog.text
+        assert [m.role for m in await s.messages("a")] == ["user"]  # reads still work
     await s.save_assistant(answer("a", 1))
     assert await ask(s, "a") == 2
     await s.flush()
@@ -523,15 +500,12 @@ INSERT INTO messages VALUES ('chat:a:1:user', 'a', 1, 'user', 'hi', 'complete', 
     '', '', '[]', NULL, NULL, NULL, NULL, NULL, NULL);
 INSERT INTO messages VALUES ('chat:a:1', 'a', 1, 'assistant', 'hello', 'complete', '{at}',
     'chat', 'm', '', '[]', 'stop', NULL, 3, 4, 12.5, 40.0);
-PRAGMA user_version = 1;
 """
 
 
-async def test_a_version_1_database_is_migrated_and_keeps_its_messages(tmp_path: Path) -> None:
-    with sqlite3.connect(db(tmp_path)) as conn:
-        conn.executescript(V1_SCHEMA.replace("{at}", AT))
-    conn.close()
-    s = Store(db(tmp_path))
+async def test_a_version_1_database_is_migrated_and_keeps_its_messages(target: Target) -> None:
+    target.seed(V1_SCHEMA.replace("{at}", AT), 1)
+    s = Store(target.where)
     await s.open()
     before = await s.messages("a")
     assert [(m.role, m.content, m.status, m.run_id) for m in before] == [
@@ -542,10 +516,9 @@ async def test_a_version_1_database_is_migrated_and_keeps_its_messages(tmp_path:
     await s.save_assistant(answer("a", 2, status="streaming", run_id="run_1"))
     assert [(m.status, m.run_id) for m in await s.messages("a")][-1] == ("streaming", "run_1")
     await s.close()
-    with sqlite3.connect(db(tmp_path)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
-        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    conn.close()
+    assert target.version() == SCHEMA_VERSION == 3
+    if target.kind == "sqlite":
+        assert target.sql("PRAGMA integrity_check")[0][0] == "ok"
 
 
 # -- schema 3: the user message as typed, the filled template beside it -----------------------
@@ -563,18 +536,15 @@ async def test_a_user_message_keeps_what_was_typed_and_history_gives_the_prompt(
     assert (await store.history("a", 5))[0] == ("user", "In 3 words: where?")
 
 
-async def test_a_version_2_database_is_migrated_and_keeps_its_messages(tmp_path: Path) -> None:
+async def test_a_version_2_database_is_migrated_and_keeps_its_messages(target: Target) -> None:
     v2 = V1_SCHEMA.replace(
         "completion_tokens INTEGER, first_token_ms REAL, duration_ms REAL,",
         "completion_tokens INTEGER, first_token_ms REAL, duration_ms REAL, run_id TEXT,",
     )
     v2 = v2.replace("'incomplete')", "'incomplete', 'streaming')")
     v2 = v2.replace("NULL, NULL);", "NULL, NULL, NULL);").replace("40.0);", "40.0, 'run_0');")
-    v2 = v2.replace("'hi'", "'Say: hi'").replace("user_version = 1", "user_version = 2")
-    with sqlite3.connect(db(tmp_path)) as conn:
-        conn.executescript(v2.replace("{at}", AT))
-    conn.close()
-    s = Store(db(tmp_path))
+    target.seed(v2.replace("'hi'", "'Say: hi'").replace("{at}", AT), 2)
+    s = Store(target.where)
     await s.open()
     user, assistant = await s.messages("a")
     # a version-2 user row holds the filled template: it stays both content and prompt
@@ -585,21 +555,20 @@ async def test_a_version_2_database_is_migrated_and_keeps_its_messages(tmp_path:
     await s.begin_turn(conversation_id="a", scene="chat", user_content="x", prompt="Say: x")
     assert [(m.content, m.prompt) for m in await s.messages("a")][-1] == ("x", "Say: x")
     await s.close()
-    with sqlite3.connect(db(tmp_path)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    conn.close()
+    assert target.version() == SCHEMA_VERSION
+    if target.kind == "sqlite":
+        assert target.sql("PRAGMA integrity_check")[0][0] == "ok"
 
 
 async def test_streaming_rows_are_incomplete_at_the_next_open_with_their_text(
-    tmp_path: Path,
+    target: Target,
 ) -> None:
-    s = Store(db(tmp_path))
+    s = Store(target.where)
     await s.open()
     await s.save_assistant(answer("a", 1, status="streaming", run_id="run_1"))
     await s.save_progress([("the text so far", "thinking", "chat:a:1")])
     await s.close()  # as a kill would leave it: a row still streaming
-    s = Store(db(tmp_path))
+    s = Store(target.where)
     await s.open()
     [row] = await s.messages("a")
     assert (row.status, row.content, row.reasoning, row.run_id) == (
@@ -630,38 +599,28 @@ async def test_history_leaves_out_a_running_answer(store: Store) -> None:
     assert await store.history("a", 10) == [("user", "first"), ("assistant", "one")]
 
 
-class QuickBusy(Store):
-    """Gives up on a locked file after 20 ms instead of 5 s."""
-
-    def _connect_writer(self) -> sqlite3.Connection:
-        conn = super()._connect_writer()
-        conn.execute("PRAGMA busy_timeout = 20")
-        return conn
-
-
 async def test_a_store_that_cannot_write_says_so_counts_it_and_recovers_by_itself(
-    tmp_path: Path,
+    target: Target, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    target.quick_lock_timeout(monkeypatch)
     failures: list[tuple[str, int]] = []
-    s = QuickBusy(db(tmp_path), on_failure=lambda op, n: failures.append((op, n)))
+    s = Store(target.where, on_failure=lambda op, n: failures.append((op, n)))
     await s.open()
     assert s.writable
-    other = sqlite3.connect(db(tmp_path), isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock: nothing commits
-    with pytest.raises(sqlite3.OperationalError, match="locked"):
-        await s.save_assistant(answer("a", 1, "kept for later"))  # awaited: told at once
-    assert not s.writable and s.error is not None and "locked" in s.error
-    await s.save_progress([("x", "", "chat:a:9")])
-    with pytest.raises(sqlite3.OperationalError):
-        await ask(s, "b")
-    assert failures == [("save", 1), ("progress", 1), ("turn", 1)]
-    # A new conversation's first turn is not awaited (its run has started): kept for later.
-    await s.begin_first_turn(conversation_id="n", scene="chat", user_content="new")
-    with pytest.raises(sqlite3.OperationalError):
-        await s.flush()
-    assert failures[-1] == ("turn", 1) and len(failures) == 4
-    other.execute("ROLLBACK")  # the lock goes: the probe finds out, nothing else writes
-    other.close()
+    with target.locked():  # another process holds the write lock: nothing commits
+        with pytest.raises(StoreWriteError, match="lock"):
+            await s.save_assistant(answer("a", 1, "kept for later"))  # awaited: told at once
+        assert not s.writable and s.error is not None and "lock" in s.error
+        await s.save_progress([("x", "", "chat:a:9")])
+        with pytest.raises(StoreWriteError):
+            await ask(s, "b")
+        assert failures == [("save", 1), ("progress", 1), ("turn", 1)]
+        # A new conversation's first turn is not awaited (its run has started): kept for later.
+        await s.begin_first_turn(conversation_id="n", scene="chat", user_content="new")
+        with pytest.raises(StoreWriteError):
+            await s.flush()
+        assert failures[-1] == ("turn", 1) and len(failures) == 4
+    # The lock goes: the probe finds out, nothing else writes.
     async with asyncio.timeout(5):
         while not s.writable:  # noqa: ASYNC110 - the store's health has no event to wait on
             await asyncio.sleep(0.02)

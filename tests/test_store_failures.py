@@ -1,4 +1,5 @@
-"""`lean serve` with a store that cannot write, and killed with SIGKILL mid-answer.
+"""`lean serve` with a store that cannot write, and killed with SIGKILL mid-answer (that one,
+and a newer lean's schema, on SQLite and on PostgreSQL).
 
 The failures are real, made by the kernel for the lean process alone: RLIMIT_FSIZE = 0
 (set with `prlimit` on the running process, or before it starts) makes every write to a
@@ -26,6 +27,7 @@ import pytest
 
 from lean.messages import SCHEMA, SCHEMA_VERSION
 from tests.fakes import FakeOpenAI, Stream, free_port, text_stream
+from tests.store_targets import Target
 from tests.support import SECRET
 
 START_TIMEOUT = 15.0  # seconds `lean serve` may take to answer /healthz (2 shared cores)
@@ -37,11 +39,15 @@ WRITES = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
 pytestmark = pytest.mark.one_loop  # lean serve runs uvloop, whatever the test's loop is
 
 
-def write_config(tmp_path: Path, upstream: str, port: int, flush_interval: float = 1.0) -> Path:
+def write_config(
+    tmp_path: Path, upstream: str, port: int, flush_interval: float = 1.0, store: str = ""
+) -> Path:
+    """`store`: the [store] line naming the database (default: lean.db in tmp_path)."""
     config = tmp_path / "config.ini"
+    store = store or f"path = {tmp_path / 'lean.db'}"
     config.write_text(
         f"[server]\nhost = 127.0.0.1\nport = {port}\ndrain_timeout = 0.5\n\n"
-        f"[store]\npath = {tmp_path / 'lean.db'}\nflush_interval = {flush_interval}\n\n"
+        f"[store]\n{store}\nflush_interval = {flush_interval}\n\n"
         f"[provider.up]\nkind = openai\nbase_url = {upstream}\napi_key_env = UP_KEY\n\n"
         "[model.default]\nprovider = up\nupstream_model = fake-model\n\n"
         "[scene.chat]\nmodel = default\ntemplate = {message}\n"
@@ -260,11 +266,17 @@ async def test_lean_serve_exits_2_with_one_line_when_the_store_cannot_write(
     assert len(lines) == 1 and "[store] path" in lines[0], lines
 
 
-async def test_a_database_from_a_newer_lean_is_one_line_and_exit_2(tmp_path: Path) -> None:
-    with contextlib.closing(sqlite3.connect(tmp_path / "lean.db")) as conn:
-        conn.execute("PRAGMA user_version = 99")
+def store_line(target: Target) -> str:
+    return f"{'url' if target.kind == 'postgresql' else 'path'} = {target.where}"
+
+
+async def test_a_database_from_a_newer_lean_is_one_line_and_exit_2(
+    tmp_path: Path, target: Target
+) -> None:
+    target.seed("", 99)
     port = free_port()
-    proc = await spawn(write_config(tmp_path, "http://127.0.0.1:9/v1", port), port)
+    config = write_config(tmp_path, "http://127.0.0.1:9/v1", port, store=store_line(target))
+    proc = await spawn(config, port)
     try:
         _, err = await asyncio.wait_for(proc.communicate(), START_TIMEOUT)
     finally:
@@ -274,19 +286,36 @@ async def test_a_database_from_a_newer_lean_is_one_line_and_exit_2(tmp_path: Pat
     assert proc.returncode == 2, err
     lines = err.decode().strip().splitlines()
     assert len(lines) == 1 and "schema version 99" in lines[0], lines
-    with contextlib.closing(sqlite3.connect(tmp_path / "lean.db")) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 99  # left as it was
+    assert f"[store] {store_line(target).split()[0]}" in lines[0]
+    assert target.version() == 99  # left as it was
+
+
+async def test_an_unreachable_postgresql_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    port = free_port()
+    url = "postgresql://lean:s3cret@127.0.0.1:9/lean"
+    config = write_config(tmp_path, "http://127.0.0.1:9/v1", port, store=f"url = {url}")
+    proc = await spawn(config, port)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), START_TIMEOUT)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 2, err
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1 and "[store] url" in lines[0], lines
+    assert "s3cret" not in lines[0] and "127.0.0.1:9" in lines[0]
 
 
 async def test_kill_9_mid_answer_keeps_the_text_flushed_before_it(
-    tmp_path: Path, fake: FakeOpenAI, http: aiohttp.ClientSession
+    tmp_path: Path, fake: FakeOpenAI, http: aiohttp.ClientSession, target: Target
 ) -> None:
     words = [f"w{i} " for i in range(40)]
     stream = text_stream("".join(words))
     stream.stall_after = 1 + 10  # the role chunk, then 10 words; then the upstream stalls
     fake.push(stream)
     port = free_port()
-    config = write_config(tmp_path, fake.base_url, port, flush_interval=0.2)
+    config = write_config(tmp_path, fake.base_url, port, 0.2, store=store_line(target))
     async with lean_serve(config, port) as lean:
         async with http.post(
             lean.url + "/v1/scenes/chat/stream", json={"message": "go"}, headers=NDJSON
