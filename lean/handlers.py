@@ -23,10 +23,17 @@ from aiohttp import web
 
 from lean.chunk_stream import PING, ChunkStream
 from lean.client_io import ClientGone, bound_send_buffer, reset, unsent
-from lean.config import Config, ModelConfig
+from lean.clients import DEFAULT, Ticket, client_of, estimate
+from lean.config import ModelConfig
 from lean.connections import Connections
 from lean.core import Ending
-from lean.errors import Internal, LeanError, NotFound, PayloadTooLarge, clip, openai_error_body
+from lean.errors import (
+    Forbidden,
+    Internal,
+    LeanError,
+    PayloadTooLarge,
+    openai_error_body,
+)
 from lean.guard import Guard
 from lean.inbound import require_json
 from lean.openai_compat import (
@@ -37,7 +44,7 @@ from lean.openai_compat import (
     new_id,
     parse_request,
 )
-from lean.providers.base import Piece
+from lean.providers.base import Piece, Text, Usage
 from lean.relay import Relay
 from lean.services import Services
 
@@ -72,13 +79,6 @@ def error_response(error: LeanError) -> web.Response:
         content_type="application/json",
         headers=error.headers(),
     )
-
-
-def find_model(config: Config, alias: str) -> ModelConfig:
-    model = config.models.get(alias)
-    if model is None:
-        raise NotFound(f"model '{clip(alias)}' does not exist; GET /v1/models lists the aliases")
-    return model
 
 
 def new_guard(
@@ -117,22 +117,36 @@ def new_guard(
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     services = request.app[services_key]
     chat, body = parse_request(await read_json(request))
-    model = find_model(services.config, chat.model)
+    model = services.clients.model(client_of(request), chat.model)
     services.streams.check()
-    if chat.stream:
-        include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-        return await _stream(request, services, model, body, include_usage)
-    return await _complete(request, services, model, body)
+    ticket = await services.clients.admit(client_of(request))
+    try:
+        if chat.stream:
+            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+            return await _stream(request, services, model, body, include_usage, ticket)
+        return await _complete(request, services, model, body, ticket)
+    finally:
+        ticket.end()  # refused before its stream began; else its outcome ended it, counted
 
 
 class _Outcome:
     """How one chat completion ended: one log line and the metrics, never per chunk."""
 
     def __init__(
-        self, services: Services, model: ModelConfig, body: dict[str, Any], *, stream: bool
+        self,
+        services: Services,
+        model: ModelConfig,
+        body: dict[str, Any],
+        ticket: Ticket,
+        *,
+        stream: bool,
     ) -> None:
         self.model = model
         self.stream = stream
+        self.body = body
+        self.ticket = ticket
+        self.usage: Usage | None = None  # the upstream's, when it gave one
+        self.answer = ""  # a whole (non-streaming) answer's text, for an estimate
         messages = body.get("messages") or [{}]
         self.prompt = messages[-1].get("content") if services.config.server.log_prompts else None
         self.started = time.monotonic()
@@ -147,6 +161,7 @@ class _Outcome:
 
     def end(self, services: Services) -> None:
         ttft = None if self.first_token is None else self.first_token - self.started
+        self.ticket.end(self.usage, self._estimate)
         services.metrics.run_ended("chat.completions", "", self.status.value, self.frames, ttft)
         log.info(
             "run",
@@ -165,17 +180,32 @@ class _Outcome:
             },
         )
 
+    def _estimate(self) -> float:
+        """Without the upstream's usage: the prompt's estimate and the answer's, a streamed
+        answer's counted as a token per chunk relayed (the text is not kept; OpenAI-style
+        streams carry about one token per chunk)."""
+        return estimate(self.body, self.answer) + self.frames
+
 
 async def _complete(
-    request: web.Request, services: Services, model: ModelConfig, body: dict[str, Any]
+    request: web.Request,
+    services: Services,
+    model: ModelConfig,
+    body: dict[str, Any],
+    ticket: Ticket,
 ) -> web.Response:
     guard = new_guard(services, None, request)
     services.streams.add(guard)
-    outcome = _Outcome(services, model, body, stream=False)
+    outcome = _Outcome(services, model, body, ticket, stream=False)
     relay = Relay(services, model, body, guard)
     answer = _Answer()
     try:
         await relay.run(answer)
+        for piece in answer.pieces:
+            if isinstance(piece, Usage):
+                outcome.usage = piece
+            elif isinstance(piece, Text):
+                outcome.answer += piece.text
         outcome.status = Ending.COMPLETE
         outcome.first_token = time.monotonic()
     except asyncio.CancelledError:
@@ -218,12 +248,13 @@ async def _stream(
     model: ModelConfig,
     body: dict[str, Any],
     include_usage: bool,
+    ticket: Ticket,
 ) -> web.StreamResponse:
     """The stream runs in a task of its own: an upstream read then resumes that task's
     few frames, not also aiohttp's handler and the middlewares above it (measured with
     `python -m bench.cpu_pair`: ~1 µs of the ~8 µs lean adds to a bare relay per chunk)."""
     task = asyncio.get_running_loop().create_task(
-        _run_stream(request, services, model, body, include_usage)
+        _run_stream(request, services, model, body, include_usage, ticket)
     )
     try:
         return await asyncio.shield(task)
@@ -240,6 +271,7 @@ async def _run_stream(
     model: ModelConfig,
     body: dict[str, Any],
     include_usage: bool,
+    ticket: Ticket,
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers=SSE_HEADERS)
     bound_send_buffer(request, services.config.limits.send_buffer_bytes)
@@ -255,7 +287,7 @@ async def _run_stream(
     except LeanError:
         await guard.close()
         raise
-    outcome = _Outcome(services, model, body, stream=True)
+    outcome = _Outcome(services, model, body, ticket, stream=True)
     error: LeanError | None = None
     framer = ChunkFramer(completion_id=new_id(), model=model.alias, include_usage=include_usage)
     relay = Relay(services, model, body, guard)
@@ -287,6 +319,7 @@ async def _run_stream(
         services.streams.discard(guard)
         if error is not None:
             outcome.failed(error, relay.committed)
+        outcome.usage = framer.usage
         outcome.end(services)
     if error is not None and not guard.evicted:
         if not await chunks.settle():
@@ -307,7 +340,8 @@ async def _run_stream(
 
 
 async def models(request: web.Request) -> web.Response:
-    aliases = list(request.app[services_key].config.models)
+    """The model aliases the client may use."""
+    aliases = request.app[services_key].clients.models(client_of(request))
     return web.Response(body=models_body(aliases), content_type="application/json")
 
 
@@ -316,6 +350,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """For the operator: the default client (`[auth]` tokens, or loopback without tokens).
+    A `[client.NAME]` would read the other clients' names and use."""
+    if client_of(request) is not DEFAULT:
+        raise Forbidden("/metrics is for the operator's tokens ([auth] tokens_env)")
     services = request.app[services_key]
     body = services.metrics.render(
         [

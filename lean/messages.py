@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-SCHEMA_VERSION = 3  # kept in PRAGMA user_version; a newer file is refused, not guessed at
+SCHEMA_VERSION = 4  # kept in PRAGMA user_version; a newer file is refused, not guessed at
 
 # Version 2: status `streaming` (a run's answer while it runs, flushed as it grows) and
 # `run_id`. SQLite cannot change a CHECK in place, so a version-1 table is copied into a new
@@ -23,6 +23,9 @@ SCHEMA_VERSION = 3  # kept in PRAGMA user_version; a newer file is refused, not 
 # a plain chat stores its text once; a version-2 row (whose `content` was the filled template)
 # gets NULL too, and reads back as before. A nullable column added at the end needs no copy
 # (MIGRATE_FROM_2).
+# Version 4: `client`, the `[client.NAME]` that owns the conversation (docs/protocol.md §7);
+# NULL for the default client, which so owns every row written before (MIGRATE_FROM_3). Not
+# a field of `MessageRecord`: it is never shown, only compared.
 _TABLE = """
 CREATE TABLE {name} (
     message_id TEXT PRIMARY KEY,
@@ -45,6 +48,7 @@ CREATE TABLE {name} (
     duration_ms REAL,
     run_id TEXT,
     prompt TEXT,
+    client TEXT,
     CHECK (role = 'assistant' OR status = 'complete')
 );
 """
@@ -62,8 +66,15 @@ MIGRATE_FROM_1 = (
     + "DROP TABLE messages; ALTER TABLE messages_new RENAME TO messages;"
     + _INDEX
 )
-MIGRATE_FROM_2 = "ALTER TABLE messages ADD COLUMN prompt TEXT;"
-MIGRATIONS = {0: SCHEMA, 1: MIGRATE_FROM_1, 2: MIGRATE_FROM_2, SCHEMA_VERSION: ""}
+MIGRATE_FROM_3 = "ALTER TABLE messages ADD COLUMN client TEXT;"
+MIGRATE_FROM_2 = "ALTER TABLE messages ADD COLUMN prompt TEXT;" + MIGRATE_FROM_3
+MIGRATIONS = {
+    0: SCHEMA,
+    1: MIGRATE_FROM_1,
+    2: MIGRATE_FROM_2,
+    3: MIGRATE_FROM_3,
+    SCHEMA_VERSION: "",
+}
 # At start-up no run is running: a row still `streaming` is an answer cut by a crash, and
 # keeps the text flushed before it.
 END_STREAMING = "UPDATE messages SET status = 'incomplete' WHERE status = 'streaming'"
@@ -100,10 +111,13 @@ class MessageRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
 _FIELDS = MessageRecord.__struct_fields__
 _TOOL_CALLS = _FIELDS.index("tool_calls")
 _COLUMNS = ", ".join(_FIELDS)
-INSERT_MESSAGE = (
-    f"INSERT OR REPLACE INTO messages ({_COLUMNS}) VALUES ({', '.join('?' * len(_FIELDS))})"
+INSERT_MESSAGE = (  # a record's row, then its owner (`row`)
+    f"INSERT OR REPLACE INTO messages ({_COLUMNS}, client)"
+    f" VALUES ({', '.join('?' * (len(_FIELDS) + 1))})"
 )
-_LAST_TURN = "SELECT coalesce(max(turn), 0) FROM messages WHERE conversation_id = ?"
+_LAST_TURN = (
+    "SELECT turn, client FROM messages WHERE conversation_id = ? ORDER BY turn DESC LIMIT 1"
+)
 # Newest first so LIMIT keeps the latest messages; the caller reverses.
 SELECT_MESSAGES = (
     f"SELECT {_COLUMNS} FROM messages WHERE conversation_id = ?"
@@ -116,7 +130,10 @@ SELECT_HISTORY = (  # the user's side as the model saw it: the filled template
     " AND a.status != 'streaming'"
     " ORDER BY a.turn DESC LIMIT ?"
 )
-SELECT_EXISTS = "SELECT 1 FROM messages WHERE conversation_id = ? LIMIT 1"
+# A conversation exists for a client when it owns it ('' for the default client's NULL).
+SELECT_EXISTS = (
+    "SELECT 1 FROM messages WHERE conversation_id = ? AND coalesce(client, '') = ? LIMIT 1"
+)
 # A running answer's text so far; a row its run has already saved for good is left alone.
 UPDATE_STREAMING = (
     "UPDATE messages SET content = ?, reasoning = ? WHERE message_id = ? AND status = 'streaming'"
@@ -133,11 +150,21 @@ _decode_tool_calls = msgspec.json.Decoder(list[dict[str, Any]]).decode
 
 
 def begin_turn(
-    conn: sqlite3.Connection, cid: str, scene: str, content: str, at: str, prompt: str | None
+    conn: sqlite3.Connection,
+    cid: str,
+    scene: str,
+    content: str,
+    at: str,
+    prompt: str | None,
+    client: str | None = None,
 ) -> int:
-    """Write the user message of the conversation's next turn; its number (writer thread).
+    """Write the user message of the conversation's next turn; its number (writer thread),
+    or 0, writing nothing, when the conversation belongs to another client than `client`.
     `prompt` is the filled template, when it differs from `content`."""
-    turn: int = conn.execute(_LAST_TURN, (cid,)).fetchone()[0] + 1
+    last = conn.execute(_LAST_TURN, (cid,)).fetchone()
+    if last is not None and last[1] != client:
+        return 0
+    turn: int = (last[0] if last else 0) + 1
     user = MessageRecord(
         message_id=f"{scene}:{cid}:{turn}:user",
         conversation_id=cid,
@@ -149,14 +176,15 @@ def begin_turn(
         scene=scene,
         prompt=None if prompt == content else prompt,
     )
-    conn.execute(INSERT_MESSAGE, row(user))
+    conn.execute(INSERT_MESSAGE, row(user, client))
     return turn
 
 
-def row(record: MessageRecord) -> list[Any]:
-    """The record as an `INSERT_MESSAGE` row."""
+def row(record: MessageRecord, client: str | None = None) -> list[Any]:
+    """The record as an `INSERT_MESSAGE` row, owned by `client` (None: the default)."""
     values = list(msgspec.structs.astuple(record))
     values[_TOOL_CALLS] = _encode_json(record.tool_calls).decode() if record.tool_calls else "[]"
+    values.append(client)
     return values
 
 

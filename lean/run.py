@@ -36,15 +36,10 @@ import msgspec
 
 from lean import events
 from lean.client_io import ClientGone
+from lean.clients import Ticket, estimate
 from lean.config import ModelConfig, SceneConfig
 from lean.core import Ending, RunCore
-from lean.errors import (
-    BadRequest,
-    Cancelled,
-    Internal,
-    LeanError,
-    SlowClient,
-)
+from lean.errors import BadRequest, Cancelled, Internal, LeanError, SlowClient
 from lean.guard import Guard
 from lean.messages import MessageRecord, utc_now
 from lean.providers.base import Piece, Usage
@@ -105,8 +100,13 @@ class Run:
         turn: int,
         body: dict[str, Any],
         sink: Sink | None,
+        ticket: Ticket,
     ) -> None:
         self.services = services
+        # Its hold on its client's limits, ended with the run; its client, the only one that
+        # may cancel, answer or resume it (lean.clients).
+        self.ticket = ticket
+        self.client = ticket.client
         self.run_id = run_id
         self.scene = scene
         self.model = model
@@ -143,7 +143,7 @@ class Run:
         a WebSocket's runs are named by its client and belong to that socket only.
         """
         self.services.streams.check()
-        if register and self.services.runs.get(self.run_id) is not None:
+        if register and self.run_id in self.services.runs:
             raise BadRequest(f"run id '{self.run_id}' is already running")
         self.task = asyncio.create_task(self._execute(), name=self.run_id)
         self.guard = self._new_guard()
@@ -190,7 +190,8 @@ class Run:
         core = self.core
         final: events.Event | None = None
         try:
-            await self.services.store.save_assistant(self._record(), wait=False)  # streaming
+            owner = self.client.owner  # its `streaming` row, owned as the final one
+            await self.services.store.save_assistant(self._record(), wait=False, client=owner)
             self.services.progress.add(self.message_id, core.text, core.reasoning)
             await self._emit(self._start_event())
             fallback = False
@@ -230,6 +231,7 @@ class Run:
             await guard.close()
             self.services.streams.discard(guard)
             self.services.runs.discard(self)
+            self.ticket.end(core.usage, lambda: estimate(self.body, core.text.text()))
             self.services.progress.discard(self.message_id)
             # Committed before the last event goes out: `done` tells whether the answer is
             # saved, a client that starts its next turn on `done` finds it in the history,
@@ -418,7 +420,7 @@ class Run:
         )
         store_error: str | None = None
         try:  # the store counts a failed write (lean_store_failures_total)
-            await self.services.store.save_assistant(record)
+            await self.services.store.save_assistant(record, client=self.client.owner)
         except sqlite3.Error as exc:  # a full disk, a read-only file: no traceback
             store_error = str(exc)
         except Exception as exc:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from lean.clients import Client, Clients
 from lean.config import Config, ConfigError
 from lean.limits import Streams
 from lean.metrics import Metrics
@@ -21,7 +22,8 @@ if TYPE_CHECKING:
 
 
 class Runs:
-    """Running scene runs by id, for cancel and tool-result requests."""
+    """Running scene runs by id, for cancel and tool-result requests. A run is found only by
+    the client that started it: to any other, it does not exist (404, not 403)."""
 
     def __init__(self) -> None:
         self._runs: dict[str, Run] = {}
@@ -29,8 +31,13 @@ class Runs:
     def __len__(self) -> int:
         return len(self._runs)
 
-    def get(self, run_id: str) -> Run | None:
-        return self._runs.get(run_id)
+    def get(self, run_id: str, client: Client) -> Run | None:
+        run = self._runs.get(run_id)
+        return run if run is not None and run.client.name == client.name else None
+
+    def __contains__(self, run_id: str) -> bool:
+        """Whether a run of that id is running, whoever started it (ids are unique)."""
+        return run_id in self._runs
 
     def add(self, run: Run) -> None:
         if run.run_id in self._runs:
@@ -50,6 +57,7 @@ class Services:
         self.store = Store(config.store.path, on_failure=self.metrics.store_failed)
         self.progress = Progress(self.store, config.store.flush_interval)
         self.streams = Streams(config.limits.max_streams, self.metrics)
+        self.clients = Clients(config, self.metrics)
         # Imports python tools: a bad path stops start-up.
         self.tools = Tools(config.tools, threads=config.limits.tool_threads, metrics=self.metrics)
         self.runs = Runs()
