@@ -672,3 +672,54 @@ async def test_a_store_that_cannot_write_says_so_counts_it_and_recovers_by_itsel
     assert [(m.turn, m.content) for m in await s.messages("n")] == [(1, "new")]
     assert await s.messages("b") == []  # an awaited turn was refused, not kept
     await s.close()
+
+
+# -- schema 4: a conversation's owner (docs/protocol.md §7) ------------------------------------
+
+
+async def test_a_conversation_is_its_clients_and_another_cannot_add_a_turn(store: Store) -> None:
+    assert (
+        await store.begin_turn(conversation_id="a", scene="chat", user_content="q", client="x") == 1
+    )
+    await store.save_assistant(answer("a", 1), client="x")
+    assert (
+        await store.begin_turn(conversation_id="a", scene="chat", user_content="q", client="y") == 0
+    )
+    assert await ask(store, "a") == 0  # the default client's is not x's either
+    assert [m.turn for m in await store.messages("a")] == [1, 1]  # nothing was written
+    assert await store.conversation_exists("a", "x")
+    assert not await store.conversation_exists("a", "y")
+    assert not await store.conversation_exists("a")
+    assert (
+        await store.begin_turn(conversation_id="a", scene="chat", user_content="q", client="x") == 2
+    )
+    await store.begin_first_turn(conversation_id="n", scene="chat", user_content="q", client="y")
+    assert await store.conversation_exists("n", "y")
+    assert not await store.conversation_exists("n", "x")
+
+
+async def test_a_version_3_database_is_migrated_and_its_rows_are_the_default_clients(
+    tmp_path: Path,
+) -> None:
+    s = Store(db(tmp_path))
+    await s.open()
+    await ask(s, "a", "hi")
+    await s.save_assistant(answer("a", 1))
+    await s.close()
+    with sqlite3.connect(db(tmp_path)) as conn:  # back to version 3: no `client` column
+        conn.executescript("ALTER TABLE messages DROP COLUMN client; PRAGMA user_version = 3;")
+    conn.close()
+    s = Store(db(tmp_path))
+    await s.open()
+    assert [(m.role, m.content) for m in await s.messages("a")] == [
+        ("user", "hi"),
+        ("assistant", "answer 1"),
+    ]
+    assert await s.conversation_exists("a")  # the default client owns what came before
+    assert not await s.conversation_exists("a", "x")
+    assert await ask(s, "a") == 2
+    await s.close()
+    with sqlite3.connect(db(tmp_path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
