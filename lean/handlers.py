@@ -168,6 +168,7 @@ class _Outcome:
             extra={
                 "fields": {
                     "endpoint": "chat.completions",
+                    "client": self.ticket.client.name,
                     "model": self.model.alias,
                     "stream": self.stream,
                     "status": self.status.value,

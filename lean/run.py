@@ -103,10 +103,8 @@ class Run:
         ticket: Ticket,
     ) -> None:
         self.services = services
-        # Its hold on its client's limits, ended with the run; its client, the only one that
-        # may cancel, answer or resume it (lean.clients).
-        self.ticket = ticket
-        self.client = ticket.client
+        self.ticket = ticket  # its hold on its client's limits (lean.clients), ended with it
+        self.client = ticket.client  # the only client that may cancel, answer or resume it
         self.run_id = run_id
         self.scene = scene
         self.model = model
@@ -428,6 +426,7 @@ class Run:
             store_error = str(exc) or type(exc).__name__
         fields: dict[str, Any] = {
             "endpoint": "scene",
+            "client": self.client.name,
             "scene": self.scene.name,
             "model": self.model.alias,
             "run_id": self.run_id,
