@@ -1,4 +1,4 @@
-"""Who a request is, what it may use and how much (docs/protocol.md §7, "Clients").
+"""Who a request is, what it may use and how much (docs/protocol.md §8).
 
 - `client_of(request)`: the `Client` whose token the request carried (set by the auth
   middleware); the default client for `[auth]` tokens and for loopback without tokens.

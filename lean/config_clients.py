@@ -1,4 +1,4 @@
-"""`[client.NAME]` sections: who may call lean, with what, and how much (docs/protocol.md §7).
+"""`[client.NAME]` sections: who may call lean, with what, and how much (docs/protocol.md §8).
 
 Each client has its own tokens, read from the environment variable its `token_env` names
 (comma-separated, as `[auth] tokens_env`: several let a client rotate its token), the

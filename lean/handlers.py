@@ -117,9 +117,10 @@ def new_guard(
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     services = request.app[services_key]
     chat, body = parse_request(await read_json(request))
-    model = services.clients.model(client_of(request), chat.model)
+    client = client_of(request)
+    model = services.clients.model(client, chat.model)
     services.streams.check()
-    ticket = await services.clients.admit(client_of(request))
+    ticket = await services.clients.admit(client)
     try:
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)

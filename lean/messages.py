@@ -23,7 +23,7 @@ SCHEMA_VERSION = 4  # kept in PRAGMA user_version; a newer file is refused, not 
 # a plain chat stores its text once; a version-2 row (whose `content` was the filled template)
 # gets NULL too, and reads back as before. A nullable column added at the end needs no copy
 # (MIGRATE_FROM_2).
-# Version 4: `client`, the `[client.NAME]` that owns the conversation (docs/protocol.md §7);
+# Version 4: `client`, the `[client.NAME]` that owns the conversation (docs/protocol.md §8);
 # NULL for the default client, which so owns every row written before (MIGRATE_FROM_3). Not
 # a field of `MessageRecord`: it is never shown, only compared.
 _TABLE = """
