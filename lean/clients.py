@@ -53,11 +53,16 @@ DAY = 86400.0
 STREAMS_RETRY_AFTER = 1.0
 
 
-def estimate(body: dict[str, Any], answer: str) -> float:
+def estimate(body: dict[str, Any], answer: str, chunks: int = 0) -> float:
     """The tokens of a request whose upstream reported no usage (a stream cut before its
-    usage chunk, a server that never sends one): its chat body and the answer so far, by
-    the rule of `lean.dialects.estimate` (which leans toward counting too much)."""
-    return estimate_tokens(body) + text_tokens(answer)
+    usage chunk, a server that never sends one): its chat body and the answer so far (its
+    text, plus `chunks` relayed whose text lean did not keep), by the rule of
+    `lean.dialects.estimate`, which leans toward counting too much. Nothing when nothing of
+    an answer came: a request the upstream refused (a connect error, an HTTP error) is not
+    billed."""
+    if not answer and not chunks:
+        return 0.0
+    return estimate_tokens(body) + text_tokens(answer) + chunks
 
 
 class Client:

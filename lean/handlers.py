@@ -186,7 +186,7 @@ class _Outcome:
         """Without the upstream's usage: the prompt's estimate and the answer's, a streamed
         answer's counted as a token per chunk relayed (the text is not kept; OpenAI-style
         streams carry about one token per chunk)."""
-        return estimate(self.body, self.answer) + self.frames
+        return estimate(self.body, self.answer, self.frames)
 
 
 async def _complete(

@@ -305,6 +305,22 @@ async def test_an_answer_without_usage_is_counted_by_estimate(
     assert (await chat(http, lean, GAMMA))[0] == 429  # the estimates reached the day's 20
 
 
+async def test_a_request_the_upstream_refused_costs_no_tokens(
+    fake: FakeOpenAI, lean: Server, http: aiohttp.ClientSession
+) -> None:
+    refusal = Reply(status=400, body={"error": {"message": "no", "type": "invalid_request_error"}})
+    fake.push(refusal, refusal)  # the stream, then the non-streaming path
+    assert (await chat(http, lean, GAMMA))[0] == 400
+    fake.push(refusal, refusal)
+    assert (await scene_run(http, lean, GAMMA))[1][-1][0] == "error"
+    assert len(fake.requests) == 4
+    for kind in ("prompt", "completion", "estimated"):
+        series = f'lean_client_tokens_total{{client="gamma",kind="{kind}"}}'
+        assert await metric(http, lean, series) == 0
+    assert await metric(http, lean, 'lean_client_requests_total{client="gamma"}') == 2
+    assert await metric(http, lean, 'lean_client_active_streams{client="gamma"}') == 0
+
+
 # --- scenes and models a client may use --------------------------------------------------------
 
 
