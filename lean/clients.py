@@ -207,6 +207,11 @@ class Clients:
             client = Client(named)
             tokens += [(token.reveal().encode(), client) for token in named.tokens]
         self.tokens = tuple(tokens)
+        # Every client's series from the start, at 0: a rate over a series that appears only
+        # with its first request misses that request.
+        for name in (DEFAULT_CLIENT, *config.clients):
+            metrics.client_requests[(name,)] += 0
+            metrics.client_streams[(name,)] += 0
 
     def models(self, client: Client) -> list[str]:
         allowed = client.config.models if client.config is not None else None

@@ -471,6 +471,11 @@ async def test_a_websocket_conversation_belongs_to_the_sockets_client(
 async def test_metrics_by_client_for_the_operator_only(
     fake: FakeOpenAI, lean: Server, http: aiohttp.ClientSession
 ) -> None:
+    async with http.get(f"{lean.url}/metrics", headers=LEGACY) as resp:
+        text = await resp.text()
+    for name in ("default", "alpha", "beta", "gamma", "delta"):  # there from the start, at 0
+        assert f'lean_client_requests_total{{client="{name}"}} 0\n' in text
+        assert f'lean_client_active_streams{{client="{name}"}} 0\n' in text
     assert (await chat(http, lean, ALPHA))[0] == 200
     assert (await chat(http, lean, LEGACY))[0] == 200
     assert await metric(http, lean, 'lean_client_requests_total{client="alpha"}') == 1
