@@ -521,6 +521,18 @@ async def test_client_tokens_alone_need_a_token_on_loopback_too(fake: FakeOpenAI
             assert (await chat(http, lean, ALPHA))[0] == 200
 
 
+async def test_an_event_source_is_its_clients_by_its_access_token(
+    fake: FakeOpenAI, lean: Server, http: aiohttp.ClientSession
+) -> None:
+    url = f"{lean.url}/v1/scenes/chat/stream?message=Hi&access_token=beta-token"
+    async with http.get(url) as resp:
+        assert resp.status == 200
+        assert sse_events(await resp.text())[-1][0] == "done"
+    assert await metric(http, lean, 'lean_client_requests_total{client="beta"}') == 1
+    async with http.get(url.replace("chat", "costly")) as resp:
+        assert resp.status == 404  # beta's scenes, whatever carries its token
+
+
 # --- MemoryLimiter, fed its clocks -------------------------------------------------------------
 
 
