@@ -6,6 +6,11 @@ A request is checked and translated by `lean.dialects.anthropic`; its run is
 `lean.driver`'s, in `encoders.anthropic.MessagesEncoder`'s events. Errors raised here
 (a bad body, an unknown alias) are rendered in Anthropic's shape by the app's error
 middleware, which picks Anthropic's renderer for these paths (`lean.app`).
+
+A client's limits (docs/protocol.md §8) apply to `/v1/messages` as to chat completions:
+its models, then admission (429 in Anthropic's shape with Retry-After, which the SDKs type
+as `RateLimitError`) before any provider call. `count_tokens` is not a run: it checks the
+model is the client's, and counts toward none of its limits (no answer, no tokens).
 """
 
 from __future__ import annotations
@@ -15,12 +20,13 @@ import logging
 from aiohttp import web
 
 from lean import driver
+from lean.clients import client_of
 from lean.config import ModelConfig
 from lean.dialects.anthropic import Request, parse_request
 from lean.dialects.estimate import estimate_tokens
 from lean.encoders.anthropic import MessagesEncoder
 from lean.errors import BadRequest, LeanError, clip
-from lean.handlers import find_model, read_json, services_key
+from lean.handlers import read_json, services_key
 from lean.providers.anthropic import Native
 from lean.providers.base import NATIVE
 
@@ -48,7 +54,8 @@ def _is_anthropic(request: web.Request, model: ModelConfig) -> bool:
 async def messages(request: web.Request) -> web.StreamResponse:
     services = request.app[services_key]
     asked = await _read(request)
-    model = find_model(services.config, asked.model)
+    client = client_of(request)
+    model = services.clients.model(client, asked.model)
     if asked.untranslated and not _is_anthropic(request, model):
         # Left out, they would change what the request means: a server tool, a document.
         named = ", ".join(f"`{clip(place)}`" for place in asked.untranslated[:MAX_NAMED])
@@ -58,10 +65,14 @@ async def messages(request: web.Request) -> web.StreamResponse:
             f"upstream, which alone takes {named}" + (f" and {more} more" if more > 0 else "")
         )
     services.streams.check()
-    encoder = MessagesEncoder(model=model.alias, input_tokens=estimate_tokens(asked.body))
-    if asked.stream:
-        return await driver.stream(request, services, model, asked.body, encoder)
-    return await driver.complete(request, services, model, asked.body, encoder)
+    ticket = await services.clients.admit(client)
+    try:
+        encoder = MessagesEncoder(model=model.alias, input_tokens=estimate_tokens(asked.body))
+        if asked.stream:
+            return await driver.stream(request, services, model, asked.body, encoder, ticket)
+        return await driver.complete(request, services, model, asked.body, encoder, ticket)
+    finally:
+        ticket.end()  # refused before its stream began; else its outcome ended it, counted
 
 
 async def count_tokens(request: web.Request) -> web.Response:
@@ -69,7 +80,7 @@ async def count_tokens(request: web.Request) -> web.Response:
     upstream cannot count (a compatible server without the route), lean's estimate."""
     services = request.app[services_key]
     asked = await _read(request, counting=True)
-    model = find_model(services.config, asked.model)
+    model = services.clients.model(client_of(request), asked.model)  # no admission: not a run
     native = asked.body[NATIVE]
     tokens: int | None = None
     if _is_anthropic(request, model) and isinstance(native, Native):

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import WSCloseCode, web
 
 from lean import anthropic_routes, handlers, scene_handlers, static, ui_handlers, ws
+from lean.clients import Client, client_key
 from lean.config import Config, ConfigError
 from lean.connections import Connections
 from lean.encoders import anthropic as anthropic_encoder
@@ -126,17 +127,23 @@ def _token_of(request: web.Request) -> str:
     return request.query.get("access_token", "")  # EventSource cannot set headers
 
 
-def auth_middleware(tokens: tuple[bytes, ...]) -> Callable[..., Awaitable[web.StreamResponse]]:
+def auth_middleware(
+    tokens: tuple[tuple[bytes, Client], ...],
+) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Lets in a request whose token is one of `tokens`, as that token's client."""
+
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path not in PUBLIC_PATHS:
             given = _token_of(request).encode()
-            # Compare with every token, always: the time taken says nothing about which matched.
-            ok = False
-            for token in tokens:
-                ok |= hmac.compare_digest(given, token)
-            if not ok:
+            # Compare with every token, always, and pick the client without a branch: the
+            # time taken says nothing about which matched.
+            found: Client | None = None
+            for token, client in tokens:
+                found = (found, client)[hmac.compare_digest(given, token)]
+            if found is None:
                 raise Unauthorized("missing or invalid bearer token")
+            request[client_key] = found
         return await handler(request)
 
     return middleware
@@ -160,7 +167,7 @@ def create_app(config: Config) -> web.Application:
     )
     browsers = Browsers(
         config.server.cors_origins,
-        tokens=bool(config.auth.tokens),
+        tokens=config.has_tokens,
         rejections=rejections,
         same_origin=frozenset(static.PAGE),
     )
@@ -169,8 +176,8 @@ def create_app(config: Config) -> web.Application:
         errors_middleware,
         browsers.middleware(PUBLIC_PATHS),
     ]
-    if config.auth.tokens:
-        middlewares.append(auth_middleware(tuple(t.reveal().encode() for t in config.auth.tokens)))
+    if config.has_tokens:
+        middlewares.append(auth_middleware(services.clients.tokens))
     middlewares.append(draining_middleware)
     app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=middlewares)
     if browsers.cors:  # CORS headers on every response as it starts, errors and streams too
@@ -290,7 +297,8 @@ async def serve(config: Config) -> None:
         "config": config.path,
         "models": ",".join(config.models),
         "scenes": ",".join(config.scenes) or None,
-        "auth": "tokens" if config.auth.tokens else "none (loopback only)",
+        "auth": "tokens" if config.has_tokens else "none (loopback only)",
+        "clients": ",".join(config.clients) or None,
         "page": f"{server.url}/" if config.server.web_ui else "off",
     }
     log.info("lean listening on %s", server.url, extra={"fields": fields})

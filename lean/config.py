@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from lean.config_clients import ClientConfig, parse_clients
 from lean.config_keys import (
     KEYS,
     NAME,
@@ -32,6 +33,7 @@ from lean.config_store import StoreConfig, store_config
 
 __all__ = [
     "AuthConfig",
+    "ClientConfig",
     "Config",
     "ConfigError",
     "LimitsConfig",
@@ -189,6 +191,12 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     tools: dict[str, ToolConfig]
     scenes: dict[str, SceneConfig]
     path: str  # the file it came from
+    clients: dict[str, ClientConfig] = {}  # [client.NAME] (lean.config_clients)
+
+    @property
+    def has_tokens(self) -> bool:
+        """Whether requests must carry a token: [auth]'s or a client's."""
+        return bool(self.auth.tokens or self.clients)
 
 
 def is_loopback(host: str) -> bool:
@@ -358,14 +366,6 @@ def parse_config(
 
     server = ServerConfig(**single("server"))
     auth = _auth(single("auth"), env)
-    if not auth.tokens and not is_loopback(server.host):
-        expected = f"a loopback address, or client tokens in ${auth.tokens_env}"
-        raise ConfigError("server", "host", expected, server.host)
-    if not auth.tokens and "*" in server.cors_origins:
-        # Any page could then spend the keys of a lean that asks no token.
-        expected = f"listed origins, or client tokens in ${auth.tokens_env} for '*'"
-        raise ConfigError("server", "cors_origins", expected, "*")
-
     providers = {n: _provider(f"provider.{n}", n, v, env) for n, v in sections["provider"].items()}
     models = {n: _model(f"model.{n}", n, v, providers) for n, v in sections["model"].items()}
     if not models:
@@ -376,6 +376,21 @@ def parse_config(
             _ref(f"model.{alias}", "fallback", other, others, "model")
     tools = {n: _tool(f"tool.{n}", n, v) for n, v in sections["tool"].items()}
     scenes = {n: _scene(f"scene.{n}", n, v, models, tools) for n, v in sections["scene"].items()}
+    clients = parse_clients(
+        sections["client"],
+        env,
+        scenes=scenes,
+        models=models,
+        auth_tokens=auth.tokens,
+        secret=Secret,
+    )
+    if not (auth.tokens or clients) and not is_loopback(server.host):
+        expected = f"a loopback address, or client tokens in ${auth.tokens_env}"
+        raise ConfigError("server", "host", expected, server.host)
+    if not (auth.tokens or clients) and "*" in server.cors_origins:
+        # Any page could then spend the keys of a lean that asks no token.
+        expected = f"listed origins, or client tokens in ${auth.tokens_env} for '*'"
+        raise ConfigError("server", "cors_origins", expected, "*")
     return Config(
         server=server,
         auth=auth,
@@ -386,6 +401,7 @@ def parse_config(
         tools=tools,
         scenes=scenes,
         path=path,
+        clients=clients,
     )
 
 

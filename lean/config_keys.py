@@ -224,12 +224,21 @@ KEYS: dict[str, dict[str, _Parser]] = {
         "history_turns": _int(0),
         "on_disconnect": _choice("cancel", "finish"),
     },
+    "client": {  # lean.config_clients
+        "token_env": _str,
+        "scenes": _list,
+        "models": _list,
+        "max_streams": _COUNT,
+        "requests_per_minute": _COUNT,
+        "requests_burst": _COUNT,
+        "tokens_per_day": _COUNT,
+    },
 }
-NAMED = ("provider", "model", "tool", "scene")  # sections written [kind.NAME]
+NAMED = ("provider", "model", "tool", "scene", "client")  # sections written [kind.NAME]
 NAME = re.compile(r"[A-Za-z0-9_.-]+")
 SECTIONS = (
-    "a section named server, auth, store, limits, provider.NAME, model.NAME, tool.NAME"
-    " or scene.NAME"
+    "a section named server, auth, store, limits, provider.NAME, model.NAME, tool.NAME,"
+    " scene.NAME or client.NAME"
 )
 
 

@@ -12,6 +12,9 @@ the dialect's heartbeat from byte zero.
 How it ends (`core.Ending`): complete; cancelled (the client left: the upstream is
 closed at once); or a failure — before the commit an HTTP status in the dialect's error
 body (its SDK types it and retries it), after it one error frame, never a made-up finish.
+
+The route admits the request to its client's limits first (`lean.clients`); the run ends
+its `Ticket` with the tokens the answer used: the upstream's usage, else an estimate.
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ from aiohttp import web
 
 from lean.chunk_stream import ChunkStream
 from lean.client_io import ClientGone, bound_send_buffer, reset, unsent
+from lean.clients import Ticket, estimate
 from lean.config import ModelConfig
 from lean.core import Ending
 from lean.encoders import Encoder
 from lean.errors import Internal, LeanError
 from lean.guard import Guard
-from lean.providers.base import Piece
+from lean.providers.base import Piece, Text, Usage
 from lean.relay import Relay
 from lean.services import Services
 
@@ -81,12 +85,17 @@ class Outcome:
         endpoint: str,
         model: ModelConfig,
         body: dict[str, Any],
+        ticket: Ticket,
         *,
         stream: bool,
     ) -> None:
         self.endpoint = endpoint
         self.model = model
         self.stream = stream
+        self.body = body
+        self.ticket = ticket
+        self.usage: Usage | None = None  # the upstream's, when it gave one
+        self.answer = ""  # a whole (non-streaming) answer's text, for an estimate
         messages = body.get("messages") or [{}]
         self.prompt = messages[-1].get("content") if services.config.server.log_prompts else None
         self.started = time.monotonic()
@@ -101,12 +110,14 @@ class Outcome:
 
     def end(self, services: Services) -> None:
         ttft = None if self.first_token is None else self.first_token - self.started
+        self.ticket.end(self.usage, self._estimate)
         services.metrics.run_ended(self.endpoint, "", self.status.value, self.frames, ttft)
         log.info(
             "run",
             extra={
                 "fields": {
                     "endpoint": self.endpoint,
+                    "client": self.ticket.client.name,
                     "model": self.model.alias,
                     "stream": self.stream,
                     "status": self.status.value,
@@ -118,6 +129,12 @@ class Outcome:
                 }
             },
         )
+
+    def _estimate(self) -> float:
+        """Without the upstream's usage: the prompt's estimate and the answer's, a streamed
+        answer's counted as a token per frame relayed (the text is not kept; streams carry
+        about one token per frame)."""
+        return estimate(self.body, self.answer, self.frames)
 
 
 class _Answer:
@@ -140,16 +157,22 @@ async def complete(
     model: ModelConfig,
     body: dict[str, Any],
     encoder: Encoder,
+    ticket: Ticket,
 ) -> web.Response:
     """The whole answer in one response (`encoder.whole`); a failure is raised (the app's
     error middleware, or the route, renders it in the dialect's body)."""
     guard = new_guard(services, request)
     services.streams.add(guard)
-    outcome = Outcome(services, encoder.endpoint, model, body, stream=False)
+    outcome = Outcome(services, encoder.endpoint, model, body, ticket, stream=False)
     relay = Relay(services, model, body, guard)
     answer = _Answer()
     try:
         await relay.run(answer)
+        for piece in answer.pieces:
+            if isinstance(piece, Usage):
+                outcome.usage = piece
+            elif isinstance(piece, Text):
+                outcome.answer += piece.text
         outcome.status = Ending.COMPLETE
         outcome.first_token = time.monotonic()
     except asyncio.CancelledError:
@@ -175,6 +198,7 @@ async def stream(
     model: ModelConfig,
     body: dict[str, Any],
     encoder: Encoder,
+    ticket: Ticket,
 ) -> web.StreamResponse:
     """The answer as it comes, in the encoder's frames.
 
@@ -182,7 +206,7 @@ async def stream(
     few frames, not also aiohttp's handler and the middlewares above it (measured with
     `python -m bench.cpu_pair`: ~1 µs of the ~8 µs lean adds to a bare relay per chunk)."""
     task = asyncio.get_running_loop().create_task(
-        _run_stream(request, services, model, body, encoder)
+        _run_stream(request, services, model, body, encoder, ticket)
     )
     try:
         return await asyncio.shield(task)
@@ -199,6 +223,7 @@ async def _run_stream(
     model: ModelConfig,
     body: dict[str, Any],
     encoder: Encoder,
+    ticket: Ticket,
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers=SSE_HEADERS)
     bound_send_buffer(request, services.config.limits.send_buffer_bytes)
@@ -214,7 +239,7 @@ async def _run_stream(
     except LeanError:
         await guard.close()
         raise
-    outcome = Outcome(services, encoder.endpoint, model, body, stream=True)
+    outcome = Outcome(services, encoder.endpoint, model, body, ticket, stream=True)
     error: LeanError | None = None
     relay = Relay(services, model, body, guard)
     chunks = ChunkStream(request, response, encoder, guard, outcome)
@@ -245,6 +270,7 @@ async def _run_stream(
         services.streams.discard(guard)
         if error is not None:
             outcome.failed(error, relay.committed)
+        outcome.usage = encoder.usage
         outcome.end(services)
     if error is not None and not guard.evicted:
         if not await chunks.settle():

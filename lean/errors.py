@@ -28,10 +28,13 @@ class LeanError(Exception):
         self.message = message
         self.retry_after = retry_after
 
+    def retry_after_seconds(self) -> int | None:
+        """`retry_after` as HTTP's Retry-After says it: whole seconds, at least 1."""
+        return None if self.retry_after is None else max(1, round(self.retry_after))
+
     def headers(self) -> dict[str, str]:
-        if self.retry_after is None:
-            return {}
-        return {"Retry-After": str(max(1, round(self.retry_after)))}
+        seconds = self.retry_after_seconds()
+        return {} if seconds is None else {"Retry-After": str(seconds)}
 
 
 class BadRequest(LeanError):
@@ -65,6 +68,14 @@ class StillRunning(LeanError):
 
 class RateLimited(LeanError):
     status, code, openai_type, retryable = 429, "rate_limited", "rate_limit_error", True
+
+
+class QuotaExceeded(RateLimited):
+    """A client's `tokens_per_day` is spent: 429 like any rate limit (SDKs type it as one),
+    but not worth retrying before its `Retry-After`, the next UTC midnight. OpenAI's own
+    type for a spent quota."""
+
+    code, openai_type, retryable = "quota_exceeded", "insufficient_quota", False
 
 
 class Overloaded(LeanError):

@@ -102,6 +102,9 @@ class Error(_Event, tag="error", frozen=True):
     code: str
     message: str
     retryable: bool = False
+    # Seconds to wait before trying again, as HTTP's Retry-After, where lean knows them (a
+    # WebSocket run refused by a client's limits); UNSET is never encoded.
+    retry_after: int | msgspec.UnsetType = msgspec.UNSET
 
 
 Event: TypeAlias = Start | Delta | ToolStart | ToolEnd | Waiting | Done | Error

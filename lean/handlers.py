@@ -8,11 +8,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from lean import driver
-from lean.config import Config, ModelConfig
+from lean.clients import DEFAULT, client_of
 from lean.connections import Connections
 from lean.dialects.anthropic import models_body as anthropic_models_body
 from lean.encoders.chat import ChatEncoder
-from lean.errors import NotFound, PayloadTooLarge, clip
+from lean.errors import Forbidden, PayloadTooLarge
 from lean.inbound import require_json
 from lean.openai_compat import models_body, parse_request
 from lean.services import Services
@@ -31,29 +31,28 @@ async def read_json(request: web.Request) -> bytes:
         raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes") from None
 
 
-def find_model(config: Config, alias: str) -> ModelConfig:
-    model = config.models.get(alias)
-    if model is None:
-        raise NotFound(f"model '{clip(alias)}' does not exist; GET /v1/models lists the aliases")
-    return model
-
-
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     services = request.app[services_key]
     chat, body = parse_request(await read_json(request))
-    model = find_model(services.config, chat.model)
+    client = client_of(request)
+    model = services.clients.model(client, chat.model)
     services.streams.check()
-    if chat.stream:
-        include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-        encoder = ChatEncoder(model=model.alias, include_usage=include_usage)
-        return await driver.stream(request, services, model, body, encoder)
-    return await driver.complete(request, services, model, body, ChatEncoder(model=model.alias))
+    ticket = await services.clients.admit(client)
+    try:
+        if chat.stream:
+            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+            encoder = ChatEncoder(model=model.alias, include_usage=include_usage)
+            return await driver.stream(request, services, model, body, encoder, ticket)
+        encoder = ChatEncoder(model=model.alias)
+        return await driver.complete(request, services, model, body, encoder, ticket)
+    finally:
+        ticket.end()  # refused before its stream began; else its outcome ended it, counted
 
 
 async def models(request: web.Request) -> web.Response:
-    """The aliases in OpenAI's list shape, or Anthropic's for a request that carries
-    `anthropic-version` (an Anthropic SDK; docs/protocol.md §1)."""
-    aliases = list(request.app[services_key].config.models)
+    """The aliases the client may use, in OpenAI's list shape, or Anthropic's for a request
+    that carries `anthropic-version` (an Anthropic SDK; docs/protocol.md §1)."""
+    aliases = request.app[services_key].clients.models(client_of(request))
     if "anthropic-version" in request.headers:
         body = anthropic_models_body(aliases)
     else:
@@ -66,6 +65,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """For the operator: the default client (`[auth]` tokens, or loopback without tokens).
+    A `[client.NAME]` would read the other clients' names and use."""
+    if client_of(request) is not DEFAULT:
+        raise Forbidden("/metrics is for the operator's tokens ([auth] tokens_env)")
     services = request.app[services_key]
     body = services.metrics.render(
         [

@@ -28,6 +28,9 @@ import msgspec
 # `content`, what the user typed. NULL when the two are the same (a `{message}` template), so
 # a plain chat stores its text once; a version-2 row (whose `content` was the filled template)
 # gets NULL too, and reads back as before. A nullable column added at the end needs no copy.
+# Version 4: `client`, the `[client.NAME]` that owns the conversation (docs/protocol.md §8);
+# NULL for the default client, which so owns every row written before. Not a field of
+# `MessageRecord`: it is never shown, only compared (`next_turn`, SELECT_EXISTS).
 _V1_COLUMNS = (
     "message_id, conversation_id, turn, role, content, status, created_at, scene, model,"
     " reasoning, tool_calls, finish_reason, error_code, prompt_tokens, completion_tokens,"
@@ -69,8 +72,10 @@ MIGRATIONS: list[str] = [
     + _INDEX,
     # 2 -> 3
     "ALTER TABLE messages ADD COLUMN prompt TEXT;",
+    # 3 -> 4
+    "ALTER TABLE messages ADD COLUMN client TEXT;",
 ]
-SCHEMA_VERSION = len(MIGRATIONS)  # 3
+SCHEMA_VERSION = len(MIGRATIONS)  # 4
 SCHEMA = "".join(MIGRATIONS)  # a new database's schema, every step in one script
 # At start-up no run is running: a row still `streaming` is an answer cut by a crash, and
 # keeps the text flushed before it. (One instance per database: with several, each must
@@ -109,13 +114,15 @@ class MessageRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
 _FIELDS = MessageRecord.__struct_fields__
 _TOOL_CALLS = _FIELDS.index("tool_calls")
 _COLUMNS = ", ".join(_FIELDS)
-# An upsert, not SQLite's INSERT OR REPLACE, so one statement serves both databases.
+# An upsert, not SQLite's INSERT OR REPLACE, so one statement serves both databases. A
+# record's row, then its owner (`row`).
 INSERT_MESSAGE = (
-    f"INSERT INTO messages ({_COLUMNS}) VALUES ({', '.join('?' * len(_FIELDS))})"
+    f"INSERT INTO messages ({_COLUMNS}, client) VALUES ({', '.join('?' * (len(_FIELDS) + 1))})"
     " ON CONFLICT (message_id) DO UPDATE SET "
-    + ", ".join(f"{name} = excluded.{name}" for name in _FIELDS[1:])
+    + ", ".join(f"{name} = excluded.{name}" for name in (*_FIELDS[1:], "client"))
 )
-LAST_TURN = "SELECT coalesce(max(turn), 0) FROM messages WHERE conversation_id = ?"
+# The conversation's last turn and its owner (`next_turn`).
+LAST_TURN = "SELECT turn, client FROM messages WHERE conversation_id = ? ORDER BY turn DESC LIMIT 1"
 # Newest first so LIMIT keeps the latest messages; the caller reverses.
 SELECT_MESSAGES = (
     f"SELECT {_COLUMNS} FROM messages WHERE conversation_id = ?"
@@ -128,7 +135,10 @@ SELECT_HISTORY = (  # the user's side as the model saw it: the filled template
     " AND a.status != 'streaming'"
     " ORDER BY a.turn DESC LIMIT ?"
 )
-SELECT_EXISTS = "SELECT 1 FROM messages WHERE conversation_id = ? LIMIT 1"
+# A conversation exists for a client when it owns it ('' for the default client's NULL).
+SELECT_EXISTS = (
+    "SELECT 1 FROM messages WHERE conversation_id = ? AND coalesce(client, '') = ? LIMIT 1"
+)
 # A running answer's text so far; a row its run has already saved for good is left alone.
 UPDATE_STREAMING = (
     "UPDATE messages SET content = ?, reasoning = ? WHERE message_id = ? AND status = 'streaming'"
@@ -144,11 +154,28 @@ _encode_json = msgspec.json.Encoder().encode
 _decode_tool_calls = msgspec.json.Decoder(list[dict[str, Any]]).decode
 
 
+def next_turn(last: tuple[Any, ...] | None, client: str | None) -> int:
+    """The number of a conversation's next turn from its `LAST_TURN` row, or 0 when the
+    conversation belongs to another client than `client` (None: the default client)."""
+    if last is None:
+        return 1
+    if last[1] != client:
+        return 0
+    return int(last[0]) + 1
+
+
 def user_row(
-    cid: str, scene: str, content: str, at: str, prompt: str | None, turn: int
+    cid: str,
+    scene: str,
+    content: str,
+    at: str,
+    prompt: str | None,
+    turn: int,
+    client: str | None = None,
 ) -> list[Any]:
-    """The user message of a conversation's turn `turn`, as an `INSERT_MESSAGE` row. `prompt`
-    is the filled template, kept when it differs from `content`."""
+    """The user message of a conversation's turn `turn`, owned by `client`, as an
+    `INSERT_MESSAGE` row. `prompt` is the filled template, kept when it differs from
+    `content`."""
     user = MessageRecord(
         message_id=f"{scene}:{cid}:{turn}:user",
         conversation_id=cid,
@@ -160,13 +187,14 @@ def user_row(
         scene=scene,
         prompt=None if prompt == content else prompt,
     )
-    return row(user)
+    return row(user, client)
 
 
-def row(record: MessageRecord) -> list[Any]:
-    """The record as an `INSERT_MESSAGE` row."""
+def row(record: MessageRecord, client: str | None = None) -> list[Any]:
+    """The record as an `INSERT_MESSAGE` row, owned by `client` (None: the default)."""
     values = list(msgspec.structs.astuple(record))
     values[_TOOL_CALLS] = _encode_json(record.tool_calls).decode() if record.tool_calls else "[]"
+    values.append(client)
     return values
 
 

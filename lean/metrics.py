@@ -44,6 +44,11 @@ class Metrics:
         self.upstream_errors: Counter[tuple[str, str]] = Counter()  # provider, code
         self.rejections: Counter[tuple[str]] = Counter()  # reason
         self.store_failures: Counter[tuple[str]] = Counter()  # op: turn, save, progress
+        # By client (lean.clients): "default" for [auth] tokens and loopback without tokens.
+        self.client_requests: Counter[tuple[str]] = Counter()  # client
+        self.client_streams: Counter[tuple[str]] = Counter()  # client: running now (a gauge)
+        self.client_rejections: Counter[tuple[str, str]] = Counter()  # client, limit
+        self.client_tokens: Counter[tuple[str, str]] = Counter()  # client, kind
         self.events_relayed = 0
         self.evictions = 0
         self.backpressure_waits = 0
@@ -107,11 +112,34 @@ class Metrics:
                 ("op",),
                 lambda: self.store_failures.items(),
             ),
+            (
+                "lean_client_requests_total",
+                "Requests admitted, by client.",
+                ("client",),
+                lambda: self.client_requests.items(),
+            ),
+            (
+                "lean_client_rejections_total",
+                "Requests refused by a client's limits, by client and limit (max_streams,"
+                " requests_per_minute, tokens_per_day; scene, model: one it may not use).",
+                ("client", "limit"),
+                lambda: self.client_rejections.items(),
+            ),
+            (
+                "lean_client_tokens_total",
+                "Tokens used, by client and kind: prompt and completion as the upstream"
+                " reported them, estimated where it reported none.",
+                ("client", "kind"),
+                lambda: self.client_tokens.items(),
+            ),
         ]
         for name, help_text, names, items in counters:
             family(name, "counter", help_text)
             for values, count in sorted(items()):
                 out.append(f"{name}{_labels(names, values)} {count}\n")
+        family("lean_client_active_streams", "gauge", "Streams and runs in progress, by client.")
+        for values, count in sorted(self.client_streams.items()):
+            out.append(f"lean_client_active_streams{_labels(('client',), values)} {count}\n")
         for name, help_text, value in (
             (
                 "lean_events_relayed_total",

@@ -33,10 +33,12 @@ _ERRORS = {
     "400": "a bad body, field, input or query parameter",
     "401": "missing or wrong client token (only when lean has tokens)",
     "403": "a foreign Origin or Host (docs/protocol.md §6)",
-    "404": "unknown model, scene, run or conversation",
+    "404": "unknown model, scene, run or conversation; or one the client may not use or does"
+    " not own (docs/protocol.md §8)",
     "409": "an answer of the chat is running and lean cannot replay it yet (still_running)",
     "413": "body larger than [server] max_body_bytes",
     "415": "a body that is not JSON",
+    "429": "a client's limit (docs/protocol.md §8): rate_limited, or quota_exceeded; Retry-After",
     "503": "overloaded, shutting down or store unavailable (Retry-After)",
 }
 
@@ -209,7 +211,10 @@ def _paths() -> dict[str, Any]:
                 "summary": "run a scene; SSE, or NDJSON with Accept: application/x-ndjson",
                 "security": _POST_AUTH,
                 "requestBody": {"content": {JSON: {"schema": ref("SceneRequest")}}},
-                "responses": {"200": scene_stream, **_errors("400", "404", "413", "415", "503")},
+                "responses": {
+                    "200": scene_stream,
+                    **_errors("400", "404", "413", "415", "429", "503"),
+                },
             },
             "get": {
                 "summary": "run a scene for an EventSource: SSE, the body as query parameters",
@@ -225,7 +230,7 @@ def _paths() -> dict[str, Any]:
                         "content": {SSE: sse_lines},
                     },
                     "204": {"description": "a reconnect (Last-Event-ID): never a second run"},
-                    **_errors("400", "404", "503"),
+                    **_errors("400", "404", "429", "503"),
                 },
             },
         },
@@ -395,7 +400,8 @@ def document() -> dict[str, Any]:
     responses = {f"E{status}": {"description": text, **error} for status, text in _ERRORS.items()}
     responses["Upstream"] = {
         "description": "the upstream failed (429 rate_limited, 502 upstream_error,"
-        " 504 upstream_timeout); Retry-After passed on",
+        " 504 upstream_timeout); Retry-After passed on. A 429 is also a client's limit"
+        " (docs/protocol.md §8): rate_limited or quota_exceeded, with Retry-After",
         **error,
     }
     return {

@@ -61,6 +61,7 @@ def schemas() -> dict[str, Any]:
     # Sent, never received: every field is always there (no omitted defaults).
     for name in ("Start", "Delta", "ToolStart", "ToolEnd", "Waiting", "Done", "Error", "Usage"):
         schemas[name]["required"] = list(schemas[name]["properties"])
+    schemas["Error"]["required"].remove("retryAfter")  # only where lean knows it
     schemas["MessageRecord"]["required"] = list(schemas["MessageRecord"]["properties"])
     schemas["MessageRecord"]["description"] = (
         "A saved message. user: `content` is what the user typed (a scene without"

@@ -35,15 +35,10 @@ import msgspec
 
 from lean import events
 from lean.client_io import ClientGone
+from lean.clients import Ticket, estimate
 from lean.config import ModelConfig, SceneConfig
 from lean.core import Ending, RunCore
-from lean.errors import (
-    BadRequest,
-    Cancelled,
-    Internal,
-    LeanError,
-    SlowClient,
-)
+from lean.errors import BadRequest, Cancelled, Internal, LeanError, SlowClient
 from lean.guard import Guard
 from lean.messages import MessageRecord, utc_now
 from lean.providers.base import Piece, Usage
@@ -105,8 +100,11 @@ class Run:
         turn: int,
         body: dict[str, Any],
         sink: Sink | None,
+        ticket: Ticket,
     ) -> None:
         self.services = services
+        self.ticket = ticket  # its hold on its client's limits (lean.clients), ended with it
+        self.client = ticket.client  # the only client that may cancel, answer or resume it
         self.run_id = run_id
         self.scene = scene
         self.model = model
@@ -143,7 +141,7 @@ class Run:
         a WebSocket's runs are named by its client and belong to that socket only.
         """
         self.services.streams.check()
-        if register and self.services.runs.get(self.run_id) is not None:
+        if register and self.run_id in self.services.runs:
             raise BadRequest(f"run id '{self.run_id}' is already running")
         self.task = asyncio.create_task(self._execute(), name=self.run_id)
         self.guard = self._new_guard()
@@ -190,7 +188,8 @@ class Run:
         core = self.core
         final: events.Event | None = None
         try:
-            await self.services.store.save_assistant(self._record(), wait=False)  # streaming
+            owner = self.client.owner  # its `streaming` row, owned as the final one
+            await self.services.store.save_assistant(self._record(), wait=False, client=owner)
             self.services.progress.add(self.message_id, core.text, core.reasoning)
             await self._emit(self._start_event())
             fallback = False
@@ -230,6 +229,7 @@ class Run:
             await guard.close()
             self.services.streams.discard(guard)
             self.services.runs.discard(self)
+            self.ticket.end(core.usage, lambda: estimate(self.body, core.text.text()))
             self.services.progress.discard(self.message_id)
             # Committed before the last event goes out: `done` tells whether the answer is
             # saved, a client that starts its next turn on `done` finds it in the history,
@@ -418,7 +418,7 @@ class Run:
         )
         store_error: str | None = None
         try:  # the store counts a failed write (lean_store_failures_total)
-            await self.services.store.save_assistant(record)
+            await self.services.store.save_assistant(record, client=self.client.owner)
         except StoreWriteError as exc:  # a full disk, a database gone: no traceback
             store_error = str(exc)
         except Exception as exc:
@@ -426,6 +426,7 @@ class Run:
             store_error = str(exc) or type(exc).__name__
         fields: dict[str, Any] = {
             "endpoint": "scene",
+            "client": self.client.name,
             "scene": self.scene.name,
             "model": self.model.alias,
             "run_id": self.run_id,

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from lean import events, scenes
 from lean.client_io import BodyWriter, bound_send_buffer, reset
+from lean.clients import Client, client_of
 from lean.config import SceneConfig
 from lean.driver import SSE_HEADERS
 from lean.errors import BadRequest, NotFound, StoreUnavailable, clip
@@ -105,12 +106,15 @@ async def new_run(
     *,
     run_id: str,
     sink: Sink,
+    client: Client,
 ) -> Run:
-    """A run of `scene` for `request`, its turn saved, ready to `start()`.
+    """A run of `scene` for `request` by `client`, its turn saved, ready to `start()`; the
+    caller ends `run.ticket` if it never starts the run.
 
     Everything a request can get wrong raises here, before anything is sent: an unknown
-    model, a missing template input, admission. A new conversation has no history and
-    starts at turn 1 without asking the store first.
+    model, a missing template input, admission, the client's limits, a conversation of
+    another client (404: to it, the conversation does not exist). A new conversation has no
+    history and starts at turn 1 without asking the store first.
     """
     prompt = render(scene, request)  # what the model sees; saved beside what the user typed
     content = typed(scene, request)
@@ -123,25 +127,12 @@ async def new_run(
         raise StoreUnavailable(
             f"the store cannot write ({store.error})", retry_after=STORE_RETRY_AFTER
         )
-    cid = request.conversation_id
-    history: list[tuple[str, str]] = []
-    if cid is None:  # a new conversation: no history to read, and its turn is 1
-        cid = new_conversation_id()
-        turn = await store.begin_first_turn(
-            conversation_id=cid, scene=scene.name, user_content=content, prompt=prompt
-        )
-    else:
-        if scene.history_turns:
-            with reading():
-                history = await store.history(cid, scene.history_turns)
-        try:
-            turn = await store.begin_turn(
-                conversation_id=cid, scene=scene.name, user_content=content, prompt=prompt
-            )
-        except StoreWriteError as exc:
-            raise StoreUnavailable(
-                f"the store cannot write ({exc})", retry_after=STORE_RETRY_AFTER
-            ) from None
+    ticket = await services.clients.admit(client)
+    try:
+        cid, turn, history = await _begin_turn(services, scene, request, content, prompt, client)
+    except BaseException:
+        ticket.end()
+        raise
     return Run(
         services,
         run_id=run_id,
@@ -151,13 +142,57 @@ async def new_run(
         turn=turn,
         body=chat_body(scene, history, prompt),
         sink=sink,
+        ticket=ticket,
     )
+
+
+async def _begin_turn(
+    services: Services,
+    scene: SceneConfig,
+    request: SceneRequest,
+    content: str,
+    prompt: str,
+    client: Client,
+) -> tuple[str, int, list[tuple[str, str]]]:
+    """The run's conversation id, its turn (its user message saved) and its history."""
+    store = services.store
+    cid = request.conversation_id
+    history: list[tuple[str, str]] = []
+    if cid is None:  # a new conversation: no history to read, and its turn is 1
+        cid = new_conversation_id()
+        turn = await store.begin_first_turn(
+            conversation_id=cid,
+            scene=scene.name,
+            user_content=content,
+            prompt=prompt,
+            client=client.owner,
+        )
+        return cid, turn, history
+    if scene.history_turns:
+        with reading():
+            history = await store.history(cid, scene.history_turns)
+    try:
+        turn = await store.begin_turn(
+            conversation_id=cid,
+            scene=scene.name,
+            user_content=content,
+            prompt=prompt,
+            client=client.owner,
+        )
+    except StoreWriteError as exc:
+        raise StoreUnavailable(
+            f"the store cannot write ({exc})", retry_after=STORE_RETRY_AFTER
+        ) from None
+    if turn == 0:  # another client's: the history read above is dropped unused
+        raise NotFound(f"conversation '{clip(cid)}' does not exist")
+    return cid, turn, history
 
 
 async def stream_scene(request: web.Request) -> web.StreamResponse:
     """`POST` (JSON body) or `GET` (query, for EventSource) `/v1/scenes/{scene}/stream`."""
     services = request.app[services_key]
-    scene = scenes.find_scene(services.config, request.match_info["scene"])
+    client = client_of(request)
+    scene = services.clients.scene(client, request.match_info["scene"])
     if request.method == "GET":
         if "Last-Event-ID" in request.headers:
             # An EventSource reconnecting after its stream ended: a new run would be a
@@ -169,10 +204,16 @@ async def stream_scene(request: web.Request) -> web.StreamResponse:
     ndjson = request.method == "POST" and NDJSON in request.headers.get("Accept", "")
     response = web.StreamResponse(headers=NDJSON_HEADERS if ndjson else SSE_HEADERS)
     sink = NDJSONSink(request) if ndjson else SSESink(request)
-    run = await new_run(services, scene, scene_request, run_id=new_run_id(), sink=sink)
-    bound_send_buffer(request, services.config.limits.send_buffer_bytes)
-    sink.body = await BodyWriter.start(request, response)
-    run.start()
+    run = await new_run(
+        services, scene, scene_request, run_id=new_run_id(), sink=sink, client=client
+    )
+    try:
+        bound_send_buffer(request, services.config.limits.send_buffer_bytes)
+        sink.body = await BodyWriter.start(request, response)
+        run.start()
+    except BaseException:
+        run.ticket.end()  # the run never started: its slot is free again
+        raise
     assert run.task is not None
     try:
         await asyncio.shield(run.task)
@@ -184,7 +225,7 @@ async def stream_scene(request: web.Request) -> web.StreamResponse:
 
 async def cancel_run(request: web.Request) -> web.Response:
     run_id = request.match_info["run_id"]
-    run = request.app[services_key].runs.get(run_id)
+    run = request.app[services_key].runs.get(run_id, client_of(request))
     if run is None:
         raise NotFound(f"run '{clip(run_id)}' is not running")
     run.cancel()
@@ -203,7 +244,7 @@ async def tool_result(request: web.Request) -> web.Response:
     """Answers a `waiting` event: `{"toolCallId", "result"}`."""
     run_id = request.match_info["run_id"]
     answer = decode(_decode_tool_result, await read_json(request))
-    run = request.app[services_key].runs.get(run_id)
+    run = request.app[services_key].runs.get(run_id, client_of(request))
     if run is None:
         raise NotFound(f"run '{clip(run_id)}' is not running")
     run.tools.answer(answer.tool_call_id, answer.result)
@@ -222,7 +263,7 @@ async def conversation_messages(request: web.Request) -> web.Response:
     if not 1 <= limit <= 10_000:
         raise BadRequest("limit must be between 1 and 10000")
     with reading():
-        if not await store.conversation_exists(cid):
+        if not await store.conversation_exists(cid, client_of(request).owner):
             raise NotFound(f"conversation '{clip(cid)}' does not exist")
         messages = await store.messages(cid, limit=limit)
     body = msgspec.json.encode({"conversationId": cid, "messages": messages})
@@ -230,8 +271,9 @@ async def conversation_messages(request: web.Request) -> web.Response:
 
 
 async def list_scenes(request: web.Request) -> web.Response:
-    """`GET /v1/scenes`: each scene's name, model alias, template inputs and tools."""
-    config = request.app[services_key].config
+    """`GET /v1/scenes`: each scene's name, model alias, template inputs and tools (those
+    the client may use)."""
+    clients = request.app[services_key].clients
     listed = [
         {
             "name": scene.name,
@@ -240,7 +282,7 @@ async def list_scenes(request: web.Request) -> web.Response:
             "tools": list(scene.tools),
             "needsMessage": scene.uses_message,
         }
-        for scene in config.scenes.values()
+        for scene in clients.scenes(client_of(request))
     ]
     return web.Response(
         body=msgspec.json.encode({"scenes": listed}), content_type="application/json"

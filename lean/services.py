@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from lean.clients import Client, Clients
 from lean.config import Config, ConfigError
 from lean.limits import Streams
 from lean.metrics import Metrics
@@ -20,7 +21,8 @@ if TYPE_CHECKING:
 
 
 class Runs:
-    """Running scene runs by id, for cancel and tool-result requests."""
+    """Running scene runs by id, for cancel and tool-result requests. A run is found only by
+    the client that started it: to any other, it does not exist (404, not 403)."""
 
     def __init__(self) -> None:
         self._runs: dict[str, Run] = {}
@@ -28,14 +30,24 @@ class Runs:
     def __len__(self) -> int:
         return len(self._runs)
 
-    def get(self, run_id: str) -> Run | None:
-        return self._runs.get(run_id)
+    def get(self, run_id: str, client: Client) -> Run | None:
+        run = self._runs.get(run_id)
+        return run if run is not None and run.client.name == client.name else None
 
-    def of_conversation(self, conversation_id: str, scene: str) -> Run | None:
-        """The newest running run of a conversation in `scene` (`useChat`'s resume route).
-        A scan of the running runs: only resume requests ask, and they are rare."""
+    def __contains__(self, run_id: str) -> bool:
+        """Whether a run of that id is running, whoever started it (ids are unique)."""
+        return run_id in self._runs
+
+    def of_conversation(self, conversation_id: str, scene: str, client: Client) -> Run | None:
+        """The newest running run of a conversation in `scene` started by `client` (`useChat`'s
+        resume route; another client's is not found). A scan of the running runs: only resume
+        requests ask, and they are rare."""
         for run in reversed(self._runs.values()):
-            if run.conversation_id == conversation_id and run.scene.name == scene:
+            if (
+                run.conversation_id == conversation_id
+                and run.scene.name == scene
+                and run.client.name == client.name
+            ):
                 return run
         return None
 
@@ -61,6 +73,7 @@ class Services:
             raise ConfigError("store", "url", str(exc)) from None
         self.progress = Progress(self.store, config.store.flush_interval)
         self.streams = Streams(config.limits.max_streams, self.metrics)
+        self.clients = Clients(config, self.metrics)
         # Imports python tools: a bad path stops start-up.
         self.tools = Tools(config.tools, threads=config.limits.tool_threads, metrics=self.metrics)
         self.runs = Runs()

@@ -210,31 +210,42 @@ class Store:
         user_content: str,
         prompt: str | None = None,
         created_at: str | None = None,
+        client: str | None = None,
     ) -> int:
         """Save the user message of the next turn: `user_content` as typed, `prompt` the
-        filled template the model sees (None: the same)."""
+        filled template the model sees (None: the same). 0, saving nothing, when the
+        conversation belongs to another client than `client` (None: the default client)."""
         loop = self._check_open()
         turn: asyncio.Future[int] = loop.create_future()
-        args = (conversation_id, scene, user_content, created_at or utc_now(), prompt)
+        args = (conversation_id, scene, user_content, created_at or utc_now(), prompt, client)
         await self._put((TURN, args, turn))
         return await turn
 
     async def begin_first_turn(
-        self, *, conversation_id: str, scene: str, user_content: str, prompt: str | None = None
+        self,
+        *,
+        conversation_id: str,
+        scene: str,
+        user_content: str,
+        prompt: str | None = None,
+        client: str | None = None,
     ) -> int:
         """`begin_turn` for a conversation lean has just named: its turn is 1, so the caller
         does not wait for the commit (the writer logs a failure)."""
         self._check_open()
-        args = (conversation_id, scene, user_content, utc_now(), prompt)
+        args = (conversation_id, scene, user_content, utc_now(), prompt, client)
         await self._put((TURN, args, None))
         return 1
 
-    async def save_assistant(self, record: MessageRecord, *, wait: bool = True) -> None:
-        """Write `record`; with `wait`, return once it is committed (raise if it failed),
-        without, once it is queued (a failure is reported to the next `flush`)."""
+    async def save_assistant(
+        self, record: MessageRecord, *, wait: bool = True, client: str | None = None
+    ) -> None:
+        """Write `record`, owned by `client` (None: the default client); with `wait`, return
+        once it is committed (raise if it failed), without, once it is queued (a failure is
+        reported to the next `flush`)."""
         loop = self._check_open()
         # Encoded here, so a tool call that is not JSON fails the caller, not a later flush.
-        values = row(record)
+        values = row(record, client)
         if not wait:
             await self._put((SAVE, values, None))
             return
@@ -317,8 +328,10 @@ class Store:
             return []
         return await self._query(SELECT_HISTORY, (conversation_id, turns), history)
 
-    async def conversation_exists(self, conversation_id: str) -> bool:
-        return await self._query(SELECT_EXISTS, (conversation_id,), bool)
+    async def conversation_exists(self, conversation_id: str, client: str | None = None) -> bool:
+        """Whether the conversation has messages and `client` owns it (None: the default
+        client, which owns the rows written before clients existed)."""
+        return await self._query(SELECT_EXISTS, (conversation_id, client or ""), bool)
 
     async def _query(self, sql: str, args: tuple[Any, ...], convert: Callable[[Any], _T]) -> _T:
         """Run one SELECT on the reader thread, after the writes queued before it; `convert`

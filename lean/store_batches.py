@@ -79,8 +79,12 @@ class Writer(Protocol):
     def save(self, row: list[Any]) -> None:
         """Upsert one message row (messages.INSERT_MESSAGE)."""
 
-    def turn(self, cid: str, scene: str, content: str, at: str, prompt: str | None) -> int:
-        """Write the user message of the conversation's next turn; its number."""
+    def turn(
+        self, cid: str, scene: str, content: str, at: str, prompt: str | None, client: str | None
+    ) -> int:
+        """Write the user message of the conversation's next turn, owned by `client`; its
+        number, or 0, writing nothing, when another client owns the conversation (the check
+        and the allocation are one step: no other write comes between them)."""
 
     def progress(self, rows: list[tuple[str, str, str]]) -> None:
         """Running answers' text, as (content, reasoning, message_id), one batched op."""

@@ -40,6 +40,7 @@ from lean.messages import (
     MIGRATIONS,
     SCHEMA_VERSION,
     UPDATE_STREAMING,
+    next_turn,
     user_row,
 )
 from lean.store_batches import Replay, Rows, StoreError
@@ -162,14 +163,17 @@ class PgWriter:
         except OP_ERRORS as exc:  # which save it was, the replay finds out
             raise Replay from exc
 
-    def turn(self, cid: str, scene: str, content: str, at: str, prompt: str | None) -> int:
+    def turn(
+        self, cid: str, scene: str, content: str, at: str, prompt: str | None, client: str | None
+    ) -> int:
         self._send_saves()
 
         def write() -> int:
-            last = self.conn.execute(_LAST_TURN, (cid,)).fetchone()
-            turn = (last[0] if last else 0) + 1
-            self.conn.execute(_INSERT, user_row(cid, scene, content, at, prompt, turn))
-            return int(turn)
+            turn = next_turn(self.conn.execute(_LAST_TURN, (cid,)).fetchone(), client)
+            if turn:
+                row = user_row(cid, scene, content, at, prompt, turn, client)
+                self.conn.execute(_INSERT, row)
+            return turn
 
         return self._op(write)
 

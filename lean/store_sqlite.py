@@ -25,6 +25,7 @@ from lean.messages import (
     MIGRATIONS,
     SCHEMA_VERSION,
     UPDATE_STREAMING,
+    next_turn,
     user_row,
 )
 from lean.store_batches import Rows, StoreError
@@ -58,9 +59,13 @@ class SqliteWriter:
     def save(self, row: list[Any]) -> None:
         self.conn.execute(INSERT_MESSAGE, row)
 
-    def turn(self, cid: str, scene: str, content: str, at: str, prompt: str | None) -> int:
-        turn: int = self.conn.execute(LAST_TURN, (cid,)).fetchone()[0] + 1
-        self.conn.execute(INSERT_MESSAGE, user_row(cid, scene, content, at, prompt, turn))
+    def turn(
+        self, cid: str, scene: str, content: str, at: str, prompt: str | None, client: str | None
+    ) -> int:
+        turn = next_turn(self.conn.execute(LAST_TURN, (cid,)).fetchone(), client)
+        if turn:
+            row = user_row(cid, scene, content, at, prompt, turn, client)
+            self.conn.execute(INSERT_MESSAGE, row)
         return turn
 
     def progress(self, rows: list[tuple[str, str, str]]) -> None:

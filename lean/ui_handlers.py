@@ -18,6 +18,7 @@ from aiohttp import web
 
 from lean import events, scenes
 from lean.client_io import BodyWriter, ClientGone, bound_send_buffer, reset
+from lean.clients import Client, client_of
 from lean.config import Config, SceneConfig
 from lean.driver import SSE_HEADERS
 from lean.errors import BadRequest, Cancelled, StillRunning
@@ -84,14 +85,19 @@ def client_tools(config: Config, scene: SceneConfig) -> frozenset[str]:
 async def stream_ui(request: web.Request) -> web.StreamResponse:
     """`POST /v1/scenes/{scene}/ui`: `useChat`'s body in, the run as a UI message stream."""
     services = request.app[services_key]
-    scene = scenes.find_scene(services.config, request.match_info["scene"])
+    client = client_of(request)
+    scene = services.clients.scene(client, request.match_info["scene"])
     scene_req = scene_request(parse_chat(await read_json(request)))
     response = web.StreamResponse(headers=UI_HEADERS)
     sink = UISink(request, UIParts(client_tools(services.config, scene)))
-    run = await new_run(services, scene, scene_req, run_id=new_run_id(), sink=sink)
-    bound_send_buffer(request, services.config.limits.send_buffer_bytes)
-    sink.body = await BodyWriter.start(request, response)
-    run.start()
+    run = await new_run(services, scene, scene_req, run_id=new_run_id(), sink=sink, client=client)
+    try:
+        bound_send_buffer(request, services.config.limits.send_buffer_bytes)
+        sink.body = await BodyWriter.start(request, response)
+        run.start()
+    except BaseException:
+        run.ticket.end()  # the run never started: its slot is free again
+        raise
     assert run.task is not None
     try:
         await asyncio.shield(run.task)
@@ -101,10 +107,13 @@ async def stream_ui(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def running_answer(services: Services, scene: SceneConfig, chat_id: str) -> Run | None:
-    """The chat's answer in `scene` that is running now, if any: the run registry holds a run
-    until its end (it leaves it before its last event goes out)."""
-    return services.runs.of_conversation(chat_id, scene.name)
+def running_answer(
+    services: Services, scene: SceneConfig, chat_id: str, client: Client
+) -> Run | None:
+    """The chat's answer in `scene` that `client` started and is running now, if any: the
+    run registry holds a run until its end (it leaves it before its last event goes out).
+    Another client's answer is not found (docs/protocol.md §8: nor resume it)."""
+    return services.runs.of_conversation(chat_id, scene.name, client)
 
 
 async def replay(services: Services, run: Run) -> SceneEvents | None:
@@ -120,11 +129,12 @@ async def replay(services: Services, run: Run) -> SceneEvents | None:
 async def resume_ui(request: web.Request) -> web.StreamResponse:
     """`GET /v1/scenes/{scene}/ui/{chatId}/stream`: the chat's running answer, or 204."""
     services = request.app[services_key]
-    scene = scenes.find_scene(services.config, request.match_info["scene"])
+    client = client_of(request)
+    scene = services.clients.scene(client, request.match_info["scene"])
     chat_id = request.match_info["chat_id"]
     if not scenes.is_conversation_id(chat_id):
         raise BadRequest("invalid request: chatId must be 1-64 characters of A-Z, a-z, 0-9, _ or -")
-    run = running_answer(services, scene, chat_id)
+    run = running_answer(services, scene, chat_id, client)
     if run is None:  # nothing running (or it has ended): `useChat` shows what it has
         return web.Response(status=204)
     source = await replay(services, run)

@@ -27,6 +27,7 @@ from aiohttp import WSMsgType, web
 from lean import events, scenes
 from lean.aiohttp_internals import forget_data_callback
 from lean.client_io import TextFrames, bound_send_buffer, reset
+from lean.clients import client_of
 from lean.errors import BadRequest, LeanError, NotFound, Overloaded
 from lean.handlers import services_key
 from lean.inbound import ClientId, decode, is_client_id
@@ -113,12 +114,18 @@ class Socket:
         self.ws = ws
         self.frames = frames
         self.request = request
+        self.client = client_of(request)  # a socket's runs are its client's (lean.clients)
         self.runs: dict[str, Run] = {}
 
     async def error(self, run_id: str | None, error: LeanError) -> None:
+        after = error.retry_after_seconds()
         payload = events.encode(
             events.Error(
-                message_id="", code=error.code, message=error.message, retryable=error.retryable
+                message_id="",
+                code=error.code,
+                message=error.message,
+                retryable=error.retryable,
+                retry_after=msgspec.UNSET if after is None else after,
             )
         )
         if not self.ws.closed:
@@ -153,15 +160,24 @@ class Socket:
             raise BadRequest(f"run id '{frame.run_id}' is already running")
         if len(self.runs) >= limit:
             raise Overloaded(f"this socket already carries its limit of {limit} runs")
-        scene = scenes.find_scene(services.config, frame.scene)
+        scene = services.clients.scene(self.client, frame.scene)
         request = scenes.SceneRequest(
             inputs=frame.inputs, message=frame.message, conversation_id=frame.conversation_id
         )
         sink = WSSink(self.frames, self.request, frame.run_id)
         run = await new_run(
-            services, scene, scenes.validated(request), run_id=frame.run_id, sink=sink
+            services,
+            scene,
+            scenes.validated(request),
+            run_id=frame.run_id,
+            sink=sink,
+            client=self.client,
         )
-        run.start(register=False)
+        try:
+            run.start(register=False)
+        except BaseException:
+            run.ticket.end()  # the run never started: its slot is free again
+            raise
         assert run.task is not None
         self.runs[frame.run_id] = run
         run.task.add_done_callback(lambda _: self.runs.pop(frame.run_id, None))

@@ -80,7 +80,11 @@ def test_shipped_examples_are_valid_once_uncommented(tmp_path: Path) -> None:
     path.write_text(text)
     variables = re.findall(r"(?m)^api_key_env = (\w+)", text)
     assert len(variables) >= 5
-    config = load_config(path, environ=dict.fromkeys(variables, KEY))
+    clients = re.findall(r"(?m)^token_env = (\w+)", text)
+    config = load_config(
+        path, environ={**dict.fromkeys(variables, KEY), **dict.fromkeys(clients, "app-token")}
+    )
+    assert config.clients["notes_app"].models == ("default",)
     assert {"local", "openai", "deepseek", "openrouter", "anthropic", "gemini"} <= set(
         config.providers
     )

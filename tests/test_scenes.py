@@ -16,6 +16,7 @@ import pytest
 from aiohttp_sse_client import client as sse_client
 
 from lean.app import Server
+from lean.clients import DEFAULT
 from lean.handlers import services_key
 from tests.fakes import DONE, FakeOpenAI, Stall, Stream, sse, text_stream
 from tests.support import lean_config, running
@@ -148,7 +149,7 @@ async def test_a_finished_run_is_freed_by_reference_counting() -> None:
                 async with http.post(url, json={"message": "Hello"}) as resp:
                     head = await resp.content.readuntil(b"\n\n")  # start: registered
                     ((name, _, start),) = parse_sse(head.decode())
-                    run = runs.get(start["runId"])
+                    run = runs.get(start["runId"], DEFAULT)
                     assert name == "start" and run is not None
                     alive = weakref.ref(run)
                     del run

@@ -516,7 +516,7 @@ async def test_a_version_1_database_is_migrated_and_keeps_its_messages(target: T
     await s.save_assistant(answer("a", 2, status="streaming", run_id="run_1"))
     assert [(m.status, m.run_id) for m in await s.messages("a")][-1] == ("streaming", "run_1")
     await s.close()
-    assert target.version() == SCHEMA_VERSION == 3
+    assert target.version() == SCHEMA_VERSION == 4
     if target.kind == "sqlite":
         assert target.sql("PRAGMA integrity_check")[0][0] == "ok"
 
@@ -631,3 +631,55 @@ async def test_a_store_that_cannot_write_says_so_counts_it_and_recovers_by_itsel
     assert [(m.turn, m.content) for m in await s.messages("n")] == [(1, "new")]
     assert await s.messages("b") == []  # an awaited turn was refused, not kept
     await s.close()
+
+
+# -- schema 4: a conversation's owner (docs/protocol.md §8) ------------------------------------
+
+
+async def test_a_conversation_is_its_clients_and_another_cannot_add_a_turn(store: Store) -> None:
+    assert (
+        await store.begin_turn(conversation_id="a", scene="chat", user_content="q", client="x") == 1
+    )
+    await store.save_assistant(answer("a", 1), client="x")
+    assert (
+        await store.begin_turn(conversation_id="a", scene="chat", user_content="q", client="y") == 0
+    )
+    assert await ask(store, "a") == 0  # the default client's is not x's either
+    assert [m.turn for m in await store.messages("a")] == [1, 1]  # nothing was written
+    assert await store.conversation_exists("a", "x")
+    assert not await store.conversation_exists("a", "y")
+    assert not await store.conversation_exists("a")
+    assert (
+        await store.begin_turn(conversation_id="a", scene="chat", user_content="q", client="x") == 2
+    )
+    await store.begin_first_turn(conversation_id="n", scene="chat", user_content="q", client="y")
+    assert await store.conversation_exists("n", "y")
+    assert not await store.conversation_exists("n", "x")
+
+
+async def test_a_version_3_database_is_migrated_and_its_rows_are_the_default_clients(
+    target: Target,
+) -> None:
+    v3 = V1_SCHEMA.replace(
+        "completion_tokens INTEGER, first_token_ms REAL, duration_ms REAL,",
+        "completion_tokens INTEGER, first_token_ms REAL, duration_ms REAL, run_id TEXT,"
+        " prompt TEXT,",
+    )
+    v3 = v3.replace("'incomplete')", "'incomplete', 'streaming')")
+    v3 = v3.replace("NULL, NULL);", "NULL, NULL, NULL, NULL);")
+    v3 = v3.replace("40.0);", "40.0, 'run_0', NULL);")
+    target.seed(v3.replace("{at}", AT), 3)
+    s = Store(target.where)
+    await s.open()
+    assert [(m.role, m.content) for m in await s.messages("a")] == [
+        ("user", "hi"),
+        ("assistant", "hello"),
+    ]
+    assert await s.conversation_exists("a")  # the default client owns what came before
+    assert not await s.conversation_exists("a", "x")
+    assert await s.begin_turn(conversation_id="a", scene="chat", user_content="q", client="x") == 0
+    assert await ask(s, "a") == 2
+    await s.close()
+    assert target.version() == SCHEMA_VERSION == 4
+    if target.kind == "sqlite":
+        assert target.sql("PRAGMA integrity_check")[0][0] == "ok"

@@ -1,7 +1,7 @@
 """lean.store on PostgreSQL where it differs from one SQLite file: several instances on one
-database (start-up, turns, a conversation going on on another instance), a connection the
-server drops, a URL's password kept out of
-sight, and a migration step appended as plain SQL (that one on both databases)."""
+database (start-up, turns, a conversation's owner, a conversation going on on another
+instance), a connection the server drops, a URL's password kept out of sight, and a
+migration step appended as plain SQL (that one on both databases)."""
 
 from __future__ import annotations
 
@@ -64,6 +64,34 @@ async def test_two_instances_never_give_a_conversation_the_same_turn(pg: PgTarge
         assert sorted(turns) == list(range(1, 31))
         rows = await one.messages("shared", limit=100)
         assert [m.turn for m in rows] == list(range(1, 31))
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_two_instances_give_a_new_conversation_to_one_client_only(pg: PgTarget) -> None:
+    # The owner check and the turn's allocation are one step under the conversation's lock:
+    # two clients racing to open the same conversation on two instances, one wins it whole.
+    one, two = Store(pg.where), Store(pg.where)
+    await one.open()
+    await two.open()
+    try:
+        for cid in ("r1", "r2", "r3", "r4"):
+            turns = await asyncio.gather(
+                *(
+                    store.begin_turn(
+                        conversation_id=cid, scene="chat", user_content="q", client=client
+                    )
+                    for _ in range(3)
+                    for store, client in ((one, "x"), (two, "y"))
+                )
+            )
+            won = [t for t in turns if t]
+            assert sorted(won) == [1, 2, 3] and turns.count(0) == 3
+            rows = pg.sql("SELECT DISTINCT client FROM messages WHERE conversation_id = ?", (cid,))
+            [(owner,)] = rows  # one owner, whose three turns these are
+            assert await one.conversation_exists(cid, owner)
+            assert not await two.conversation_exists(cid, "y" if owner == "x" else "x")
     finally:
         await one.close()
         await two.close()
@@ -208,8 +236,8 @@ async def test_an_unreachable_database_fails_open_without_its_password() -> None
 
 # A step as another feature would append it: a column, an index, a table, types of both.
 EXTRA_STEP = (
-    "ALTER TABLE messages ADD COLUMN client TEXT;"
-    " CREATE INDEX IF NOT EXISTS messages_by_client ON messages (client);"
+    "ALTER TABLE messages ADD COLUMN instance TEXT;"
+    " CREATE INDEX IF NOT EXISTS messages_by_instance ON messages (instance);"
     " CREATE TABLE responses (response_id TEXT PRIMARY KEY, body TEXT NOT NULL,"
     " created REAL NOT NULL, size INTEGER);"
 )
@@ -235,4 +263,4 @@ async def test_a_plain_sql_step_appended_to_migrations_runs_on_both(
     assert target.version() == SCHEMA_VERSION + 1
     target.sql("INSERT INTO responses VALUES ('r1', '{}', 1700000000.123456, 2)")
     assert target.sql("SELECT created FROM responses") == [(1700000000.123456,)]  # 8 bytes
-    assert target.sql("SELECT count(client) FROM messages") == [(0,)]
+    assert target.sql("SELECT count(instance) FROM messages") == [(0,)]

@@ -14,7 +14,7 @@ from typing import Protocol
 from aiohttp import web
 
 from lean.errors import LeanError
-from lean.providers.base import Piece
+from lean.providers.base import Piece, Usage
 
 __all__ = ["Encoder"]
 
@@ -27,6 +27,8 @@ class Encoder(Protocol):
 
     endpoint: str  # the log line's and metrics' name of the route, e.g. "chat.completions"
     ping: bytes
+    # The upstream's usage once a stream's pieces carried it: its client's tokens (lean.clients).
+    usage: Usage | None
 
     def begin(self) -> bytes: ...
 
