@@ -249,7 +249,7 @@ def _paths() -> dict[str, Any]:
                         "description": "the run as UI message stream parts",
                         "content": {SSE: {"schema": {"type": "string"}}},
                     },
-                    **_errors("400", "404", "413", "415", "503"),
+                    **_errors("400", "404", "413", "415", "429", "503"),
                 },
             },
         },
