@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import WSCloseCode, web
 
-from lean import handlers, scene_handlers, static, ws
+from lean import handlers, responses_route, scene_handlers, static, ws
 from lean.config import Config, ConfigError
 from lean.connections import Connections
 from lean.encoders.chat import error_response
@@ -156,6 +156,7 @@ def create_app(config: Config) -> web.Application:
     app[services_key] = services
     app[connections_key] = connections
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
+    app.router.add_post("/v1/responses", responses_route.responses)
     app.router.add_get("/v1/models", handlers.models)
     app.router.add_get("/v1/scenes", scene_handlers.list_scenes)
     app.router.add_post("/v1/scenes/{scene}/stream", scene_handlers.stream_scene)

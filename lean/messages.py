@@ -13,7 +13,9 @@ from typing import Any
 
 import msgspec
 
-SCHEMA_VERSION = 3  # kept in PRAGMA user_version; a newer file is refused, not guessed at
+from lean.saved_responses import RESPONSES_TABLE
+
+SCHEMA_VERSION = 4  # kept in PRAGMA user_version; a newer file is refused, not guessed at
 
 # Version 2: status `streaming` (a run's answer while it runs, flushed as it grows) and
 # `run_id`. SQLite cannot change a CHECK in place, so a version-1 table is copied into a new
@@ -23,6 +25,7 @@ SCHEMA_VERSION = 3  # kept in PRAGMA user_version; a newer file is refused, not 
 # a plain chat stores its text once; a version-2 row (whose `content` was the filled template)
 # gets NULL too, and reads back as before. A nullable column added at the end needs no copy
 # (MIGRATE_FROM_2).
+# Version 4: the `responses` table (lean.saved_responses), for `previous_response_id`.
 _TABLE = """
 CREATE TABLE {name} (
     message_id TEXT PRIMARY KEY,
@@ -49,7 +52,7 @@ CREATE TABLE {name} (
 );
 """
 _INDEX = "CREATE INDEX IF NOT EXISTS messages_by_turn ON messages (conversation_id, turn);"
-SCHEMA = _TABLE.format(name="IF NOT EXISTS messages") + _INDEX
+SCHEMA = _TABLE.format(name="IF NOT EXISTS messages") + _INDEX + RESPONSES_TABLE
 _V1_COLUMNS = (
     "message_id, conversation_id, turn, role, content, status, created_at, scene, model,"
     " reasoning, tool_calls, finish_reason, error_code, prompt_tokens, completion_tokens,"
@@ -62,8 +65,15 @@ MIGRATE_FROM_1 = (
     + "DROP TABLE messages; ALTER TABLE messages_new RENAME TO messages;"
     + _INDEX
 )
-MIGRATE_FROM_2 = "ALTER TABLE messages ADD COLUMN prompt TEXT;"
-MIGRATIONS = {0: SCHEMA, 1: MIGRATE_FROM_1, 2: MIGRATE_FROM_2, SCHEMA_VERSION: ""}
+MIGRATE_FROM_3 = RESPONSES_TABLE
+MIGRATE_FROM_2 = "ALTER TABLE messages ADD COLUMN prompt TEXT;" + MIGRATE_FROM_3
+MIGRATIONS = {
+    0: SCHEMA,
+    1: MIGRATE_FROM_1 + MIGRATE_FROM_3,
+    2: MIGRATE_FROM_2,
+    3: MIGRATE_FROM_3,
+    SCHEMA_VERSION: "",
+}
 # At start-up no run is running: a row still `streaming` is an answer cut by a crash, and
 # keeps the text flushed before it.
 END_STREAMING = "UPDATE messages SET status = 'incomplete' WHERE status = 'streaming'"

@@ -60,9 +60,12 @@ from lean.messages import (
     row,
     utc_now,
 )
+from lean.saved_responses import MAX_CHAIN, SELECT_CHAIN
+from lean.saved_responses import history as chain_messages
 from lean.store_batches import (
     FLUSH,
     PROGRESS,
+    RESPONSE,
     SAVE,
     STOP,
     TURN,
@@ -220,6 +223,17 @@ class Store:
         self._check_open()
         if rows:
             await self._put((PROGRESS, rows, None))
+
+    async def save_response(self, row: tuple[Any, ...]) -> None:
+        """Queue a Responses answer's row (`saved_responses.row`); nobody waits for it, and
+        a read queued after it sees it."""
+        self._check_open()
+        await self._put((RESPONSE, row, None))
+
+    async def response_history(self, response_id: str) -> list[dict[str, Any]] | None:
+        """The messages of the chain that ends with `response_id`, oldest first; None when
+        lean saved no such response."""
+        return await self._query(SELECT_CHAIN, (response_id, MAX_CHAIN), chain_messages)
 
     async def flush(self, *, report: bool = True) -> None:
         """Wait until everything queued before the call is committed. With `report`, raise

@@ -33,13 +33,14 @@ from lean.messages import (
     UPDATE_STREAMING,
     begin_turn,
 )
+from lean.saved_responses import INSERT_RESPONSE
 
 _log = logging.getLogger("lean.store")
 
 # Ops travel as (kind, args, future); the future is None when nobody waits for the op.
-SAVE, TURN, PROGRESS, FLUSH, STOP = range(5)
+SAVE, TURN, PROGRESS, FLUSH, STOP, RESPONSE = range(6)
 # What the store's `on_failure` is told failed, by op kind.
-OP_NAMES = {SAVE: "save", TURN: "turn", PROGRESS: "progress"}
+OP_NAMES = {SAVE: "save", TURN: "turn", PROGRESS: "progress", RESPONSE: "response"}
 Future = asyncio.Future[Any] | None
 Op = tuple[int, Any, Future]
 Settled = list[tuple[Future, Any, BaseException | None]]
@@ -161,6 +162,13 @@ class Batches:
                     except Exception as exc:
                         _op_failed(conn, exc, f"saving the progress of {len(args)} answers")
                         failed["progress"] = failed.get("progress", 0) + len(args)
+                elif kind == RESPONSE:  # a saved Responses answer (lean.saved_responses)
+                    writes = True
+                    try:
+                        conn.execute(INSERT_RESPONSE, args)
+                    except Exception as exc:
+                        _op_failed(conn, exc, f"saving response {args[0]!r}")
+                        failed["response"] = failed.get("response", 0) + 1
                 elif kind == FLUSH:
                     settled.append((fut, None, self._take_failures() if args else None))
                 else:

@@ -64,6 +64,7 @@ class _Request(msgspec.Struct):
     user: str | None = None
     background: bool | None = None
     conversation: Any = None
+    metadata: dict[str, str] | None = None
 
 
 # Input items and their parts, checked one by one once their `type` is known.
@@ -133,9 +134,11 @@ class Request(msgspec.Struct, kw_only=True):
     stream: bool
     store: bool
     previous_response_id: str | None
-    body: dict[str, Any]
+    body: dict[str, Any]  # its messages: the instructions' (if any), then the input's
+    instructions: bool  # the first message is the instructions (not saved: not carried on)
     untranslated: list[str]
     custom_tools: frozenset[str]
+    echo: dict[str, Any]  # the settings a `response` object repeats, as the client gave them
 
 
 _decode_request = msgspec.json.Decoder(_Request)
@@ -193,9 +196,29 @@ def parse_request(body: bytes) -> Request:
         store=request.store,
         previous_response_id=request.previous_response_id,
         body=chat,
+        instructions=bool(request.instructions),
         untranslated=untranslated,
         custom_tools=frozenset(custom),
+        echo=_echo(request),
     )
+
+
+def _echo(request: _Request) -> dict[str, Any]:
+    text = msgspec.to_builtins(request.text) if request.text else {"format": {"type": "text"}}
+    return {
+        "instructions": request.instructions,
+        "max_output_tokens": request.max_output_tokens,
+        "parallel_tool_calls": request.parallel_tool_calls is not False,
+        "previous_response_id": request.previous_response_id,
+        "reasoning": msgspec.to_builtins(request.reasoning) if request.reasoning else None,
+        "store": request.store,
+        "temperature": request.temperature,
+        "text": text,
+        "tool_choice": "auto" if request.tool_choice is None else request.tool_choice,
+        "tools": request.tools or [],
+        "top_p": request.top_p,
+        "metadata": request.metadata or {},
+    }
 
 
 def _item(item: dict[str, Any], where: str, messages: list[dict[str, Any]]) -> None:
