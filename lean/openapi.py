@@ -65,6 +65,21 @@ _SCENE = _path("scene", "a scene name of the config ([scene.NAME])")
 _RUN = _path("runId", "the run's id, from its `start` event", "^[!-~]{1,128}$")
 _CONVERSATION = _path("conversationId", "a conversation id", "^[A-Za-z0-9_-]{1,64}$")
 _PUBLIC: list[dict[str, list[str]]] = []  # no token, no Origin check (docs/protocol.md §6)
+# The Responses request's main fields; the rest is lean.dialects.responses's to check.
+_RESPONSES_REQUEST: dict[str, Any] = {
+    "type": "object",
+    "required": ["model", "input"],
+    "properties": {
+        "model": {"type": "string", "description": "a model alias of the config"},
+        "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
+        "instructions": {"type": "string"},
+        "tools": {"type": "array", "items": {"type": "object"}},
+        "stream": {"type": "boolean"},
+        "store": {"type": "boolean", "description": "false: lean saves nothing"},
+        "previous_response_id": {"type": "string"},
+        "max_output_tokens": {"type": "integer", "minimum": 1},
+    },
+}
 _POST_AUTH: list[dict[str, list[str]]] = [{"bearer": []}]
 _GET_AUTH: list[dict[str, list[str]]] = [{"bearer": []}, {"accessToken": []}]
 
@@ -125,6 +140,31 @@ def _paths() -> dict[str, Any]:
                         "description": "a chat.completion, or with `stream` its chunks as"
                         " `data:` lines ending `data: [DONE]` (an error after the first byte:"
                         ' one `data: {"error": {...}}` line, no [DONE])',
+                        "content": {
+                            JSON: {"schema": {"type": "object"}},
+                            SSE: {"schema": {"type": "string"}},
+                        },
+                    },
+                    **_errors("400", "404", "413", "415", "503"),
+                    "429": {"$ref": "#/components/responses/Upstream"},
+                    "502": {"$ref": "#/components/responses/Upstream"},
+                    "504": {"$ref": "#/components/responses/Upstream"},
+                },
+            }
+        },
+        "/v1/responses": {
+            "post": {
+                "summary": "OpenAI Responses, streamed or whole (docs/protocol.md §5)",
+                "security": _POST_AUTH,
+                "requestBody": {
+                    "required": True,
+                    "content": {JSON: {"schema": _RESPONSES_REQUEST}},
+                },
+                "responses": {
+                    "200": {
+                        "description": "a `response` object, or with `stream` its events"
+                        " (`event:` + `data:`), the last one `response.completed`,"
+                        " `response.incomplete` or `response.failed`",
                         "content": {
                             JSON: {"schema": {"type": "object"}},
                             SSE: {"schema": {"type": "string"}},
