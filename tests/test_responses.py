@@ -28,6 +28,14 @@ from tests.fakes import (
     tool_call_stream,
     usage_chunk,
 )
+from tests.fakes_providers import (
+    FakeAnthropic,
+    FakeGemini,
+    anthropic_text_stream,
+    anthropic_tool_stream,
+    gemini_text_stream,
+    gemini_tool_stream,
+)
 from tests.support import lean_config, running
 
 pytestmark = pytest.mark.timeout(20)
@@ -475,3 +483,40 @@ async def test_a_codex_cli_request_is_served(lean_url: str, fake: FakeOpenAI) ->
     assert [t["function"]["name"] for t in sent["tools"]] == ["shell"]  # web_search: hosted
     for field in ("include", "prompt_cache_key", "store", "input", "instructions"):
         assert field not in sent
+
+
+# --- other upstream kinds -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "gemini"])
+async def test_native_upstreams_behind_responses(kind: str) -> None:
+    """Thinking from an Anthropic or Gemini upstream is a reasoning item; its tool calls are
+    function_call items the next turn (by previous_response_id) hands back."""
+    fake: FakeAnthropic | FakeGemini = FakeAnthropic() if kind == "anthropic" else FakeGemini()
+    if isinstance(fake, FakeAnthropic):
+        fake.push(
+            anthropic_text_stream("Four.", reasoning="Two and two."),
+            anthropic_tool_stream([("toolu_1", "get_weather", '{"city":"Paris"}')]),
+        )
+    else:
+        fake.push(
+            gemini_text_stream("Four.", reasoning="Two and two."),
+            gemini_tool_stream([("get_weather", {"city": "Paris"})]),
+        )
+    async with fake:
+        provider = f"kind = {kind}\nbase_url = {fake.base_url}"
+        async with running(lean_config(provider=provider)) as lean, sdk(lean.url) as client:
+            async with client.responses.stream(model="default", input="2+2?") as stream:
+                first = await stream.get_final_response()
+            async with client.responses.stream(
+                model="default", input="Weather?", tools=[WEATHER], previous_response_id=first.id
+            ) as stream:
+                second = await stream.get_final_response()
+    reasoning, message = first.output
+    assert reasoning.type == "reasoning" and reasoning.summary[0].text == "Two and two."
+    assert message.type == "message" and first.output_text == "Four."
+    call = second.output[0]
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert json.loads(call.arguments) == {"city": "Paris"}
+    history = json.dumps(fake.requests[-1].body)  # the first turn, in the provider's form
+    assert "2+2?" in history and "Four." in history and "Weather?" in history
