@@ -8,6 +8,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -410,62 +411,37 @@ async def test_a_client_that_leaves_closes_the_upstream(
 
 # --- what Codex CLI sends -----------------------------------------------------------------
 
-CODEX_BODY: dict[str, Any] = {
-    "model": "default",
-    "instructions": "You are Codex, a coding agent.",
-    "input": [
-        {
-            "type": "message",
-            "role": "developer",
-            "content": [{"type": "input_text", "text": "<permissions>sandboxed</permissions>"}],
-        },
-        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "ls"}]},
-        {
-            "type": "reasoning",
-            "id": "rs_1",
-            "summary": [{"type": "summary_text", "text": "List files."}],
-            "content": None,
-            "encrypted_content": "gAAAAB-opaque",
-        },
-        {
-            "type": "function_call",
-            "name": "shell",
-            "arguments": '{"command":["ls"]}',
-            "call_id": "call_a",
-        },
-        {"type": "function_call_output", "call_id": "call_a", "output": "README.md"},
-    ],
-    "tools": [
-        {
-            "type": "function",
-            "name": "shell",
-            "description": "Runs a shell command",
-            "strict": False,
-            "parameters": {
-                "type": "object",
-                "properties": {"command": {"type": "array", "items": {"type": "string"}}},
-                "required": ["command"],
-                "additionalProperties": False,
-            },
-        },
-        {"type": "web_search"},
-    ],
-    "tool_choice": "auto",
-    "parallel_tool_calls": False,
-    "reasoning": {"effort": "medium", "summary": "auto"},
-    "store": False,
-    "stream": True,
-    "include": ["reasoning.encrypted_content"],
-    "prompt_cache_key": "0199-session",
-    "text": {"verbosity": "low"},
-}
+# The body Codex CLI 0.169.0 sent for `codex exec "Say hi"` with a custom provider
+# (wire_api = "responses"), captured, its long texts cut short.
+CODEX_REQUEST = Path(__file__).with_name("codex_request.json")
+# What its next request adds after a tool round: the call, its output, and a reasoning
+# item with the opaque `encrypted_content` Codex asks for with `include`.
+CODEX_ROUND: list[Any] = [
+    {
+        "type": "reasoning",
+        "id": "rs_1",
+        "summary": [{"type": "summary_text", "text": "List files."}],
+        "content": None,
+        "encrypted_content": "gAAAAB-opaque",
+    },
+    {
+        "type": "function_call",
+        "id": "fc_1",
+        "name": "exec_command",
+        "arguments": '{"cmd":"ls"}',
+        "call_id": "call_a",
+    },
+    {"type": "function_call_output", "call_id": "call_a", "output": "README.md"},
+]
 
 
 async def test_a_codex_cli_request_is_served(lean_url: str, fake: FakeOpenAI) -> None:
+    body = json.loads(CODEX_REQUEST.read_text())
+    body["input"] += CODEX_ROUND
     async with aiohttp.ClientSession() as http:
         async with http.post(
             lean_url + "/v1/responses",
-            json=CODEX_BODY,
+            json=body,
             headers={"Authorization": "Bearer x", "Accept": "text/event-stream"},
         ) as resp:
             assert resp.status == 200
@@ -478,10 +454,12 @@ async def test_a_codex_cli_request_is_served(lean_url: str, fake: FakeOpenAI) ->
     assert names[-1] == "response.completed" and data[-1]["response"]["id"].startswith("resp_")
     sent = fake.requests[-1].body
     roles = [m["role"] for m in sent["messages"]]
-    assert roles == ["system", "system", "user", "assistant", "tool"]  # reasoning: left out
-    assert sent["parallel_tool_calls"] is False and sent["reasoning_effort"] == "medium"
-    assert [t["function"]["name"] for t in sent["tools"]] == ["shell"]  # web_search: hosted
-    for field in ("include", "prompt_cache_key", "store", "input", "instructions"):
+    assert roles == ["system", "system", "user", "user", "assistant", "tool"]  # no reasoning
+    functions = [t["function"]["name"] for t in sent["tools"]]
+    assert functions == [t["name"] for t in body["tools"] if t["type"] == "function"]
+    assert "web_search" not in functions and "multi_agent_v1" not in functions  # not functions
+    assert sent["parallel_tool_calls"] is True and sent["tool_choice"] == "auto"
+    for field in ("include", "prompt_cache_key", "client_metadata", "store", "input"):
         assert field not in sent
 
 
