@@ -1,7 +1,7 @@
 """CPU per chunk of lean and of the minimal relay, measured in alternating rounds.
 
     python -m bench.cpu_pair [--rounds 6] [--streams 400] [--chunks 200] [--interval 0.025]
-                             [--wire openai|scene-sse|scene-ndjson|scene-ws]
+                             [--wire openai|responses|scene-sse|scene-ndjson|scene-ws]
 
 The load bench (`python -m bench`) runs the relay and lean minutes apart, and on this VM
 the same relay has measured 27-52 µs per chunk from one run to the next; a ratio of two
@@ -31,8 +31,16 @@ from bench.harness.scenarios import SCENARIOS
 from bench.harness.targets import Lean, Mock
 from bench.harness.wires import BENCH_MODEL, BENCH_SCENE
 
-WIRES = ("openai", "scene-sse", "scene-ndjson", "scene-ws")
+WIRES = ("openai", "responses", "scene-sse", "scene-ndjson", "scene-ws")
 _OPENAI_BODY = b'{"model":"%s","stream":true,"messages":[{"role":"user","content":"Hi"}]}'
+_RESPONSES_BODY = b'{"model":"%s","stream":true,"input":"Hi"}'
+# The first bytes of a line that carries one content chunk, in each wire's framing.
+CONTENT_LINES = (
+    b'data: {"id"',
+    b"event: delta",
+    b'{"type":"delta"',
+    b"event: response.output_text.d",
+)
 
 
 def targets_of(wire: str, port: int) -> tuple[str, bytes, str]:
@@ -40,6 +48,8 @@ def targets_of(wire: str, port: int) -> tuple[str, bytes, str]:
     base = f"127.0.0.1:{port}/v1"
     if wire == "openai":
         return f"http://{base}/chat/completions", _OPENAI_BODY % BENCH_MODEL.encode(), "*/*"
+    if wire == "responses":
+        return f"http://{base}/responses", _RESPONSES_BODY % BENCH_MODEL.encode(), "*/*"
     if wire == "scene-ws":
         run = b'{"type":"run","runId":"r1","scene":"%s","message":"Hi"}' % BENCH_SCENE.encode()
         return f"ws://{base}/ws", run, ""
@@ -58,7 +68,7 @@ async def load(url: str, body: bytes, accept: str, streams: int) -> int:
         async with session.post(url, data=body, headers=headers) as resp:
             resp.raise_for_status()
             async for line in resp.content:
-                if line.startswith((b'data: {"id"', b"event: delta", b'{"type":"delta"')):
+                if line.startswith(CONTENT_LINES):
                     received += 1
 
     async def one_ws(session: aiohttp.ClientSession) -> None:
