@@ -34,12 +34,12 @@ from bench.harness.wires import BENCH_MODEL, BENCH_SCENE
 WIRES = ("openai", "responses", "scene-sse", "scene-ndjson", "scene-ws")
 _OPENAI_BODY = b'{"model":"%s","stream":true,"messages":[{"role":"user","content":"Hi"}]}'
 _RESPONSES_BODY = b'{"model":"%s","stream":true,"input":"Hi"}'
-# The first bytes of a line that carries one content chunk, in each wire's framing.
+# The first line of a content event, per wire (a Responses event is two lines).
 CONTENT_LINES = (
     b'data: {"id"',
+    b"event: response.output_text.delta",
     b"event: delta",
     b'{"type":"delta"',
-    b"event: response.output_text.d",
 )
 
 

@@ -40,7 +40,7 @@ WITH RECURSIVE chain (response_id, previous_id, messages, depth) AS (
     UNION ALL
     SELECT r.response_id, r.previous_id, r.messages, c.depth + 1
     FROM responses AS r JOIN chain AS c ON r.response_id = c.previous_id
-    WHERE c.depth < ?
+    WHERE c.depth + 1 < ?
 )
 SELECT messages FROM chain ORDER BY depth DESC
 """
