@@ -34,6 +34,7 @@ from aiohttp import web
 from lean.encoders.chat import error_response
 from lean.encoders.responses_body import Item, new_id, part_object, response_object
 from lean.errors import LeanError
+from lean.messages import TextBuffer
 from lean.providers.base import (
     Finish,
     Piece,
@@ -48,6 +49,11 @@ from lean.providers.base import (
 __all__ = ["ResponsesEncoder"]
 
 _encode = msgspec.json.Encoder().encode
+
+# Deltas of the open part kept as they came before they are joined: a fold per 16 deltas
+# costs little, and what a running answer holds stays near its text's size.
+FOLD = 16
+_NO_BUFFER = TextBuffer()  # no part is open (nothing is ever added to it)
 
 # A finish reason that leaves the response `incomplete`, and the reason it gives.
 INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
@@ -80,7 +86,10 @@ class ResponsesEncoder:
         self._message: Item | None = None  # the open message or reasoning item
         self._calls: dict[int, Item] = {}  # open tool calls, by the upstream's index
         self._part: type[Piece] | None = None  # the piece kind the open part takes
-        self._add: Callable[[str], None] | None = None  # adds to the open part's text
+        # The open part's text: its latest deltas (`_recent`), folded into `_buffer` every
+        # `FOLD` (a 4-character delta kept as a str of its own costs ~60 bytes).
+        self._recent: list[str] = []
+        self._buffer = _NO_BUFFER
         self._delta_head = b""
         self.finish = "stop"
         self.usage: Usage | None = None
@@ -94,11 +103,17 @@ class ResponsesEncoder:
         return b"event: %b\ndata: %b\n\n" % (kind.encode(), _encode(body))
 
     def _delta(self, text: str) -> bytes:
-        assert self._add is not None
-        self._add(text)
+        recent = self._recent
+        recent.append(text)
+        if len(recent) >= FOLD:
+            self._fold()
         seq = self._seq
-        self._seq += 1
+        self._seq = seq + 1
         return b'%b%d,"delta":%b}\n\n' % (self._delta_head, seq, _encode(text))
+
+    def _fold(self) -> None:
+        self._buffer.add("".join(self._recent))
+        self._recent.clear()
 
     def _head(self, kind: str, item: Item, **where: int) -> None:
         """The bytes of a `kind` delta event of `item` before its sequence number."""
@@ -123,9 +138,15 @@ class ResponsesEncoder:
     # --- pieces -----------------------------------------------------------------------
 
     def frame(self, piece: Piece) -> bytes | None:
-        kind = type(piece)
-        if kind is self._part:  # the usual delta: the open part takes it
-            return self._delta(piece.text)  # type: ignore[union-attr]
+        if type(piece) is self._part:  # the usual delta: the open part takes it (inlined)
+            text: str = piece.text  # type: ignore[union-attr]  # _part is a kind with text
+            recent = self._recent
+            recent.append(text)
+            if len(recent) >= FOLD:
+                self._fold()
+            seq = self._seq
+            self._seq = seq + 1
+            return b'%b%d,"delta":%b}\n\n' % (self._delta_head, seq, _encode(text))
         if isinstance(piece, Text | Refusal | Reasoning):
             return self._open(type(piece)) + self._delta(piece.text)
         if isinstance(piece, ToolCall):
@@ -154,7 +175,7 @@ class ResponsesEncoder:
             out.append(self._added(item))
         index = len(item.parts)
         if kind is Reasoning:
-            self._add = item.part("summary_text").add
+            self._buffer = item.part("summary_text")
             part = {"type": "summary_text", "text": ""}
             where = {"item_id": item.id, "output_index": item.index, "summary_index": index}
             added = {**where, "part": part}
@@ -162,7 +183,7 @@ class ResponsesEncoder:
             self._head("response.reasoning_summary_text.delta", item, summary_index=index)
         else:
             part_kind = "refusal" if kind is Refusal else "output_text"
-            self._add = item.part(part_kind).add
+            self._buffer = item.part(part_kind)
             where = {"item_id": item.id, "output_index": item.index, "content_index": index}
             part = part_object(part_kind, "")
             out.append(self._event("response.content_part.added", {**where, "part": part}))
@@ -207,9 +228,10 @@ class ResponsesEncoder:
 
     def _close_part(self, item: Item) -> bytes:
         kind = self._part
-        self._part = self._add = None
         if kind is None:
             return b""
+        self._fold()
+        self._part, self._buffer = None, _NO_BUFFER
         index = len(item.parts) - 1
         text = item.parts[index][1].text()
         where = {"item_id": item.id, "output_index": item.index}
@@ -276,6 +298,7 @@ class ResponsesEncoder:
 
     def error_frame(self, error: LeanError) -> bytes:
         """A stream cut after the commit: `response.failed`, its output as far as it got."""
+        self._fold()  # the open part's latest deltas join its text
         for item in self.items:
             if item.status == "in_progress":
                 item.status = "incomplete"

@@ -30,7 +30,7 @@ _ERROR_CODES = {"rate_limited": "rate_limit_exceeded"}
 
 def new_id(prefix: str) -> str:
     """An id in the API's form: `resp_...`, `msg_...`, `rs_...`, `fc_...`, `ctc_...`."""
-    return f"{prefix}_{uuid.uuid4().hex}"
+    return f"{prefix}_{uuid.uuid4().hex[:24]}"  # 96 random bits, as chat completion ids
 
 
 class Item:
