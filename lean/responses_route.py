@@ -1,5 +1,5 @@
 """`POST /v1/responses`: OpenAI's Responses API in front of any configured model alias
-(docs/protocol.md §5).
+(docs/protocol.md §1).
 
 The request becomes lean's chat body (`lean.dialects.responses`), the run is the driver's
 (`lean.driver`), the client sees `encoders.responses.ResponsesEncoder`'s events. What this

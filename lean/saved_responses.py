@@ -1,4 +1,4 @@
-"""Saved Responses answers, for `previous_response_id` (docs/protocol.md §5): the table, its
+"""Saved Responses answers, for `previous_response_id` (docs/protocol.md §1): the table, its
 rows and the chain a new response continues from. Plain SQL that SQLite and PostgreSQL
 both run; `lean.store` moves it through its writer and reader threads.
 

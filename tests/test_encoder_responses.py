@@ -1,4 +1,4 @@
-"""`ResponsesEncoder` fed pieces, without I/O (docs/protocol.md §5): the events it writes are
+"""`ResponsesEncoder` fed pieces, without I/O (docs/protocol.md §1): the events it writes are
 checked by the `openai` SDK's own stream state (the one `responses.stream()` runs, which
 raises on an event out of order), and against the API's rules: one `sequence_number` more
 each time, items opened and closed in order, one final event."""

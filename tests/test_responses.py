@@ -1,4 +1,4 @@
-"""`POST /v1/responses` as the official `openai` SDK sees it (docs/protocol.md §5): lean on a
+"""`POST /v1/responses` as the official `openai` SDK sees it (docs/protocol.md §1): lean on a
 real socket, the SDK's `responses.create` and `responses.stream()` as the clients, the fake
 OpenAI-compatible upstream behind. Each async test runs on asyncio and on uvloop."""
 
@@ -374,6 +374,23 @@ async def test_a_failure_before_the_first_byte_is_a_status(
     assert isinstance(caught.value.body, dict) and caught.value.body["message"]
     with pytest.raises(raised):  # and the whole answer's path the same
         await client.responses.create(model="default", input="Hi")
+
+
+async def test_requests_lean_refuses_are_the_sdks_typed_errors(
+    client: openai.AsyncOpenAI, fake: FakeOpenAI
+) -> None:
+    with pytest.raises(openai.NotFoundError) as unknown:
+        await client.responses.create(model="nope", input="Hi", stream=True)
+    assert "nope" in unknown.value.message
+    with pytest.raises(openai.BadRequestError) as bad:
+        await client.responses.create(
+            model="default", input=[{"type": "item_reference", "id": "msg_1"}]
+        )
+    assert "$.input[0].type" in bad.value.message
+    with pytest.raises(openai.BadRequestError) as background:
+        await client.responses.create(model="default", input="Hi", background=True)
+    assert "$.background" in background.value.message
+    assert fake.requests == []
 
 
 async def test_a_cut_stream_ends_with_response_failed(

@@ -1,4 +1,4 @@
-"""OpenAI Responses in (docs/protocol.md §5): a `POST /v1/responses` body as lean's chat body.
+"""OpenAI Responses in (docs/protocol.md §1): a `POST /v1/responses` body as lean's chat body.
 
 lean serves the Responses API without state of its own: `previous_response_id` is handed
 back to the route (which continues from the answer lean saved), and `store` only says

@@ -1,4 +1,4 @@
-"""OpenAI Responses out (docs/protocol.md §5): a run's pieces as Responses stream events,
+"""OpenAI Responses out (docs/protocol.md §1): a run's pieces as Responses stream events,
 a whole answer as the `response` object, failures in OpenAI's error body.
 
 The order the API promises, and this encoder keeps (the `openai` SDK's `responses.stream()`

@@ -1,4 +1,4 @@
-"""The objects of OpenAI's Responses API that lean writes whole (docs/protocol.md §5): the
+"""The objects of OpenAI's Responses API that lean writes whole (docs/protocol.md §1): the
 `response` object (in `response.created`, the final event and a non-streaming answer),
 its output items, `usage` and `error`; and an answer's output as the Chat Completions
 assistant message lean saves for `previous_response_id`.
