@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from lean import saved_responses
 from lean.messages import SCHEMA_VERSION, MessageRecord, TextBuffer
 from lean.store import Store, StoreClosed, StoreError
 
@@ -584,6 +585,11 @@ async def test_a_version_2_database_is_migrated_and_keeps_its_messages(tmp_path:
     assert await s.history("a", 5) == [("user", "Say: hi"), ("assistant", "hello")]
     await s.begin_turn(conversation_id="a", scene="chat", user_content="x", prompt="Say: x")
     assert [(m.content, m.prompt) for m in await s.messages("a")][-1] == ("x", "Say: x")
+    # version 4: saved Responses answers, a chain read back oldest first
+    await s.save_response(saved_responses.row("resp_1", None, "m", [{"role": "user"}], AT))
+    await s.save_response(saved_responses.row("resp_2", "resp_1", "m", [{"role": "tool"}], AT))
+    assert await s.response_history("resp_2") == [{"role": "user"}, {"role": "tool"}]
+    assert await s.response_history("resp_x") is None
     await s.close()
     with sqlite3.connect(db(tmp_path)) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

@@ -129,9 +129,20 @@ class ResponsesEncoder:
             self.id, self.created_at, self._model, self._echo, status=status, output=output, **more
         )
 
+    def _lifecycle(self, kind: str, response: bytes) -> bytes:
+        """A `response.*` event around the `response` object, encoded once."""
+        seq = self._seq
+        self._seq = seq + 1
+        return b'event: %b\ndata: {"type":"%b","sequence_number":%d,"response":%b}\n\n' % (
+            kind.encode(),
+            kind.encode(),
+            seq,
+            response,
+        )
+
     def begin(self) -> bytes:
-        response = {"response": self._response("in_progress")}
-        return self._event("response.created", response) + self._event(
+        response = _encode(self._response("in_progress"))
+        return self._lifecycle("response.created", response) + self._lifecycle(
             "response.in_progress", response
         )
 
@@ -291,7 +302,7 @@ class ResponsesEncoder:
         closed = self._close_message(status) + self._close_calls(status)
         self.status = status
         response = self._response(status, usage=self.usage, incomplete=incomplete)
-        last = self._event(f"response.{status}", {"response": response})
+        last = self._lifecycle(f"response.{status}", _encode(response))
         if self._on_end is not None:
             self._on_end(self)
         return closed + last
@@ -304,7 +315,7 @@ class ResponsesEncoder:
                 item.status = "incomplete"
         self.status = "failed"
         response = self._response("failed", usage=self.usage, error=error)
-        return self._event("response.failed", {"response": response})
+        return self._lifecycle("response.failed", _encode(response))
 
     def error_response(self, error: LeanError) -> web.Response:
         return error_response(error)
