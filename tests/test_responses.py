@@ -21,6 +21,7 @@ from tests.fakes import (
     PROMPT_TOKENS,
     FakeOpenAI,
     Reply,
+    Stall,
     Stream,
     chunk,
     error_body,
@@ -408,6 +409,24 @@ async def test_a_cut_stream_ends_with_response_failed(
     async with client.responses.stream(model="default", input="Hi") as stream:
         with pytest.raises(RuntimeError, match=r"response\.completed"):
             await stream.get_final_response()
+
+
+async def test_a_failure_after_commit_wait_is_response_failed(fake: FakeOpenAI) -> None:
+    """The upstream is silent past commit_wait: the response starts (created, in_progress)
+    and the timeout that follows ends it in band, as `response.failed`."""
+    fake.default = lambda body: Stall(seconds=3)
+    config = lean_config(
+        fake.base_url,
+        server="commit_wait = 0.1\nping_interval = 30",
+        provider="first_byte_timeout = 0.4",
+        model="retries = 0",
+    )
+    async with running(config) as lean, sdk(lean.url) as client:
+        events = await events_of(client)
+    assert types(events) == ["response.created", "response.in_progress", "response.failed"]
+    failed = events[-1].response
+    assert failed.output == [] and failed.error.code == "server_error"
+    assert "upstream" in failed.error.message
 
 
 async def test_a_client_that_leaves_closes_the_upstream(
