@@ -1,9 +1,9 @@
 """OpenAI Responses in (docs/protocol.md §1): a `POST /v1/responses` body as lean's chat body.
 
-lean serves the Responses API without state of its own: `previous_response_id` is handed
-back to the route (which continues from the answer lean saved), and `store` only says
-whether the client wants that answer kept for later. `parse_request` turns the rest into
-the OpenAI Chat Completions shape every provider adapter takes:
+What needs state is the route's (`lean.responses_route`): `previous_response_id` is handed
+back to it (it sends the saved chain first), and `store` says whether it saves this answer.
+`parse_request` turns the rest into the OpenAI Chat Completions shape every provider
+adapter takes:
 - `instructions` becomes the first system message;
 - `input` as a string is one user message; as items: `message` (its `input_text`,
   `input_image`, `input_file` with inline data, `output_text` and `refusal` parts; role
