@@ -53,6 +53,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
         model=model.alias,
         echo=parsed.echo,
         custom_tools=parsed.custom_tools,
+        namespaces=parsed.namespaces,
         on_end=_saver(services, parsed, model.alias, new) if parsed.store else None,
     )
     if parsed.stream:

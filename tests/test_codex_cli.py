@@ -71,3 +71,17 @@ async def test_codex_runs_a_tool_round_through_lean(tmp_path: Path) -> None:
     assert events[-1]["type"] == "turn.completed"
     second = fake.requests[-1].body["messages"]
     assert second[-1]["role"] == "tool" and "lean-was-here" in second[-1]["content"]
+
+
+async def test_codex_routes_a_sub_agent_tool_by_its_namespace(tmp_path: Path) -> None:
+    """Codex's sub-agent tools come as a `namespace` group: lean names the namespace on the
+    call, and Codex runs its tool (which refuses the made-up agent id) instead of answering
+    "unsupported call"."""
+    async with FakeOpenAI() as fake:
+        call = ("call_1", "close_agent", json.dumps({"target": "no-such-agent"}))
+        fake.push(tool_call_stream([call]), text_stream("Done."))
+        async with running(lean_config(fake.base_url)) as lean:
+            events = await codex_exec(lean.url, tmp_path, "Close the agent")
+    assert events[-1]["type"] == "turn.completed"
+    output = fake.requests[-1].body["messages"][-1]
+    assert output["role"] == "tool" and "unsupported call" not in output["content"]

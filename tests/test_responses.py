@@ -347,6 +347,25 @@ async def test_a_custom_tool_call_answers_in_kind(
     )
 
 
+async def test_a_namespaced_function_call_names_its_namespace(
+    client: openai.AsyncOpenAI, fake: FakeOpenAI
+) -> None:
+    """A `namespace` tool group's functions reach the upstream as functions; a call of one
+    comes back with its `namespace` (Codex routes its sub-agent tools by it). A name a
+    top-level function has already is left out of the group."""
+    close: Any = {"type": "function", "name": "close_agent", "parameters": {"type": "object"}}
+    group: Any = {"type": "namespace", "name": "agents", "tools": [close, WEATHER]}
+    fake.push(tool_call_stream([("call_1", "close_agent", '{"target":"a1"}')]))
+    events = await events_of(client, tools=[WEATHER, group])
+    sent = [t["function"]["name"] for t in fake.requests[-1].body["tools"]]
+    assert sent == ["get_weather", "close_agent"]
+    call = events[-1].response.output[0]
+    assert (call.type, call.name, call.namespace) == ("function_call", "close_agent", "agents")
+    assert [e.item.namespace for e in events if e.type == "response.output_item.added"] == [
+        "agents"
+    ]
+
+
 # --- failures -----------------------------------------------------------------------------
 
 
@@ -492,8 +511,12 @@ async def test_a_codex_cli_request_is_served(lean_url: str, fake: FakeOpenAI) ->
     roles = [m["role"] for m in sent["messages"]]
     assert roles == ["system", "system", "user", "user", "assistant", "tool"]  # no reasoning
     functions = [t["function"]["name"] for t in sent["tools"]]
-    assert functions == [t["name"] for t in body["tools"] if t["type"] == "function"]
-    assert "web_search" not in functions and "multi_agent_v1" not in functions  # not functions
+    grouped = next(t for t in body["tools"] if t["type"] == "namespace")  # sub-agent tools
+    assert functions == [
+        *(t["name"] for t in body["tools"] if t["type"] == "function"),
+        *(t["name"] for t in grouped["tools"]),
+    ]
+    assert "web_search" not in functions  # hosted: only OpenAI runs it
     assert sent["parallel_tool_calls"] is True and sent["tool_choice"] == "auto"
     for field in ("include", "prompt_cache_key", "client_metadata", "store", "input"):
         assert field not in sent

@@ -13,7 +13,9 @@ adapter takes:
   `input`); `reasoning` items are left out (no Chat Completions upstream takes them back);
 - function `tools` (Responses' flat shape nested as Chat Completions'), custom tools as
   functions taking `{"input": string}` (their names in `Request.custom_tools`, for the
-  encoder to answer in kind), `tool_choice`, `max_output_tokens` (as `max_tokens`),
+  encoder to answer in kind), a `namespace`'s functions as functions (their namespace in
+  `Request.namespaces`, for the encoder to name it on their calls; a name already taken
+  is left out), `tool_choice`, `max_output_tokens` (as `max_tokens`),
   `reasoning.effort` (as `reasoning_effort`), `text.format` (as `response_format`),
   `temperature`, `top_p`, `user`, and `parallel_tool_calls` (with tools only).
 Hosted tools (`web_search`, `file_search`, ...) have no Chat Completions form: they are
@@ -122,6 +124,11 @@ class _FunctionTool(msgspec.Struct):
     strict: bool | None = None
 
 
+class _Namespace(msgspec.Struct):
+    name: Annotated[str, msgspec.Meta(min_length=1)]
+    tools: list[dict[str, Any]]
+
+
 class _CustomTool(msgspec.Struct):
     name: Annotated[str, msgspec.Meta(min_length=1)]
     description: str | None = None
@@ -138,6 +145,7 @@ class Request(msgspec.Struct, kw_only=True):
     instructions: bool  # the first message is the instructions (not saved: not carried on)
     untranslated: list[str]
     custom_tools: frozenset[str]
+    namespaces: dict[str, str]  # a namespaced function's namespace, by its name
     echo: dict[str, Any]  # the settings a `response` object repeats, as the client gave them
 
 
@@ -171,7 +179,7 @@ def parse_request(body: bytes) -> Request:
             _item(item, f"$.input[{i}]", messages)
     chat: dict[str, Any] = {"model": request.model, "messages": messages}
     untranslated: list[str] = []
-    tools, custom = _tools(request.tools, untranslated)
+    tools, custom, namespaces = _tools(request.tools, untranslated)
     if tools:
         chat["tools"] = tools
         if request.tool_choice is not None:
@@ -199,6 +207,7 @@ def parse_request(body: bytes) -> Request:
         instructions=bool(request.instructions),
         untranslated=untranslated,
         custom_tools=frozenset(custom),
+        namespaces=namespaces,
         echo=_echo(request),
     )
 
@@ -320,33 +329,59 @@ def _file(file: _FilePart, place: str) -> dict[str, Any]:
 
 def _tools(
     tools: list[dict[str, Any]] | None, untranslated: list[str]
-) -> tuple[list[dict[str, Any]], list[str]]:
+) -> tuple[list[dict[str, Any]], list[str], dict[str, str]]:
+    """Chat Completions tools; the custom tools' names; each namespaced function's
+    namespace, by its name (the upstream sees a namespace's functions as functions)."""
     out: list[dict[str, Any]] = []
     custom: list[str] = []
+    namespaces: dict[str, str] = {}
+    inner: list[tuple[str, dict[str, Any], str]] = []  # after the top-level names are known
     for i, tool in enumerate(tools or ()):
         where = f"$.tools[{i}]"
         kind = convert(tool, _Typed, where).type
         if kind == "function":
-            given = convert(tool, _FunctionTool, where)
-            function: dict[str, Any] = {
-                "name": given.name,
-                "parameters": given.parameters or {"type": "object", "properties": {}},
-            }
-            if given.description:
-                function["description"] = given.description
-            if given.strict is not None:
-                function["strict"] = given.strict
+            function = _function(tool, where)
         elif kind == "custom":
             named = convert(tool, _CustomTool, where)
             custom.append(named.name)
             function = {"name": named.name, "parameters": CUSTOM_PARAMETERS}
             if named.description:
                 function["description"] = named.description
+        elif kind == "namespace":
+            group = convert(tool, _Namespace, where)
+            for j, member in enumerate(group.tools):
+                inner.append((group.name, member, f"{where}.tools[{j}]"))
+            continue
         else:
             untranslated.append(where)  # a hosted tool: only OpenAI's own servers run it
             continue
         out.append({"type": "function", "function": function})
-    return out, custom
+    names = {tool["function"]["name"] for tool in out}
+    for namespace, member, where in inner:
+        if convert(member, _Typed, where).type != "function":
+            untranslated.append(where)
+            continue
+        function = _function(member, where)
+        if function["name"] in names:  # the upstream knows a function by its name alone
+            untranslated.append(where)
+            continue
+        names.add(function["name"])
+        namespaces[function["name"]] = namespace
+        out.append({"type": "function", "function": function})
+    return out, custom, namespaces
+
+
+def _function(tool: dict[str, Any], where: str) -> dict[str, Any]:
+    given = convert(tool, _FunctionTool, where)
+    function: dict[str, Any] = {
+        "name": given.name,
+        "parameters": given.parameters or {"type": "object", "properties": {}},
+    }
+    if given.description:
+        function["description"] = given.description
+    if given.strict is not None:
+        function["strict"] = given.strict
+    return function
 
 
 def _tool_choice(choice: str | dict[str, Any], untranslated: list[str]) -> Any:

@@ -73,6 +73,7 @@ class ResponsesEncoder:
         model: str,
         echo: dict[str, Any],
         custom_tools: frozenset[str] = frozenset(),
+        namespaces: dict[str, str] | None = None,
         on_end: Callable[[ResponsesEncoder], None] | None = None,
     ) -> None:
         self.id = new_id("resp")
@@ -80,6 +81,7 @@ class ResponsesEncoder:
         self._model = model
         self._echo = echo
         self._custom = custom_tools
+        self._namespaces = namespaces or {}
         self._on_end = on_end
         self._seq = 0
         self.items: list[Item] = []
@@ -225,6 +227,7 @@ class ResponsesEncoder:
                 call_id=piece.id or new_id("call"),
                 name=name,
             )
+            item.namespace = self._namespaces.get(name)
             item.part("arguments")
             self._calls[piece.index] = item
             out.append(self._added(item))

@@ -37,7 +37,7 @@ class Item:
     """One output item: a `message` (its `output_text` and `refusal` parts), a `reasoning`
     item (its summary text), a `function_call` or a `custom_tool_call`."""
 
-    __slots__ = ("call_id", "id", "index", "kind", "name", "parts", "status")
+    __slots__ = ("call_id", "id", "index", "kind", "name", "namespace", "parts", "status")
 
     def __init__(
         self, kind: str, index: int, *, call_id: str = "", name: str = "", prefix: str = ""
@@ -48,6 +48,7 @@ class Item:
         self.status = "in_progress"
         self.call_id = call_id
         self.name = name
+        self.namespace: str | None = None  # a function of a `namespace` tool group: its name
         # message: [(part type, text)]; reasoning: [("summary_text", text)]; calls: one part,
         # the arguments (a custom tool's: the JSON `{"input": ...}` lean asked the model for)
         self.parts: list[tuple[str, TextBuffer]] = []
@@ -93,6 +94,8 @@ class Item:
             call["input"] = self.custom_input() if self.parts else ""
         else:
             call["arguments"] = self.text("arguments")
+        if self.namespace is not None:
+            call["namespace"] = self.namespace
         return call
 
 
