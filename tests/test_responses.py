@@ -5,6 +5,7 @@ OpenAI-compatible upstream behind. Each async test runs on asyncio and on uvloop
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
 from collections.abc import AsyncIterator
@@ -15,6 +16,8 @@ import aiohttp
 import openai
 import pytest
 
+from lean.encoders.responses import ResponsesEncoder
+from lean.encoders.responses_body import Item
 from tests.fakes import (
     DEFAULT_TEXT,
     DONE,
@@ -462,6 +465,30 @@ async def test_a_client_that_leaves_closes_the_upstream(
     left = time.monotonic()
     gone = await fake.wait_disconnect(timeout=3)
     assert gone - left < 1.0
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_response_is_freed_by_reference_counting(
+    client: openai.AsyncOpenAI, stream: bool
+) -> None:
+    """An answer's encoder and items (its text), saved or not, go when it ends: lean serve
+    runs the cycle collector rarely (docs/decisions.md)."""
+    await client.responses.create(model="default", input="warm up")
+    gc.collect()
+    gc.disable()
+    try:
+        if stream:
+            await events_of(client)
+        else:
+            await client.responses.create(model="default", input="Hi")
+        for _ in range(100):  # the request's tasks (and its save) end just after its last byte
+            left = [o for o in gc.get_objects() if isinstance(o, ResponsesEncoder | Item)]
+            if not left:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        gc.enable()
+    assert left == []
 
 
 # --- what Codex CLI sends -----------------------------------------------------------------
