@@ -1,6 +1,6 @@
 """CPU per chunk and KB per stream of one dialect against Chat Completions, on one lean.
 
-    python -m bench.cpu_dialects [--wire messages] [--rounds 6] [--streams 400]
+    python -m bench.cpu_dialects [--wire messages|responses] [--rounds 6] [--streams 400]
                                  [--chunks 200] [--interval 0.025]
 
 One mock and one lean (pinned to the target core, on the load bench's config for

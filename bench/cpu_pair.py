@@ -1,7 +1,7 @@
 """CPU per chunk of lean and of the minimal relay, measured in alternating rounds.
 
     python -m bench.cpu_pair [--rounds 6] [--streams 400] [--chunks 200] [--interval 0.025]
-                             [--wire openai|scene-sse|scene-ndjson|scene-ws]
+                             [--wire openai|messages|responses|scene-sse|scene-ndjson|scene-ws]
 
 The load bench (`python -m bench`) runs the relay and lean minutes apart, and on this VM
 the same relay has measured 27-52 µs per chunk from one run to the next; a ratio of two
@@ -31,13 +31,20 @@ from bench.harness.scenarios import SCENARIOS
 from bench.harness.targets import Lean, Mock
 from bench.harness.wires import BENCH_MODEL, BENCH_SCENE
 
-WIRES = ("openai", "messages", "scene-sse", "scene-ndjson", "scene-ws")
+WIRES = ("openai", "messages", "responses", "scene-sse", "scene-ndjson", "scene-ws")
 _OPENAI_BODY = b'{"model":"%s","stream":true,"messages":[{"role":"user","content":"Hi"}]}'
 _MESSAGES_BODY = (
     b'{"model":"%s","max_tokens":1024,"stream":true,"messages":[{"role":"user","content":"Hi"}]}'
 )
-# The first line of a content event, per wire (an Anthropic event is two lines).
-CONTENT_LINES = (b'data: {"id"', b"event: content_block_delta", b"event: delta", b'{"type":"delta"')
+_RESPONSES_BODY = b'{"model":"%s","stream":true,"input":"Hi"}'
+# The first line of a content event, per wire (an Anthropic or a Responses event is two lines).
+CONTENT_LINES = (
+    b'data: {"id"',
+    b"event: content_block_delta",
+    b"event: response.output_text.delta",
+    b"event: delta",
+    b'{"type":"delta"',
+)
 
 
 def targets_of(wire: str, port: int) -> tuple[str, bytes, str]:
@@ -47,6 +54,8 @@ def targets_of(wire: str, port: int) -> tuple[str, bytes, str]:
         return f"http://{base}/chat/completions", _OPENAI_BODY % BENCH_MODEL.encode(), "*/*"
     if wire == "messages":
         return f"http://{base}/messages", _MESSAGES_BODY % BENCH_MODEL.encode(), "*/*"
+    if wire == "responses":
+        return f"http://{base}/responses", _RESPONSES_BODY % BENCH_MODEL.encode(), "*/*"
     if wire == "scene-ws":
         run = b'{"type":"run","runId":"r1","scene":"%s","message":"Hi"}' % BENCH_SCENE.encode()
         return f"ws://{base}/ws", run, ""

@@ -13,7 +13,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import WSCloseCode, web
 
-from lean import anthropic_routes, handlers, scene_handlers, static, ui_handlers, ws
+from lean import (
+    anthropic_routes,
+    handlers,
+    responses_route,
+    scene_handlers,
+    static,
+    ui_handlers,
+    ws,
+)
 from lean.clients import Client, client_key
 from lean.config import Config, ConfigError
 from lean.connections import Connections
@@ -185,6 +193,7 @@ def create_app(config: Config) -> web.Application:
     app[services_key] = services
     app[connections_key] = connections
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
+    app.router.add_post("/v1/responses", responses_route.responses)
     app.router.add_get("/v1/models", handlers.models)
     app.router.add_post("/v1/messages", anthropic_routes.messages)
     app.router.add_post("/v1/messages/count_tokens", anthropic_routes.count_tokens)

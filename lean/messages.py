@@ -31,6 +31,9 @@ import msgspec
 # Version 4: `client`, the `[client.NAME]` that owns the conversation (docs/protocol.md §8);
 # NULL for the default client, which so owns every row written before. Not a field of
 # `MessageRecord`: it is never shown, only compared (`next_turn`, SELECT_EXISTS).
+# Version 5: the `responses` table (lean.saved_responses has its SQL): saved Responses
+# answers, for `previous_response_id` (docs/protocol.md §1), each owned by its `client`
+# (NULL: the default client) as conversations are.
 _V1_COLUMNS = (
     "message_id, conversation_id, turn, role, content, status, created_at, scene, model,"
     " reasoning, tool_calls, finish_reason, error_code, prompt_tokens, completion_tokens,"
@@ -74,8 +77,19 @@ MIGRATIONS: list[str] = [
     "ALTER TABLE messages ADD COLUMN prompt TEXT;",
     # 3 -> 4
     "ALTER TABLE messages ADD COLUMN client TEXT;",
+    # 4 -> 5
+    """
+CREATE TABLE responses (
+    response_id TEXT PRIMARY KEY,
+    previous_id TEXT,
+    client TEXT,
+    model TEXT NOT NULL,
+    messages TEXT NOT NULL,  -- JSON array: this turn's input messages, then the answer
+    created_at TEXT NOT NULL
+);
+""",
 ]
-SCHEMA_VERSION = len(MIGRATIONS)  # 4
+SCHEMA_VERSION = len(MIGRATIONS)  # 5
 SCHEMA = "".join(MIGRATIONS)  # a new database's schema, every step in one script
 # At start-up no run is running: a row still `streaming` is an answer cut by a crash, and
 # keeps the text flushed before it. (One instance per database: with several, each must

@@ -43,7 +43,7 @@ class Metrics:
         self.runs: Counter[tuple[str, str, str]] = Counter()  # route, scene, status
         self.upstream_errors: Counter[tuple[str, str]] = Counter()  # provider, code
         self.rejections: Counter[tuple[str]] = Counter()  # reason
-        self.store_failures: Counter[tuple[str]] = Counter()  # op: turn, save, progress
+        self.store_failures: Counter[tuple[str]] = Counter()  # op: turn, save, progress, response
         # By client (lean.clients): "default" for [auth] tokens and loopback without tokens.
         self.client_requests: Counter[tuple[str]] = Counter()  # client
         self.client_streams: Counter[tuple[str]] = Counter()  # client: running now (a gauge)
@@ -108,7 +108,8 @@ class Metrics:
             (
                 "lean_store_failures_total",
                 "Store writes that failed, by op: turn (a user message), save (an answer's"
-                " final save), progress (a running answer's text).",
+                " final save), progress (a running answer's text), response (a saved"
+                " Responses answer).",
                 ("op",),
                 lambda: self.store_failures.items(),
             ),

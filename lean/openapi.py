@@ -3,8 +3,9 @@
 
 Built once, when the app is made. Its schemas come from the Structs lean decodes and
 encodes and from the error tree (`lean.openapi_schemas`), so the shapes cannot drift from
-the code; the routes and their prose are written here, and
-tests/test_openapi.py checks that they are exactly the routes `lean.app` registers.
+the code; the routes and their prose are written here (those of the other APIs' dialects
+in `lean.openapi_dialects`), and tests/test_openapi.py checks that they are exactly the
+routes `lean.app` registers.
 
 The document is the same for every lean: it names no model, scene, token or address of
 this one (`GET /v1/models` and `GET /v1/scenes` say those), so it is served without a
@@ -20,13 +21,10 @@ from typing import Any
 import msgspec
 
 from lean import __version__
-from lean.openapi_schemas import ref, schemas
+from lean.openapi_dialects import dialect_paths
+from lean.openapi_schemas import JSON, NDJSON, POST_AUTH, SSE, error_refs, ref, schemas
 
 __all__ = ["document", "encoded"]
-
-JSON = "application/json"
-SSE = "text/event-stream"
-NDJSON = "application/x-ndjson"
 
 
 _ERRORS = {
@@ -41,10 +39,6 @@ _ERRORS = {
     "429": "a client's limit (docs/protocol.md §8): rate_limited, or quota_exceeded; Retry-After",
     "503": "overloaded, shutting down or store unavailable (Retry-After)",
 }
-
-
-def _errors(*statuses: str) -> dict[str, Any]:
-    return {s: {"$ref": f"#/components/responses/E{s}"} for s in ("401", "403", *statuses)}
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -68,20 +62,7 @@ _SCENE = _path("scene", "a scene name of the config ([scene.NAME])")
 _RUN = _path("runId", "the run's id, from its `start` event", "^[!-~]{1,128}$")
 _CONVERSATION = _path("conversationId", "a conversation id", "^[A-Za-z0-9_-]{1,64}$")
 _PUBLIC: list[dict[str, list[str]]] = []  # no token, no Origin check (docs/protocol.md §6)
-_POST_AUTH: list[dict[str, list[str]]] = [{"bearer": []}]
 _GET_AUTH: list[dict[str, list[str]]] = [{"bearer": []}, {"accessToken": []}]
-
-
-_ANTHROPIC_AUTH: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]
-_OBJECT = {"type": "object"}
-_ANTHROPIC_ERROR = {
-    "description": "an error in Anthropic's shape (529: overloaded; Retry-After on 429)",
-    "content": {JSON: {"schema": ref("AnthropicErrorBody")}},
-}
-
-
-def _anthropic_errors(*statuses: str) -> dict[str, Any]:
-    return {s: _ANTHROPIC_ERROR for s in ("401", "403", *statuses)}
 
 
 def _file(summary: str, content_type: str) -> dict[str, Any]:
@@ -130,7 +111,7 @@ def _paths() -> dict[str, Any]:
         "/v1/chat/completions": {
             "post": {
                 "summary": "OpenAI Chat Completions, streamed or whole",
-                "security": _POST_AUTH,
+                "security": POST_AUTH,
                 "requestBody": {
                     "required": True,
                     "content": {JSON: {"schema": ref("ChatCompletionRequest")}},
@@ -145,7 +126,7 @@ def _paths() -> dict[str, Any]:
                             SSE: {"schema": {"type": "string"}},
                         },
                     },
-                    **_errors("400", "404", "413", "415", "503"),
+                    **error_refs("400", "404", "413", "415", "503"),
                     "429": {"$ref": "#/components/responses/Upstream"},
                     "502": {"$ref": "#/components/responses/Upstream"},
                     "504": {"$ref": "#/components/responses/Upstream"},
@@ -159,61 +140,27 @@ def _paths() -> dict[str, Any]:
                 "security": _GET_AUTH,
                 "responses": {
                     "200": _json({"type": "object"}, "an OpenAI model list"),
-                    **_errors(),
+                    **error_refs(),
                 },
             }
         },
-        "/v1/messages": {
-            "post": {
-                "summary": "Anthropic Messages, streamed or whole (docs/protocol.md §1)",
-                "security": _ANTHROPIC_AUTH,
-                "requestBody": {"required": True, "content": {JSON: {"schema": _OBJECT}}},
-                "responses": {
-                    "200": {
-                        "description": "a `message`, or with `stream` its events: message_start,"
-                        " content blocks, message_delta, message_stop (an error after the"
-                        " first byte: one `event: error`, no message_stop)",
-                        "content": {JSON: {"schema": _OBJECT}, SSE: {"schema": {"type": "string"}}},
-                    },
-                    **_anthropic_errors("400", "404", "413", "429", "500", "502", "504", "529"),
-                },
-            }
-        },
-        "/v1/messages/count_tokens": {
-            "post": {
-                "summary": "a Messages request's input tokens: an Anthropic upstream's count,"
-                " else lean's estimate",
-                "security": _ANTHROPIC_AUTH,
-                "requestBody": {"required": True, "content": {JSON: {"schema": _OBJECT}}},
-                "responses": {
-                    "200": _json(
-                        {
-                            "type": "object",
-                            "properties": {"input_tokens": {"type": "integer", "minimum": 1}},
-                            "required": ["input_tokens"],
-                        },
-                        "the count",
-                    ),
-                    **_anthropic_errors("400", "404", "413"),
-                },
-            }
-        },
+        **dialect_paths(),  # /v1/messages*, /v1/responses
         "/v1/scenes": {
             "get": {
                 "summary": "the scenes: their model, inputs and tools",
                 "security": _GET_AUTH,
-                "responses": {"200": _json(ref("Scenes"), "the scenes"), **_errors()},
+                "responses": {"200": _json(ref("Scenes"), "the scenes"), **error_refs()},
             }
         },
         "/v1/scenes/{scene}/stream": {
             "parameters": [_SCENE],
             "post": {
                 "summary": "run a scene; SSE, or NDJSON with Accept: application/x-ndjson",
-                "security": _POST_AUTH,
+                "security": POST_AUTH,
                 "requestBody": {"content": {JSON: {"schema": ref("SceneRequest")}}},
                 "responses": {
                     "200": scene_stream,
-                    **_errors("400", "404", "413", "415", "429", "503"),
+                    **error_refs("400", "404", "413", "415", "429", "503"),
                 },
             },
             "get": {
@@ -230,7 +177,7 @@ def _paths() -> dict[str, Any]:
                         "content": {SSE: sse_lines},
                     },
                     "204": {"description": "a reconnect (Last-Event-ID): never a second run"},
-                    **_errors("400", "404", "429", "503"),
+                    **error_refs("400", "404", "429", "503"),
                 },
             },
         },
@@ -242,14 +189,14 @@ def _paths() -> dict[str, Any]:
                 " `start-step`, `text-*`, `reasoning-*`, `tool-input-*`, `tool-output-*`,"
                 " `finish-step`, `finish`, `message-metadata`, `error`, `abort`, then"
                 " `data: [DONE]` (docs/protocol.md §6).",
-                "security": _POST_AUTH,
+                "security": POST_AUTH,
                 "requestBody": {"required": True, "content": {JSON: {"schema": ref("UIChat")}}},
                 "responses": {
                     "200": {
                         "description": "the run as UI message stream parts",
                         "content": {SSE: {"schema": {"type": "string"}}},
                     },
-                    **_errors("400", "404", "413", "415", "429", "503"),
+                    **error_refs("400", "404", "413", "415", "429", "503"),
                 },
             },
         },
@@ -267,7 +214,7 @@ def _paths() -> dict[str, Any]:
                         "content": {SSE: {"schema": {"type": "string"}}},
                     },
                     "204": {"description": "no answer of the chat is running"},
-                    **_errors("400", "404", "409"),
+                    **error_refs("400", "404", "409"),
                 },
             },
         },
@@ -275,7 +222,7 @@ def _paths() -> dict[str, Any]:
             "parameters": [_RUN],
             "post": {
                 "summary": "stop a run; its stream ends with `error` code `cancelled`",
-                "security": _POST_AUTH,
+                "security": POST_AUTH,
                 "responses": {
                     "202": _json(
                         {
@@ -288,7 +235,7 @@ def _paths() -> dict[str, Any]:
                         },
                         "the run is stopping",
                     ),
-                    **_errors("404"),
+                    **error_refs("404"),
                 },
             },
         },
@@ -296,7 +243,7 @@ def _paths() -> dict[str, Any]:
             "parameters": [_RUN],
             "post": {
                 "summary": "answer a `waiting` event",
-                "security": _POST_AUTH,
+                "security": POST_AUTH,
                 "requestBody": {
                     "required": True,
                     "content": {JSON: {"schema": ref("ToolResult")}},
@@ -314,7 +261,7 @@ def _paths() -> dict[str, Any]:
                         },
                         "the answer was handed to the run",
                     ),
-                    **_errors("400", "404", "413", "415"),
+                    **error_refs("400", "404", "413", "415"),
                 },
             },
         },
@@ -337,7 +284,7 @@ def _paths() -> dict[str, Any]:
                 ],
                 "responses": {
                     "200": _json(ref("Messages"), "the messages"),
-                    **_errors("400", "404", "503"),  # 503: the database is away
+                    **error_refs("400", "404", "503"),  # 503: the database is away
                 },
             },
         },
@@ -351,7 +298,7 @@ def _paths() -> dict[str, Any]:
                 "security": _GET_AUTH,
                 "responses": {
                     "101": {"description": "switching protocols"},
-                    **_errors("400", "503"),
+                    **error_refs("400", "503"),
                 },
             }
         },
@@ -381,7 +328,7 @@ def _paths() -> dict[str, Any]:
                         "description": "metrics",
                         "content": {"text/plain": {"schema": {"type": "string"}}},
                     },
-                    **_errors(),
+                    **error_refs(),
                 },
             }
         },

@@ -17,13 +17,22 @@ from lean.scene_handlers import ToolResult
 from lean.scenes import SceneRequest
 from lean.ui_stream import UIChat, UIMessage
 
-__all__ = ["error_codes", "ref", "schemas"]
+__all__ = ["JSON", "NDJSON", "POST_AUTH", "SSE", "error_codes", "error_refs", "ref", "schemas"]
 
 REF = "#/components/schemas/{name}"
+JSON = "application/json"
+SSE = "text/event-stream"
+NDJSON = "application/x-ndjson"
+POST_AUTH: list[dict[str, list[str]]] = [{"bearer": []}]
 
 
 def ref(name: str) -> dict[str, str]:
     return {"$ref": REF.format(name=name)}
+
+
+def error_refs(*statuses: str) -> dict[str, Any]:
+    """lean's error responses (components E401...; `lean.openapi` writes them) for a route."""
+    return {s: {"$ref": f"#/components/responses/E{s}"} for s in ("401", "403", *statuses)}
 
 
 def error_codes() -> list[str]:

@@ -1,5 +1,5 @@
-"""Conversations and messages in SQLite or PostgreSQL, never blocking the event loop
-(docs/protocol.md §1, §2, §7).
+"""Conversations and messages (and saved Responses answers) in SQLite or PostgreSQL, never
+blocking the event loop (docs/protocol.md §1, §2, §7).
 
 What it guarantees, whichever the database (`lean.store_sqlite`, `lean.store_pg`):
 - The loop never waits on the database. One writer thread owns the only write connection
@@ -62,9 +62,12 @@ from lean.messages import (
     row,
     utc_now,
 )
+from lean.saved_responses import MAX_CHAIN, SELECT_CHAIN
+from lean.saved_responses import history as chain_messages
 from lean.store_batches import (
     FLUSH,
     PROGRESS,
+    RESPONSE,
     SAVE,
     STOP,
     TURN,
@@ -259,6 +262,20 @@ class Store:
         self._check_open()
         if rows:
             await self._put((PROGRESS, rows, None))
+
+    async def save_response(self, row: tuple[Any, ...]) -> None:
+        """Queue a Responses answer's row (`saved_responses.row`); nobody waits for it, and
+        a read queued after it sees it."""
+        self._check_open()
+        await self._put((RESPONSE, row, None))
+
+    async def response_history(
+        self, response_id: str, client: str | None = None
+    ) -> list[dict[str, Any]] | None:
+        """The messages of the chain that ends with `response_id`, oldest first; None when
+        lean saved no such response for `client` (None: the default client)."""
+        args = (response_id, client or "", MAX_CHAIN, client or "")
+        return await self._query(SELECT_CHAIN, args, chain_messages)
 
     async def flush(self, *, report: bool = True) -> None:
         """Wait until everything queued before the call is committed. With `report`, raise

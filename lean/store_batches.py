@@ -26,9 +26,9 @@ from typing import Any, Protocol
 _log = logging.getLogger("lean.store")
 
 # Ops travel as (kind, args, future); the future is None when nobody waits for the op.
-SAVE, TURN, PROGRESS, FLUSH, STOP = range(5)
+SAVE, TURN, PROGRESS, FLUSH, STOP, RESPONSE = range(6)
 # What the store's `on_failure` is told failed, by op kind.
-OP_NAMES = {SAVE: "save", TURN: "turn", PROGRESS: "progress"}
+OP_NAMES = {SAVE: "save", TURN: "turn", PROGRESS: "progress", RESPONSE: "response"}
 Future = asyncio.Future[Any] | None
 Op = tuple[int, Any, Future]
 Settled = list[tuple[Future, Any, BaseException | None]]
@@ -88,6 +88,9 @@ class Writer(Protocol):
 
     def progress(self, rows: list[tuple[str, str, str]]) -> None:
         """Running answers' text, as (content, reasoning, message_id), one batched op."""
+
+    def response(self, row: tuple[Any, ...]) -> None:
+        """Insert one saved Responses answer (saved_responses.INSERT_RESPONSE)."""
 
     def touch(self) -> None:
         """One real write (the probe's), inside the transaction."""
@@ -204,6 +207,13 @@ class Batches:
                     except Exception as exc:
                         _op_failed(conn, exc, f"saving the progress of {len(args)} answers")
                         failed["progress"] = failed.get("progress", 0) + len(args)
+                elif kind == RESPONSE:  # a saved Responses answer (lean.saved_responses)
+                    writes = True
+                    try:
+                        conn.response(args)
+                    except Exception as exc:
+                        _op_failed(conn, exc, f"saving response {args[0]!r}")
+                        failed["response"] = failed.get("response", 0) + 1
                 elif kind == FLUSH:
                     settled.append((fut, None, self._take_failures() if args else None))
                 else:

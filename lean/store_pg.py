@@ -43,6 +43,7 @@ from lean.messages import (
     next_turn,
     user_row,
 )
+from lean.saved_responses import INSERT_RESPONSE
 from lean.store_batches import Replay, Rows, StoreError
 
 __all__ = ["PgBackend", "redacted"]
@@ -103,6 +104,7 @@ def redacted(url: str) -> str:
 _INSERT = placeholders(INSERT_MESSAGE)
 _LAST_TURN = placeholders(LAST_TURN)
 _UPDATE_STREAMING = placeholders(UPDATE_STREAMING)
+_INSERT_RESPONSE = placeholders(INSERT_RESPONSE)
 
 
 class PgWriter:
@@ -183,6 +185,14 @@ class PgWriter:
         def write() -> None:
             with self.conn.cursor() as cur:
                 cur.executemany(_UPDATE_STREAMING, rows)  # pipelined: one round trip
+
+        self._op(write)
+
+    def response(self, row: tuple[Any, ...]) -> None:
+        self._send_saves()
+
+        def write() -> None:
+            self.conn.execute(_INSERT_RESPONSE, row)
 
         self._op(write)
 

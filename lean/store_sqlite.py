@@ -28,6 +28,7 @@ from lean.messages import (
     next_turn,
     user_row,
 )
+from lean.saved_responses import INSERT_RESPONSE
 from lean.store_batches import Rows, StoreError
 
 __all__ = ["SqliteBackend"]
@@ -70,6 +71,9 @@ class SqliteWriter:
 
     def progress(self, rows: list[tuple[str, str, str]]) -> None:
         self.conn.executemany(UPDATE_STREAMING, rows)
+
+    def response(self, row: tuple[Any, ...]) -> None:
+        self.conn.execute(INSERT_RESPONSE, row)
 
     def touch(self) -> None:
         self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

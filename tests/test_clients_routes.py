@@ -1,8 +1,10 @@
 """Clients' limits and ownership on the routes that came beside chat completions and scenes
 (docs/protocol.md §8): `POST /v1/messages` as the official `anthropic` SDK sees it (429 in
 Anthropic's shape, which the SDK raises as `RateLimitError`), `count_tokens` (the client's
-models, no limit counted), and `useChat`'s UI route and its resume route. Real lean on a
-socket, the real fake OpenAI-compatible upstream of tests/test_clients.py's config."""
+models, no limit counted), `POST /v1/responses` as the official `openai` SDK sees it (429
+in OpenAI's shape; a saved response is its client's), and `useChat`'s UI route and its
+resume route. Real lean on a socket, the real fake OpenAI-compatible upstream of
+tests/test_clients.py's config."""
 
 from __future__ import annotations
 
@@ -13,10 +15,11 @@ from typing import Any
 
 import aiohttp
 import anthropic
+import openai
 import pytest
 
 from lean.app import Server
-from tests.fakes import FakeOpenAI
+from tests.fakes import DEFAULT_TEXT, FakeOpenAI, text_stream
 from tests.support import running
 from tests.test_clients import ALPHA, BETA, GAMMA, LEGACY, config, held, metric, wait_metric
 from tests.test_ui_stream import chat_body as ui_body
@@ -151,6 +154,114 @@ async def test_a_held_messages_stream_takes_the_clients_only_slot(
     await wait_metric(http, lean, 'lean_client_active_streams{client="alpha"}', 0)
     message = await client.messages.create(model="default", max_tokens=64, messages=HI)
     assert message.stop_reason == "end_turn"
+
+
+# --- /v1/responses ---------------------------------------------------------------------------
+
+OpenAI = Callable[[dict[str, str]], openai.AsyncOpenAI]
+
+
+@pytest.fixture
+async def openai_sdk(lean: Server) -> AsyncIterator[OpenAI]:
+    """The openai SDK as a client: its token as the api key (sent as a bearer token)."""
+    made: list[openai.AsyncOpenAI] = []
+
+    def make(headers: dict[str, str]) -> openai.AsyncOpenAI:
+        token = headers["Authorization"].removeprefix("Bearer ")
+        made.append(
+            openai.AsyncOpenAI(base_url=lean.url + "/v1", api_key=token, max_retries=0, timeout=10)
+        )
+        return made[-1]
+
+    yield make
+    for client in made:
+        await client.close()
+
+
+async def test_a_client_over_its_rate_gets_the_openai_sdks_rate_limit_error_on_responses(
+    fake: FakeOpenAI, openai_sdk: OpenAI
+) -> None:
+    client = openai_sdk(BETA)  # requests_per_minute = 2
+    for _ in range(3):  # refused before admission: none of the rate is spent on them
+        with pytest.raises(openai.NotFoundError):
+            await client.responses.create(
+                model="default", input="Hi", previous_response_id="resp_unknown"
+            )
+    for _ in range(2):
+        response = await client.responses.create(model="default", input="Hi")
+        assert response.output_text == DEFAULT_TEXT
+    with pytest.raises(openai.RateLimitError) as refused:
+        await client.responses.create(model="default", input="Hi")
+    assert refused.value.status_code == 429
+    assert 28 <= int(refused.value.response.headers["retry-after"]) <= 30
+    assert refused.value.body == {
+        "message": "client 'beta' made its 2 requests per minute",
+        "type": "rate_limit_error",
+        "code": "rate_limited",
+    }
+    with pytest.raises(openai.RateLimitError):  # a stream is refused before it starts
+        async with client.responses.stream(model="default", input="Hi") as stream:
+            await stream.get_final_response()
+    assert len(fake.requests) == 2  # no provider call for the refused ones
+
+
+async def test_a_model_the_client_may_not_use_does_not_exist_on_responses(
+    fake: FakeOpenAI, openai_sdk: OpenAI
+) -> None:
+    client = openai_sdk(BETA)  # models = default
+    with pytest.raises(openai.NotFoundError) as create:
+        await client.responses.create(model="other", input="Hi")
+    with pytest.raises(openai.NotFoundError) as stream:
+        await client.responses.create(model="other", input="Hi", stream=True)
+    with pytest.raises(openai.NotFoundError) as unknown:
+        await client.responses.create(model="nonesuch", input="Hi")
+    said = "model '{}' does not exist; GET /v1/models lists the aliases"
+    assert create.value.body["message"] == said.format("other")  # type: ignore[index]
+    assert stream.value.body["message"] == said.format("other")  # type: ignore[index]
+    assert unknown.value.body["message"] == said.format("nonesuch")  # type: ignore[index]
+    assert create.value.code == unknown.value.code
+    assert fake.requests == []
+    # the operator's token uses every alias
+    other = await openai_sdk(LEGACY).responses.create(model="other", input="Hi")
+    assert other.output_text == DEFAULT_TEXT
+
+
+async def test_a_saved_response_is_its_clients_and_others_get_previous_response_not_found(
+    fake: FakeOpenAI, openai_sdk: OpenAI
+) -> None:
+    fake.push(text_stream("One."), text_stream("Two."))
+    alpha = openai_sdk(ALPHA)
+    first = await alpha.responses.create(model="default", input="1?")
+    for other in (openai_sdk(GAMMA), openai_sdk(LEGACY)):  # another client, the operator
+        with pytest.raises(openai.NotFoundError) as caught:
+            await other.responses.create(
+                model="default", input="mine?", previous_response_id=first.id
+            )
+        assert caught.value.code == "previous_response_not_found"
+        assert caught.value.param == "previous_response_id"
+        said = f"Previous response with id '{first.id}' not found."
+        assert caught.value.body["message"] == said  # type: ignore[index]
+        with pytest.raises(openai.NotFoundError):  # streamed: the same 404 before any event
+            async with other.responses.stream(
+                model="default", input="mine?", previous_response_id=first.id
+            ) as stream:
+                await stream.get_final_response()
+    assert len(fake.requests) == 1  # none of them reached the upstream
+    async with alpha.responses.stream(
+        model="default", input="2?", previous_response_id=first.id
+    ) as stream:
+        second = await stream.get_final_response()
+    assert second.output_text == "Two."
+    assert fake.requests[-1].body["messages"] == [
+        {"role": "user", "content": "1?"},
+        {"role": "assistant", "content": "One."},
+        {"role": "user", "content": "2?"},
+    ]
+    # a chain alpha made is alpha's to its end
+    with pytest.raises(openai.NotFoundError):
+        await openai_sdk(GAMMA).responses.create(
+            model="default", input="3?", previous_response_id=second.id
+        )
 
 
 # --- useChat's UI route and its resume route ---------------------------------------------------

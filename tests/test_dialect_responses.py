@@ -337,7 +337,7 @@ def test_a_bad_request_names_the_field(fields: dict[str, Any], said: str) -> Non
 
 def test_deep_nesting_is_a_400() -> None:
     with pytest.raises(BadRequest, match="nested too deeply"):
-        parse_request(b'{"model":"gpt","input":"Hi","metadata":' + b"[" * 100_000)
+        parse_request(b'{"model":"gpt","input":"Hi","client_metadata":' + b"[" * 100_000)
 
 
 def test_messages_of_each_role_and_part() -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from lean import saved_responses
 from lean.messages import SCHEMA_VERSION, MessageRecord, TextBuffer
 from lean.store import Store, StoreClosed, StoreError, StoreWriteError
 from tests.store_targets import Target
@@ -516,7 +517,7 @@ async def test_a_version_1_database_is_migrated_and_keeps_its_messages(target: T
     await s.save_assistant(answer("a", 2, status="streaming", run_id="run_1"))
     assert [(m.status, m.run_id) for m in await s.messages("a")][-1] == ("streaming", "run_1")
     await s.close()
-    assert target.version() == SCHEMA_VERSION == 4
+    assert target.version() == SCHEMA_VERSION == 5
     if target.kind == "sqlite":
         assert target.sql("PRAGMA integrity_check")[0][0] == "ok"
 
@@ -554,6 +555,13 @@ async def test_a_version_2_database_is_migrated_and_keeps_its_messages(target: T
     assert await s.history("a", 5) == [("user", "Say: hi"), ("assistant", "hello")]
     await s.begin_turn(conversation_id="a", scene="chat", user_content="x", prompt="Say: x")
     assert [(m.content, m.prompt) for m in await s.messages("a")][-1] == ("x", "Say: x")
+    # version 5: saved Responses answers, a chain read back oldest first
+    await s.save_response(saved_responses.row("resp_1", None, None, "m", [{"role": "user"}], AT))
+    await s.save_response(
+        saved_responses.row("resp_2", "resp_1", None, "m", [{"role": "tool"}], AT)
+    )
+    assert await s.response_history("resp_2") == [{"role": "user"}, {"role": "tool"}]
+    assert await s.response_history("resp_x") is None
     await s.close()
     assert target.version() == SCHEMA_VERSION
     if target.kind == "sqlite":
@@ -680,6 +688,73 @@ async def test_a_version_3_database_is_migrated_and_its_rows_are_the_default_cli
     assert await s.begin_turn(conversation_id="a", scene="chat", user_content="q", client="x") == 0
     assert await ask(s, "a") == 2
     await s.close()
-    assert target.version() == SCHEMA_VERSION == 4
+    assert target.version() == SCHEMA_VERSION == 5
+    if target.kind == "sqlite":
+        assert target.sql("PRAGMA integrity_check")[0][0] == "ok"
+
+
+# -- schema 5: saved Responses answers, each its client's (docs/protocol.md §1, §8) -------------
+
+
+def said(text: str, role: str = "user") -> dict[str, Any]:
+    return {"role": role, "content": text}
+
+
+async def test_a_response_chain_is_read_oldest_first_and_only_by_its_client(
+    store: Store,
+) -> None:
+    row = saved_responses.row
+    await store.save_response(row("resp_1", None, "x", "m", [said("1"), said("a", "x")], AT))
+    await store.save_response(row("resp_2", "resp_1", "x", "m", [said("2")], AT))
+    await store.save_response(row("resp_d", None, None, "m", [said("d")], AT))
+    history = await store.response_history("resp_2", "x")
+    assert history == [said("1"), said("a", "x"), said("2")]
+    assert await store.response_history("resp_1", "x") == [said("1"), said("a", "x")]
+    assert await store.response_history("resp_2", "y") is None  # another client's
+    assert await store.response_history("resp_2") is None  # nor the default client's
+    assert await store.response_history("resp_d") == [said("d")]
+    assert await store.response_history("resp_d", "x") is None
+    # A link another client made ends the walk there: nothing of its messages is read.
+    await store.save_response(row("resp_3", "resp_d", "x", "m", [said("3")], AT))
+    assert await store.response_history("resp_3", "x") == [said("3")]
+
+
+async def test_a_response_saved_twice_fails_alone_and_the_batch_commits(target: Target) -> None:
+    failures: list[tuple[str, int]] = []
+    s = Store(target.where, on_failure=lambda op, n: failures.append((op, n)))
+    await s.open()
+    row = saved_responses.row
+    await s.save_response(row("resp_1", None, None, "m", [said("first")], AT))
+    await s.flush()
+    # Queued together (one batch, as a rule): the duplicate fails alone; the rest is written.
+    await s.save_response(row("resp_1", None, None, "m", [said("again")], AT))
+    await s.save_assistant(answer("a", 1, "kept"), wait=False)
+    await s.save_response(row("resp_2", "resp_1", None, "m", [said("second")], AT))
+    await s.flush()
+    assert failures == [("response", 1)]
+    assert await s.response_history("resp_2") == [said("first"), said("second")]
+    assert [m.content for m in await s.messages("a")] == ["kept"]
+    await s.close()
+
+
+async def test_a_version_4_database_gains_the_responses_table(target: Target) -> None:
+    v4 = V1_SCHEMA.replace(
+        "completion_tokens INTEGER, first_token_ms REAL, duration_ms REAL,",
+        "completion_tokens INTEGER, first_token_ms REAL, duration_ms REAL, run_id TEXT,"
+        " prompt TEXT, client TEXT,",
+    )
+    v4 = v4.replace("'incomplete')", "'incomplete', 'streaming')")
+    v4 = v4.replace("NULL, NULL);", "NULL, NULL, NULL, NULL, 'x');")
+    v4 = v4.replace("40.0);", "40.0, 'run_0', NULL, 'x');")
+    target.seed(v4.replace("{at}", AT), 4)
+    s = Store(target.where)
+    await s.open()
+    assert [m.content for m in await s.messages("a")] == ["hi", "hello"]
+    assert await s.conversation_exists("a", "x")
+    await s.save_response(saved_responses.row("resp_1", None, "x", "m", [said("q")], AT))
+    assert await s.response_history("resp_1", "x") == [said("q")]
+    assert await s.response_history("resp_1") is None
+    await s.close()
+    assert target.version() == SCHEMA_VERSION == 5
     if target.kind == "sqlite":
         assert target.sql("PRAGMA integrity_check")[0][0] == "ok"

@@ -238,7 +238,7 @@ async def test_an_unreachable_database_fails_open_without_its_password() -> None
 EXTRA_STEP = (
     "ALTER TABLE messages ADD COLUMN instance TEXT;"
     " CREATE INDEX IF NOT EXISTS messages_by_instance ON messages (instance);"
-    " CREATE TABLE responses (response_id TEXT PRIMARY KEY, body TEXT NOT NULL,"
+    " CREATE TABLE snapshots (snapshot_id TEXT PRIMARY KEY, body TEXT NOT NULL,"
     " created REAL NOT NULL, size INTEGER);"
 )
 
@@ -261,6 +261,6 @@ async def test_a_plain_sql_step_appended_to_migrations_runs_on_both(
     finally:
         await store.close()
     assert target.version() == SCHEMA_VERSION + 1
-    target.sql("INSERT INTO responses VALUES ('r1', '{}', 1700000000.123456, 2)")
-    assert target.sql("SELECT created FROM responses") == [(1700000000.123456,)]  # 8 bytes
+    target.sql("INSERT INTO snapshots VALUES ('s1', '{}', 1700000000.123456, 2)")
+    assert target.sql("SELECT created FROM snapshots") == [(1700000000.123456,)]  # 8 bytes
     assert target.sql("SELECT count(instance) FROM messages") == [(0,)]

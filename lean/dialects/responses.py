@@ -1,9 +1,9 @@
-"""OpenAI Responses in (docs/protocol.md §5): a `POST /v1/responses` body as lean's chat body.
+"""OpenAI Responses in (docs/protocol.md §1): a `POST /v1/responses` body as lean's chat body.
 
-lean serves the Responses API without state of its own: `previous_response_id` is handed
-back to the route (which continues from the answer lean saved), and `store` only says
-whether the client wants that answer kept for later. `parse_request` turns the rest into
-the OpenAI Chat Completions shape every provider adapter takes:
+What needs state is the route's (`lean.responses_route`): `previous_response_id` is handed
+back to it (it sends the saved chain first), and `store` says whether it saves this answer.
+`parse_request` turns the rest into the OpenAI Chat Completions shape every provider
+adapter takes:
 - `instructions` becomes the first system message;
 - `input` as a string is one user message; as items: `message` (its `input_text`,
   `input_image`, `input_file` with inline data, `output_text` and `refusal` parts; role
@@ -13,7 +13,9 @@ the OpenAI Chat Completions shape every provider adapter takes:
   `input`); `reasoning` items are left out (no Chat Completions upstream takes them back);
 - function `tools` (Responses' flat shape nested as Chat Completions'), custom tools as
   functions taking `{"input": string}` (their names in `Request.custom_tools`, for the
-  encoder to answer in kind), `tool_choice`, `max_output_tokens` (as `max_tokens`),
+  encoder to answer in kind), a `namespace`'s functions as functions (their namespace in
+  `Request.namespaces`, for the encoder to name it on their calls; a name already taken
+  is left out), `tool_choice`, `max_output_tokens` (as `max_tokens`),
   `reasoning.effort` (as `reasoning_effort`), `text.format` (as `response_format`),
   `temperature`, `top_p`, `user`, and `parallel_tool_calls` (with tools only).
 Hosted tools (`web_search`, `file_search`, ...) have no Chat Completions form: they are
@@ -64,6 +66,7 @@ class _Request(msgspec.Struct):
     user: str | None = None
     background: bool | None = None
     conversation: Any = None
+    metadata: dict[str, str] | None = None
 
 
 # Input items and their parts, checked one by one once their `type` is known.
@@ -121,6 +124,11 @@ class _FunctionTool(msgspec.Struct):
     strict: bool | None = None
 
 
+class _Namespace(msgspec.Struct):
+    name: Annotated[str, msgspec.Meta(min_length=1)]
+    tools: list[dict[str, Any]]
+
+
 class _CustomTool(msgspec.Struct):
     name: Annotated[str, msgspec.Meta(min_length=1)]
     description: str | None = None
@@ -133,9 +141,12 @@ class Request(msgspec.Struct, kw_only=True):
     stream: bool
     store: bool
     previous_response_id: str | None
-    body: dict[str, Any]
+    body: dict[str, Any]  # its messages: the instructions' (if any), then the input's
+    instructions: bool  # the first message is the instructions (not saved: not carried on)
     untranslated: list[str]
     custom_tools: frozenset[str]
+    namespaces: dict[str, str]  # a namespaced function's namespace, by its name
+    echo: dict[str, Any]  # the settings a `response` object repeats, as the client gave them
 
 
 _decode_request = msgspec.json.Decoder(_Request)
@@ -168,7 +179,7 @@ def parse_request(body: bytes) -> Request:
             _item(item, f"$.input[{i}]", messages)
     chat: dict[str, Any] = {"model": request.model, "messages": messages}
     untranslated: list[str] = []
-    tools, custom = _tools(request.tools, untranslated)
+    tools, custom, namespaces = _tools(request.tools, untranslated)
     if tools:
         chat["tools"] = tools
         if request.tool_choice is not None:
@@ -193,9 +204,30 @@ def parse_request(body: bytes) -> Request:
         store=request.store,
         previous_response_id=request.previous_response_id,
         body=chat,
+        instructions=bool(request.instructions),
         untranslated=untranslated,
         custom_tools=frozenset(custom),
+        namespaces=namespaces,
+        echo=_echo(request),
     )
+
+
+def _echo(request: _Request) -> dict[str, Any]:
+    text = msgspec.to_builtins(request.text) if request.text else {"format": {"type": "text"}}
+    return {
+        "instructions": request.instructions,
+        "max_output_tokens": request.max_output_tokens,
+        "parallel_tool_calls": request.parallel_tool_calls is not False,
+        "previous_response_id": request.previous_response_id,
+        "reasoning": msgspec.to_builtins(request.reasoning) if request.reasoning else None,
+        "store": request.store,
+        "temperature": request.temperature,
+        "text": text,
+        "tool_choice": "auto" if request.tool_choice is None else request.tool_choice,
+        "tools": request.tools or [],
+        "top_p": request.top_p,
+        "metadata": request.metadata or {},
+    }
 
 
 def _item(item: dict[str, Any], where: str, messages: list[dict[str, Any]]) -> None:
@@ -297,33 +329,59 @@ def _file(file: _FilePart, place: str) -> dict[str, Any]:
 
 def _tools(
     tools: list[dict[str, Any]] | None, untranslated: list[str]
-) -> tuple[list[dict[str, Any]], list[str]]:
+) -> tuple[list[dict[str, Any]], list[str], dict[str, str]]:
+    """Chat Completions tools; the custom tools' names; each namespaced function's
+    namespace, by its name (the upstream sees a namespace's functions as functions)."""
     out: list[dict[str, Any]] = []
     custom: list[str] = []
+    namespaces: dict[str, str] = {}
+    inner: list[tuple[str, dict[str, Any], str]] = []  # after the top-level names are known
     for i, tool in enumerate(tools or ()):
         where = f"$.tools[{i}]"
         kind = convert(tool, _Typed, where).type
         if kind == "function":
-            given = convert(tool, _FunctionTool, where)
-            function: dict[str, Any] = {
-                "name": given.name,
-                "parameters": given.parameters or {"type": "object", "properties": {}},
-            }
-            if given.description:
-                function["description"] = given.description
-            if given.strict is not None:
-                function["strict"] = given.strict
+            function = _function(tool, where)
         elif kind == "custom":
             named = convert(tool, _CustomTool, where)
             custom.append(named.name)
             function = {"name": named.name, "parameters": CUSTOM_PARAMETERS}
             if named.description:
                 function["description"] = named.description
+        elif kind == "namespace":
+            group = convert(tool, _Namespace, where)
+            for j, member in enumerate(group.tools):
+                inner.append((group.name, member, f"{where}.tools[{j}]"))
+            continue
         else:
             untranslated.append(where)  # a hosted tool: only OpenAI's own servers run it
             continue
         out.append({"type": "function", "function": function})
-    return out, custom
+    names = {tool["function"]["name"] for tool in out}
+    for namespace, member, where in inner:
+        if convert(member, _Typed, where).type != "function":
+            untranslated.append(where)
+            continue
+        function = _function(member, where)
+        if function["name"] in names:  # the upstream knows a function by its name alone
+            untranslated.append(where)
+            continue
+        names.add(function["name"])
+        namespaces[function["name"]] = namespace
+        out.append({"type": "function", "function": function})
+    return out, custom, namespaces
+
+
+def _function(tool: dict[str, Any], where: str) -> dict[str, Any]:
+    given = convert(tool, _FunctionTool, where)
+    function: dict[str, Any] = {
+        "name": given.name,
+        "parameters": given.parameters or {"type": "object", "properties": {}},
+    }
+    if given.description:
+        function["description"] = given.description
+    if given.strict is not None:
+        function["strict"] = given.strict
+    return function
 
 
 def _tool_choice(choice: str | dict[str, Any], untranslated: list[str]) -> Any:
