@@ -50,6 +50,7 @@ SDK_HEADERS = [
 ]
 POST_ROUTES = [
     "/v1/chat/completions",
+    "/v1/responses",
     "/v1/scenes/chat/stream",
     "/v1/scenes/chat/ui",
     "/v1/runs/run_1/cancel",

@@ -44,7 +44,12 @@ async def test_a_json_endpoint_refuses_another_media_type_before_any_provider_ca
     body = b'{"model": "default", "messages": [{"role": "user", "content": "Hi"}]}'
     headers = {} if content_type is None else {"Content-Type": content_type}
     async with running(config(fake)) as lean, aiohttp.ClientSession() as http:
-        paths = ("/v1/chat/completions", "/v1/scenes/chat/stream", "/v1/scenes/chat/ui")
+        paths = [
+            "/v1/chat/completions",
+            "/v1/responses",
+            "/v1/scenes/chat/stream",
+            "/v1/scenes/chat/ui",
+        ]
         for path in (*paths, "/v1/runs/r1/tool-results"):
             # skip_auto_headers: aiohttp would add application/octet-stream to raw bytes
             async with http.post(
