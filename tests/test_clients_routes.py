@@ -226,6 +226,25 @@ async def test_a_model_the_client_may_not_use_does_not_exist_on_responses(
     assert other.output_text == DEFAULT_TEXT
 
 
+async def test_responses_count_the_upstreams_usage_toward_tokens_per_day(
+    fake: FakeOpenAI, lean: Server, http: aiohttp.ClientSession, openai_sdk: OpenAI
+) -> None:
+    client = openai_sdk(GAMMA)  # tokens_per_day = 20; the fake's answer uses 13
+    await client.responses.create(model="default", input="Hi")
+    async with client.responses.stream(model="default", input="Hi") as stream:
+        await stream.get_final_response()  # admitted below the limit: 26 of 20
+    with pytest.raises(openai.RateLimitError) as refused:
+        await client.responses.create(model="default", input="Hi")
+    assert refused.value.code == "quota_exceeded"
+    assert refused.value.type == "insufficient_quota"
+    midnight = 86400 - time.time() % 86400
+    assert abs(int(refused.value.response.headers["retry-after"]) - midnight) <= 5
+    tokens = 'lean_client_tokens_total{client="gamma",kind="%s"}'
+    assert await metric(http, lean, tokens % "prompt") == 16
+    assert await metric(http, lean, tokens % "completion") == 10
+    assert await metric(http, lean, 'lean_client_active_streams{client="gamma"}') == 0
+
+
 async def test_a_saved_response_is_its_clients_and_others_get_previous_response_not_found(
     fake: FakeOpenAI, openai_sdk: OpenAI
 ) -> None:
