@@ -1,7 +1,7 @@
 """lean.store on PostgreSQL where it differs from one SQLite file: several instances on one
-database (start-up, turns, a conversation's owner, a conversation going on on another
-instance), a connection the server drops, a URL's password kept out of sight, and a
-migration step appended as plain SQL (that one on both databases)."""
+database (start-up, turns, a conversation's owner, a conversation and a Responses chain
+going on on another instance), a connection the server drops, a URL's password kept out
+of sight, and a migration step appended as plain SQL (that one on both databases)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import msgspec
+import openai
 import pytest
 
 import lean.store_pg
@@ -153,6 +154,48 @@ async def test_a_conversation_started_on_one_instance_goes_on_on_another(
             (2, "user", "And the second city?"),
             (2, "assistant", "Lyon."),
         ]
+
+
+async def test_a_response_chain_saved_on_one_instance_goes_on_on_another_for_its_client(
+    pg: PgTarget, fake: FakeOpenAI
+) -> None:
+    environ = {"LEAN_TOKENS": "operator", "APP_TOKENS": "app-token"}
+    config = lean_config(
+        fake.base_url,
+        store=f"url = {pg.where}",
+        extra="[client.app]\ntoken_env = APP_TOKENS\n",
+        environ=environ,
+    )
+    async with running(config) as a, running(config) as b:
+        app_a, app_b, operator_b = (
+            openai.AsyncOpenAI(base_url=lean.url + "/v1", api_key=key, max_retries=0, timeout=10)
+            for lean, key in ((a, "app-token"), (b, "app-token"), (b, "operator"))
+        )
+        fake.push(text_stream("Paris."), text_stream("Lyon."))
+        first = await app_a.responses.create(model="default", input="Capital of France?")
+        # A queued the row as it answered; B reads the database, not A's queue: wait for it.
+        saved = "SELECT 1 FROM responses WHERE response_id = %s"
+        async with asyncio.timeout(5):
+            while not pg.sql(saved, (first.id,)):  # noqa: ASYNC110 - another writer's commit
+                await asyncio.sleep(0.01)
+        with pytest.raises(openai.NotFoundError) as caught:  # the chain query, on B, for B's
+            await operator_b.responses.create(
+                model="default", input="Mine?", previous_response_id=first.id
+            )
+        assert caught.value.code == "previous_response_not_found"
+        async with app_b.responses.stream(
+            model="default", input="And the second city?", previous_response_id=first.id
+        ) as stream:
+            second = await stream.get_final_response()
+        assert second.output_text == "Lyon."
+        sent = [m["content"] for m in fake.requests[-1].body["messages"]]
+        assert sent == ["Capital of France?", "Paris.", "And the second city?"]
+        for client in (app_a, app_b, operator_b):
+            await client.close()
+    assert pg.sql("SELECT client, previous_id FROM responses ORDER BY previous_id NULLS FIRST") == [
+        ("app", None),
+        ("app", first.id),
+    ]
 
 
 def admin(sql: str) -> None:
