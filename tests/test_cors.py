@@ -50,6 +50,8 @@ SDK_HEADERS = [
 ]
 POST_ROUTES = [
     "/v1/chat/completions",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
     "/v1/responses",
     "/v1/scenes/chat/stream",
     "/v1/scenes/chat/ui",

@@ -75,6 +75,22 @@ async def test_a_json_endpoint_refuses_another_media_type_before_any_provider_ca
     assert len(fake.requests) == 3
 
 
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens"])
+async def test_the_anthropic_routes_refuse_another_media_type_in_anthropics_body(
+    fake: FakeOpenAI, path: str
+) -> None:
+    body = b'{"model": "default", "max_tokens": 9, "messages": [{"role": "user", "content": "Hi"}]}'
+    async with running(config(fake)) as lean, aiohttp.ClientSession() as http:
+        async with http.post(
+            lean.url + path, data=body, headers={"Content-Type": "text/plain"}
+        ) as resp:
+            assert resp.status == 415
+            answer = await resp.json()
+    assert answer["type"] == "error" and answer["error"]["type"] == "invalid_request_error"
+    assert "application/json" in answer["error"]["message"]
+    assert fake.requests == []
+
+
 # --- Origin and Sec-Fetch-Site, on every route ---
 
 
