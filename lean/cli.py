@@ -13,10 +13,10 @@ from lean.config import Config, ConfigError, load_config
 from lean.tools import Tools
 
 
-def _load(path: str) -> Config | None:
+def _load(path: str, port: int | None = None, instance: str | None = None) -> Config | None:
     """The config, with its python tools importable; None (and one line) when not."""
     try:
-        config = load_config(path)
+        config = load_config(path, port=port, instance=instance)
         Tools(config.tools)
     except ConfigError as exc:
         print(f"lean: {exc}", file=sys.stderr)
@@ -72,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", default="config.ini", help="path of config.ini")
+    # One config file for every instance of a systemd template (lean@.service): these two
+    # are what differs between them (docs/deploy.md "More than one instance").
+    serve.add_argument("--port", type=int, help="listen on this port instead of [server] port")
+    serve.add_argument("--instance", help="this instance's name instead of [cluster] instance")
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("path", nargs="?", default="config.ini")
     talk = commands.add_parser("chat", help="chat with a scene from the terminal")
@@ -105,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{len(config.scenes)} scenes)"
         )
         return 0
-    config = _load(args.config)
+    config = _load(args.config, args.port, args.instance)
     if config is None:
         return 2
     logs.setup(config.server.log_format)

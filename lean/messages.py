@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-SCHEMA_VERSION = 3  # kept in PRAGMA user_version; a newer file is refused, not guessed at
+SCHEMA_VERSION = 4  # kept in PRAGMA user_version; a newer file is refused, not guessed at
 
 # Version 2: status `streaming` (a run's answer while it runs, flushed as it grows) and
 # `run_id`. SQLite cannot change a CHECK in place, so a version-1 table is copied into a new
@@ -23,6 +23,11 @@ SCHEMA_VERSION = 3  # kept in PRAGMA user_version; a newer file is refused, not 
 # a plain chat stores its text once; a version-2 row (whose `content` was the filled template)
 # gets NULL too, and reads back as before. A nullable column added at the end needs no copy
 # (MIGRATE_FROM_2).
+# Version 4: `instance`, the lean instance that wrote an assistant row ([cluster] instance), so
+# the start-up sweep of `streaming` rows touches only the starting instance's own answers
+# while other instances sharing the database keep running theirs (docs/protocol.md §7).
+# NULL on user rows and on rows from before version 4. Plain SQL that SQLite and PostgreSQL
+# both run (MIGRATE_FROM_3).
 _TABLE = """
 CREATE TABLE {name} (
     message_id TEXT PRIMARY KEY,
@@ -45,6 +50,7 @@ CREATE TABLE {name} (
     duration_ms REAL,
     run_id TEXT,
     prompt TEXT,
+    instance TEXT,
     CHECK (role = 'assistant' OR status = 'complete')
 );
 """
@@ -55,18 +61,31 @@ _V1_COLUMNS = (
     " reasoning, tool_calls, finish_reason, error_code, prompt_tokens, completion_tokens,"
     " first_token_ms, duration_ms"
 )
-# Each makes the current table of a file at that version.
+# Each makes the current table of a file at that version: statements split at ';' (so no
+# ';' inside one), run in one transaction.
 MIGRATE_FROM_1 = (
     _TABLE.format(name="messages_new")
     + f"INSERT INTO messages_new ({_V1_COLUMNS}) SELECT {_V1_COLUMNS} FROM messages;"
     + "DROP TABLE messages; ALTER TABLE messages_new RENAME TO messages;"
     + _INDEX
 )
-MIGRATE_FROM_2 = "ALTER TABLE messages ADD COLUMN prompt TEXT;"
-MIGRATIONS = {0: SCHEMA, 1: MIGRATE_FROM_1, 2: MIGRATE_FROM_2, SCHEMA_VERSION: ""}
-# At start-up no run is running: a row still `streaming` is an answer cut by a crash, and
-# keeps the text flushed before it.
-END_STREAMING = "UPDATE messages SET status = 'incomplete' WHERE status = 'streaming'"
+MIGRATE_FROM_3 = "ALTER TABLE messages ADD COLUMN instance TEXT;"
+MIGRATE_FROM_2 = "ALTER TABLE messages ADD COLUMN prompt TEXT;" + MIGRATE_FROM_3
+MIGRATIONS = {
+    0: SCHEMA,
+    1: MIGRATE_FROM_1,
+    2: MIGRATE_FROM_2,
+    3: MIGRATE_FROM_3,
+    SCHEMA_VERSION: "",
+}
+# At start-up no run of this instance is running: a row of its own still `streaming` is an
+# answer cut by a crash, and keeps the text flushed before it. Rows of other instances
+# sharing the database are theirs to end; a row without an instance was written by a lean
+# from before version 4, when one process owned the file (parameter: this instance's name).
+END_STREAMING = (
+    "UPDATE messages SET status = 'incomplete'"
+    " WHERE status = 'streaming' AND (instance = ? OR instance IS NULL)"
+)
 
 
 class MessageRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
@@ -100,8 +119,11 @@ class MessageRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
 _FIELDS = MessageRecord.__struct_fields__
 _TOOL_CALLS = _FIELDS.index("tool_calls")
 _COLUMNS = ", ".join(_FIELDS)
+# The record's columns, then `instance`: which lean wrote the row (not part of the record
+# clients read).
 INSERT_MESSAGE = (
-    f"INSERT OR REPLACE INTO messages ({_COLUMNS}) VALUES ({', '.join('?' * len(_FIELDS))})"
+    f"INSERT OR REPLACE INTO messages ({_COLUMNS}, instance)"
+    f" VALUES ({', '.join('?' * (len(_FIELDS) + 1))})"
 )
 _LAST_TURN = "SELECT coalesce(max(turn), 0) FROM messages WHERE conversation_id = ?"
 # Newest first so LIMIT keeps the latest messages; the caller reverses.
@@ -149,14 +171,15 @@ def begin_turn(
         scene=scene,
         prompt=None if prompt == content else prompt,
     )
-    conn.execute(INSERT_MESSAGE, row(user))
+    conn.execute(INSERT_MESSAGE, row(user, None))
     return turn
 
 
-def row(record: MessageRecord) -> list[Any]:
-    """The record as an `INSERT_MESSAGE` row."""
+def row(record: MessageRecord, instance: str | None) -> list[Any]:
+    """The record as an `INSERT_MESSAGE` row written by `instance`."""
     values = list(msgspec.structs.astuple(record))
     values[_TOOL_CALLS] = _encode_json(record.tool_calls).decode() if record.tool_calls else "[]"
+    values.append(instance)
     return values
 
 

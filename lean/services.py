@@ -47,7 +47,11 @@ class Services:
         self.config = config
         self.upstream = Upstream(config)
         self.metrics = Metrics()
-        self.store = Store(config.store.path, on_failure=self.metrics.store_failed)
+        self.store = Store(
+            config.store.path,
+            instance=config.cluster.instance,
+            on_failure=self.metrics.store_failed,
+        )
         self.progress = Progress(self.store, config.store.flush_interval)
         self.streams = Streams(config.limits.max_streams, self.metrics)
         # Imports python tools: a bad path stops start-up.

@@ -17,8 +17,9 @@ What it guarantees:
   that grew, so one statement per answer per flush interval, never per token);
   `save_assistant` writes the answer for good (`INSERT OR REPLACE` keyed on messageId)
   and, awaited, returns once it is committed: a run tells its client the truth about the
-  save. At `open`, rows still `streaming` (their lean was killed) become `incomplete`,
-  keeping the flushed text.
+  save. At `open`, this instance's rows still `streaming` (it was killed) become
+  `incomplete`, keeping the flushed text; rows carry the `instance` that wrote them, so
+  instances sharing one file never end each other's running answers (docs/protocol.md §7).
 - A failing write is logged and reported: to the awaiting `begin_turn` or `save_assistant`,
   or, for a write nobody awaits, to the next `flush`; `on_failure` counts each op that
   failed. The writer thread keeps serving.
@@ -100,6 +101,7 @@ class Store:
         self,
         path: str,
         *,
+        instance: str | None = None,
         queue_max: int = 10_000,
         batch_max: int = 512,
         on_failure: Callable[[str, int], None] | None = None,
@@ -107,6 +109,8 @@ class Store:
         if queue_max < 1 or batch_max < 1:
             raise ValueError("queue_max and batch_max must be at least 1")
         self._path = path
+        # [cluster] instance: written on its rows, and whose `streaming` rows `open` ends.
+        self.instance = instance
         # Called on the loop with (op kind, how many failed): "turn", "save" or "progress".
         self._on_failure = on_failure
         # Loop side: False from a failed commit until a write succeeds (see _run); `error`
@@ -206,7 +210,7 @@ class Store:
         without, once it is queued (a failure is reported to the next `flush`)."""
         loop = self._check_open()
         # Encoded here, so a tool call that is not JSON fails the caller, not a later flush.
-        values = row(record)
+        values = row(record, self.instance)
         if not wait:
             await self._put((SAVE, values, None))
             return
@@ -310,7 +314,7 @@ class Store:
 
     def _run(self, ready: asyncio.Future[None]) -> None:
         try:
-            conn = connect(self._path)
+            conn = connect(self._path, self.instance)
         except Exception as exc:
             self._settle([(ready, None, exc)])
             return

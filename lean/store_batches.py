@@ -8,7 +8,10 @@ whether the store can write. It runs on the writer thread only.
 - `connect` opens the write connection: it refuses a newer lean's schema before writing
   anything, migrates an older one, marks answers left `streaming` by a killed lean
   `incomplete`, and always makes one real write, so a file lean cannot write to stops
-  start-up rather than failing the first answer.
+  start-up rather than failing the first answer. The sweep touches only the rows of the
+  instance opening the file (and rows from before instances were recorded): other lean
+  processes sharing the file keep their running answers. Those processes each write through
+  their own connection; SQLite serialises the commits (BEGIN IMMEDIATE, `BUSY_TIMEOUT_MS`).
 - `Batches.write` commits a batch as ONE transaction. A statement that fails alone is
   undone alone (its op fails, the rest commit); a batch that cannot commit (a full disk, a
   file that became read-only) writes nothing, clears `healthy`, and keeps its final saves
@@ -55,28 +58,37 @@ class StoreError(Exception):
     """The database file cannot be used by this lean (a newer schema, WAL refused)."""
 
 
-def connect(path: str) -> sqlite3.Connection:
-    """The write connection, the schema made current (see the module's docstring)."""
+# How long a commit waits for another process's write transaction on the same file (lean
+# instances sharing it) before failing: a batch commits in well under a millisecond, so
+# only a stuck writer (a long `sqlite3` shell transaction) gets anywhere near it.
+BUSY_TIMEOUT_MS = 5000
+
+
+def connect(path: str, instance: str | None = None) -> sqlite3.Connection:
+    """The write connection, the schema made current and `instance`'s `streaming` rows
+    ended (see the module's docstring)."""
     conn = sqlite3.connect(path, isolation_level=None)  # explicit BEGIN/COMMIT
     try:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:  # before anything writes to a newer lean's file
-            raise StoreError(
-                f"{path} has schema version {version}, from a newer lean; "
-                f"this one knows up to {SCHEMA_VERSION}"
-            )
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        _check_version(conn, path)  # before anything writes to a newer lean's file
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode != "wal":  # reads beside writes need WAL
             raise StoreError(f"{path}: journal_mode WAL refused ({mode})")
         conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA busy_timeout=5000")
-        schema = MIGRATIONS[version]
+        conn.execute("BEGIN IMMEDIATE")
+        # Read again under the write lock: instances starting at once on one file migrate
+        # it once, the first; the others find it current.
+        version = _check_version(conn, path)
+        # Statement by statement, not executescript (which would commit first): the
+        # migration, the sweep and the version are one transaction.
+        for statement in MIGRATIONS[version].split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute(END_STREAMING, (instance,))
         # Always a real write (the header's user_version), so a file lean cannot write
         # to stops start-up here rather than failing the first answer.
-        conn.executescript(
-            f"BEGIN IMMEDIATE; {schema} {END_STREAMING};"
-            f" PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-        )
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             with contextlib.suppress(sqlite3.Error):
@@ -84,6 +96,16 @@ def connect(path: str) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def _check_version(conn: sqlite3.Connection, path: str) -> int:
+    version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path} has schema version {version}, from a newer lean; "
+            f"this one knows up to {SCHEMA_VERSION}"
+        )
+    return version
 
 
 class Outcome:

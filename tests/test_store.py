@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from lean.messages import SCHEMA_VERSION, MessageRecord, TextBuffer
+from lean.messages import SCHEMA, SCHEMA_VERSION, MessageRecord, TextBuffer
 from lean.store import Store, StoreClosed, StoreError
 
 AT = "2026-11-21T16:40:00.123Z"
@@ -543,7 +543,7 @@ async def test_a_version_1_database_is_migrated_and_keeps_its_messages(tmp_path:
     assert [(m.status, m.run_id) for m in await s.messages("a")][-1] == ("streaming", "run_1")
     await s.close()
     with sqlite3.connect(db(tmp_path)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     conn.close()
 
@@ -672,3 +672,83 @@ async def test_a_store_that_cannot_write_says_so_counts_it_and_recovers_by_itsel
     assert [(m.turn, m.content) for m in await s.messages("n")] == [(1, "new")]
     assert await s.messages("b") == []  # an awaited turn was refused, not kept
     await s.close()
+
+
+# -- schema 4: instances sharing one file ----------------------------------------------------
+
+
+def statuses(path: str) -> dict[str, tuple[str, str | None]]:
+    """conversation id -> (status, instance) of its answers."""
+    with sqlite3.connect(path) as conn:
+        found = conn.execute(
+            "SELECT conversation_id, status, instance FROM messages WHERE role = 'assistant'"
+        ).fetchall()
+    conn.close()
+    return {cid: (status, instance) for cid, status, instance in found}
+
+
+async def test_an_instance_ends_only_its_own_streaming_rows_at_open(tmp_path: Path) -> None:
+    a, b = Store(db(tmp_path), instance="a"), Store(db(tmp_path), instance="b")
+    await a.open()
+    await b.open()  # both open on one file at once
+    await a.save_assistant(answer("x", 1, status="streaming"))
+    await b.save_assistant(answer("y", 1, status="streaming"))
+    await a.close()  # as a kill would leave them: rows still streaming
+    await b.close()
+    with sqlite3.connect(db(tmp_path)) as conn:  # from a lean before instances were recorded
+        conn.execute(
+            "INSERT INTO messages (message_id, conversation_id, turn, role, content, status,"
+            " created_at, scene, model, reasoning, tool_calls) VALUES ('chat:z:1', 'z', 1,"
+            f" 'assistant', 'old', 'streaming', '{AT}', 'chat', 'm', '', '[]')"
+        )
+    conn.close()
+    assert statuses(db(tmp_path)) == {
+        "x": ("streaming", "a"),
+        "y": ("streaming", "b"),
+        "z": ("streaming", None),
+    }
+    a = Store(db(tmp_path), instance="a")
+    await a.open()  # a restarts while b's answer runs on
+    assert statuses(db(tmp_path)) == {
+        "x": ("incomplete", "a"),
+        "y": ("streaming", "b"),
+        "z": ("incomplete", None),
+    }
+    await a.close()
+
+
+async def test_two_stores_on_one_file_write_at_once(tmp_path: Path) -> None:
+    a, b = Store(db(tmp_path), instance="a"), Store(db(tmp_path), instance="b")
+    await a.open()
+    await b.open()
+    # Turns of one conversation from both writers: each allocates under the file's write
+    # lock, so no two get the same turn; every save of both lands.
+    turns = await asyncio.gather(*(ask(s, "shared") for _ in range(50) for s in (a, b)))
+    assert sorted(turns) == list(range(1, 101))
+    await asyncio.gather(
+        *(s.save_assistant(answer(f"c{i}{s.instance}", 1)) for i in range(200) for s in (a, b))
+    )
+    await a.close()
+    await b.close()
+    assert count_rows(db(tmp_path)) == 100 + 400
+
+
+async def test_a_version_3_database_gets_the_instance_column(tmp_path: Path) -> None:
+    v3 = SCHEMA.replace("    instance TEXT,\n", "")
+    assert v3 != SCHEMA
+    with sqlite3.connect(db(tmp_path)) as conn:
+        conn.executescript(v3 + "PRAGMA user_version = 3;")
+        conn.execute(
+            "INSERT INTO messages (message_id, conversation_id, turn, role, content, status,"
+            " created_at, scene, model, reasoning, tool_calls) VALUES ('chat:a:1', 'a', 1,"
+            f" 'assistant', 'cut', 'streaming', '{AT}', 'chat', 'm', '', '[]')"
+        )
+    conn.close()
+    s = Store(db(tmp_path), instance="web-1")
+    await s.open()
+    await s.save_assistant(answer("b", 1))
+    await s.close()
+    assert statuses(db(tmp_path)) == {"a": ("incomplete", None), "b": ("complete", "web-1")}
+    with sqlite3.connect(db(tmp_path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    conn.close()

@@ -1,0 +1,183 @@
+"""Several `lean serve` processes on one host and one SQLite file (docs/protocol.md §7).
+
+Real processes, a real fake upstream on 127.0.0.1, one store file: two instances sharing a
+port with `reuse_port` both serve (their answers' rows say which one wrote them), and an
+instance killed with SIGKILL and started again ends its own cut answer (`incomplete`) but
+not the answer the other instance is still streaming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import sqlite3
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.fakes import FakeOpenAI, free_port, text_stream
+
+pytestmark = [pytest.mark.timeout(60), pytest.mark.one_loop]
+
+START_TIMEOUT = 15.0  # seconds for `lean serve` to listen (the suite runs on 2 busy cores)
+STOP_TIMEOUT = 10.0
+RUNS = 24  # on fresh connections: all on one of two instances by chance is 2 in 2**24
+
+
+def write_config(tmp_path: Path, upstream: str, server: str) -> Path:
+    config = tmp_path / "config.ini"
+    config.write_text(
+        f"[server]\nhost = 127.0.0.1\ndrain_timeout = 0.5\n{server}\n"
+        f"[store]\npath = {tmp_path / 'lean.db'}\nflush_interval = 0.1\n"
+        f"[provider.up]\nkind = openai\nbase_url = {upstream}\nread_timeout = 30\n"
+        "[model.default]\nprovider = up\nupstream_model = fake-model\n"
+        "[scene.chat]\nmodel = default\n"
+    )
+    return config
+
+
+class Lean:
+    """One `lean serve` process, its stderr in a file."""
+
+    def __init__(self, config: Path, log: Path, *args: str) -> None:
+        self.config, self.log, self.args = config, log, args
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.log.write_bytes(b"")
+        with self.log.open("ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "lean", "serve", "--config", str(self.config), *self.args,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=log,
+            )  # fmt: skip
+        deadline = time.monotonic() + START_TIMEOUT
+        while b"lean listening" not in self.log.read_bytes():  # its socket is bound by then
+            assert self.proc.returncode is None, self.log.read_text()
+            assert time.monotonic() < deadline, f"not listening: {self.log.read_text()}"
+            await asyncio.sleep(0.05)
+
+    async def stop(self, sig: int = signal.SIGTERM) -> int:
+        proc = self.proc
+        assert proc is not None
+        if proc.returncode is None:
+            proc.send_signal(sig)
+        try:
+            return await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise
+
+
+@contextlib.asynccontextmanager
+async def instances(*leans: Lean) -> AsyncIterator[None]:
+    try:
+        for lean in leans:
+            await lean.start()
+        yield
+    finally:
+        for lean in leans:
+            if lean.proc is not None and lean.proc.returncode is None:
+                await lean.stop()
+
+
+def rows(db: Path) -> list[tuple[str, str, str]]:
+    """(status, instance, run_id) of every answer."""
+    if not db.exists():
+        return []
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return conn.execute(
+            "SELECT status, instance, run_id FROM messages WHERE role = 'assistant'"
+        ).fetchall()
+
+
+async def until_rows(db: Path, check: str, want: int) -> list[tuple[str, str, str]]:
+    """Poll until `want` answers have status `check`; all answers."""
+    deadline = time.monotonic() + 10.0
+    while True:
+        found = rows(db)
+        if sum(status == check for status, _, _ in found) >= want:
+            return found
+        assert time.monotonic() < deadline, found
+        await asyncio.sleep(0.05)
+
+
+async def one_run(http: aiohttp.ClientSession, url: str) -> bytes:
+    async with http.post(f"{url}/v1/scenes/chat/stream", json={"message": "Hi"}) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.read()
+
+
+async def test_two_instances_share_a_port_and_both_serve(tmp_path: Path) -> None:
+    async with FakeOpenAI() as upstream:
+        port = free_port()
+        config = write_config(tmp_path, upstream.base_url, f"port = {port}\nreuse_port = true")
+        a = Lean(config, tmp_path / "a.log", "--instance", "web-a")
+        b = Lean(config, tmp_path / "b.log", "--instance", "web-b")
+        url = f"http://127.0.0.1:{port}"
+        async with instances(a, b):
+            # force_close: one connection per run, each placed by the kernel afresh. At once:
+            # both processes commit to the one file at the same time.
+            connector = aiohttp.TCPConnector(force_close=True)
+            async with aiohttp.ClientSession(connector=connector) as http:
+                bodies = await asyncio.gather(*(one_run(http, url) for _ in range(RUNS)))
+            assert all(b"event: done" in body for body in bodies)
+            by_instance: dict[str, int] = {}
+            for status, instance, _ in rows(tmp_path / "lean.db"):
+                assert status == "complete"
+                by_instance[instance] = by_instance.get(instance, 0) + 1
+            assert sum(by_instance.values()) == RUNS
+            assert set(by_instance) == {"web-a", "web-b"}, by_instance  # the kernel used both
+        assert a.proc is not None and b.proc is not None
+        assert (a.proc.returncode, b.proc.returncode) == (0, 0)
+
+
+async def test_a_restarted_instance_ends_only_its_own_cut_answers(tmp_path: Path) -> None:
+    async with FakeOpenAI() as upstream:
+        # A plain answer, then two that send their first words and hold the stream open
+        # until lean leaves (one on each instance).
+        held = [text_stream("one two three four five") for _ in range(2)]
+        for stream in held:
+            stream.stall_after = 3
+        upstream.push(text_stream("one two three four five"), *held)
+        db = tmp_path / "lean.db"
+        config = write_config(tmp_path, upstream.base_url, "")
+        port_a, port_b = free_port(), free_port()
+        a = Lean(config, tmp_path / "a.log", "--port", str(port_a))  # default name: host:port
+        b = Lean(config, tmp_path / "b.log", "--port", str(port_b))
+        name_a, name_b = f"{socket.gethostname()}:{port_a}", f"{socket.gethostname()}:{port_b}"
+        async with instances(a, b), aiohttp.ClientSession() as http:
+            await one_run(http, f"http://127.0.0.1:{port_a}")  # the plain answer: a completes
+            runs = []
+            for port in (port_a, port_b):
+                resp = await http.post(
+                    f"http://127.0.0.1:{port}/v1/scenes/chat/stream", json={"message": "Hi"}
+                )
+                assert resp.status == 200
+                runs.append(resp)
+            found = await until_rows(db, "streaming", 2)
+            assert sorted((s, i) for s, i, _ in found if s == "streaming") == sorted(
+                [("streaming", name_a), ("streaming", name_b)]
+            )
+
+            await b.stop(signal.SIGKILL)  # b dies mid-answer ...
+            runs[1].close()
+            await b.start()  # ... and comes back on the same port, with the same name
+            after = {(instance, status) for status, instance, _ in rows(db)}
+            assert (name_b, "incomplete") in after  # its own cut answer, ended at start-up
+            assert (name_a, "streaming") in after  # a's answer is a's: still running
+            assert (name_a, "complete") in after
+
+            runs[0].close()  # a's client leaves: a ends its answer itself
+            final = await until_rows(db, "cancelled", 1)
+            assert sorted((i, s) for s, i, _ in final) == sorted(
+                [(name_a, "complete"), (name_a, "cancelled"), (name_b, "incomplete")]
+            )
