@@ -205,6 +205,7 @@ def measure(target: Target, mock: Child, argv: list[str], out: Path, wire: str) 
         "lean_cpu": sum(lean_cpu),
         "lean_share": max(lean_cpu) / sum(lean_cpu) if sum(lean_cpu) else 0.0,
         "harness_cpu": mock_cpu + curl_cpu,
+        "mock_cpu": mock_cpu,
         "others_cpu": max(0.0, busy - sum(lean_cpu) - mock_cpu - curl_cpu),
     }
 
@@ -299,7 +300,7 @@ def _line(result: dict[str, float], chunks: int) -> str:
     return (
         f"{rate:,.0f} chunks/s, {cpu:.2f} µs lean CPU/chunk, lean {result['lean_cpu'] / wall:.2f}"
         f" cores (busiest instance {result['lean_share']:.0%} of it), harness"
-        f" {result['harness_cpu'] / wall:.2f}, others {result['others_cpu'] / wall:.2f};"
+        f" {result['harness_cpu'] / wall:.2f} (mock {result['mock_cpu'] / wall:.2f}), others {result['others_cpu'] / wall:.2f};"
         f" {result['complete']:.0f} ok / {result['failed']:.0f} failed"
     )
 
