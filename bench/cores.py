@@ -300,7 +300,8 @@ def _line(result: dict[str, float], chunks: int) -> str:
     return (
         f"{rate:,.0f} chunks/s, {cpu:.2f} µs lean CPU/chunk, lean {result['lean_cpu'] / wall:.2f}"
         f" cores (busiest instance {result['lean_share']:.0%} of it), harness"
-        f" {result['harness_cpu'] / wall:.2f} (mock {result['mock_cpu'] / wall:.2f}), others {result['others_cpu'] / wall:.2f};"
+        f" {result['harness_cpu'] / wall:.2f} (mock {result['mock_cpu'] / wall:.2f}),"
+        f" others {result['others_cpu'] / wall:.2f};"
         f" {result['complete']:.0f} ok / {result['failed']:.0f} failed"
     )
 
