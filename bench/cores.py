@@ -2,21 +2,23 @@
 per chunk (issue 13, "Every core of one VPS").
 
     python -m bench.cores [--rounds 3] [--streams 128] [--chunks 4000] [--wire scene-sse|openai]
+                          [--upstream c|python]
 
 The same load each time: `--streams` streams of `--chunks` content chunks sent back to back
-by the mock (bench/harness/mock.py, 16 chunks per write), all started at once and read to the
-end. Three targets, started once and loaded in turn, round after round (ABC ABC ...):
+by a fake upstream, all started at once and read to the end. Three targets, started once and loaded in turn, round after round (ABC ABC ...):
 
-- `one`: one lean pinned to core 1; the mock and the load generator on core 0.
+- `one`: one lean pinned to core 1; the upstream and the load generator on core 0.
 - `two, reuse_port`: two leans sharing one port (`[server] reuse_port`), pinned to cores 0
   and 1; the kernel places each connection; the harness floats over both cores.
 - `two, a port each`: the same two-core layout, one port per instance, the load generator
   sends half of the streams to each (what nginx in front does, without nginx's own CPU).
 
 The machine has 2 cores, so with two instances the harness competes with lean for them: to
-keep that cost small the load generator is curl (C, `--parallel`, bodies to /dev/null: a
-read and a write per ~16 KB) rather than the Python one of `python -m bench`, and the mock
-writes 16 chunks at a time. What the harness and every other process on the machine took is
+keep that cost small the load generator is curl (C, `--parallel`, each body to a file in
+tmpfs) rather than the Python one of `python -m bench`, and the upstream is
+bench/cores_upstream.c (the Python mock's exact bytes, built once per stream length and
+written 64 KB at a time; `--upstream python` uses the mock itself, which writes 16 chunks
+at a time). What the harness and every other process on the machine took is
 printed beside each figure. CPU per chunk counts lean's processes only (utime + stime of
 each, all threads, from /proc), so the harness cannot inflate it. Scene runs save their
 answers: two instances commit to one SQLite file (WAL).
@@ -217,12 +219,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunks", type=int, default=4000)
     parser.add_argument("--wire", choices=WIRES, default="scene-sse")
     parser.add_argument(
+        "--upstream",
+        choices=("c", "python"),
+        default="c",
+        help="the fake upstream: bench/cores_upstream.c (built with cc) or bench/harness/mock.py",
+    )
+    parser.add_argument(
         "--quiet", type=float, default=0.3, help="cores other processes may use before a load"
     )
     parser.add_argument("--quiet-wait", type=float, default=120.0, help="seconds to wait for it")
     args = parser.parse_args(argv)
     if len(os.sched_getaffinity(0)) < 2 or not shutil.which("curl"):
         print("python -m bench.cores needs 2 cores and curl")
+        return 2
+    if args.upstream == "c" and not shutil.which("cc"):
+        print("no C compiler (cc): use --upstream python")
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="lean-bench-cores-"))
     # Bodies in memory (tmpfs when there is one): writing them costs curl a copy, no disk.
@@ -246,10 +257,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         mock_port = free_port()
-        mock = Child(
-            "mock", python("bench.harness.mock", "--port", str(mock_port)),
-            core=0, log=workdir / "mock.log",
-        )  # fmt: skip
+        command = python("bench.harness.mock", "--port", str(mock_port))
+        if args.upstream == "c":
+            binary = workdir / "cores_upstream"
+            source = Path(__file__).with_name("cores_upstream.c")
+            subprocess.run(["cc", "-O2", "-o", str(binary), str(source)], check=True)
+            command = [str(binary), str(mock_port)]
+        mock = Child("mock", command, core=0, log=workdir / "mock.log")
         children.append(mock)
         wait_http(mock, mock_port)
         one_port, shared_port, port_a, port_b = (free_port() for _ in range(4))
@@ -312,7 +326,10 @@ def _report(
     one = targets[0]
     base_rate = statistics.median(_rates(r, args.chunks)[0] for r in one.rounds)
     base_cpu = statistics.median(_rates(r, args.chunks)[1] for r in one.rounds)
-    print(f"\n{args.streams} streams x {args.chunks} chunks, wire {args.wire}, medians:")
+    print(
+        f"\n{args.streams} streams x {args.chunks} chunks, wire {args.wire},"
+        f" upstream {args.upstream}, medians:"
+    )
     for target in targets:
         rates = [_rates(r, args.chunks) for r in target.rounds]
         rate = statistics.median(r for r, _ in rates)
