@@ -5,7 +5,8 @@ per chunk (issue 13, "Every core of one VPS").
                           [--upstream c|python]
 
 The same load each time: `--streams` streams of `--chunks` content chunks sent back to back
-by a fake upstream, all started at once and read to the end. Three targets, started once and loaded in turn, round after round (ABC ABC ...):
+by a fake upstream, all started at once and read to the end. Three targets, started once and
+loaded in turn, round after round (ABC ABC ...):
 
 - `one`: one lean pinned to core 1; the upstream and the load generator on core 0.
 - `two, reuse_port`: two leans sharing one port (`[server] reuse_port`), pinned to cores 0
