@@ -324,20 +324,37 @@ def _line(result: dict[str, float], chunks: int) -> str:
 def _report(
     targets: list[Target], args: argparse.Namespace, idle_kb: dict[str, int], children: list[Child]
 ) -> None:
+    """Per round, each target against `one` in the same round (seconds apart); the medians
+    over the quiet rounds: those where other processes took under `--quiet` cores during
+    all three loads (every round when none was quiet)."""
     one = targets[0]
-    base_rate = statistics.median(_rates(r, args.chunks)[0] for r in one.rounds)
-    base_cpu = statistics.median(_rates(r, args.chunks)[1] for r in one.rounds)
+    rounds = range(len(one.rounds))
+    quiet = [
+        i
+        for i in rounds
+        if all(t.rounds[i]["others_cpu"] / t.rounds[i]["wall"] < args.quiet for t in targets)
+    ]
+    chosen = quiet or list(rounds)
     print(
-        f"\n{args.streams} streams x {args.chunks} chunks, wire {args.wire},"
-        f" upstream {args.upstream}, medians:"
+        f"\n{args.streams} streams x {args.chunks} chunks, wire {args.wire}, upstream"
+        f" {args.upstream}; medians of {len(chosen)} {'quiet ' if quiet else ''}rounds of"
+        f" {len(one.rounds)} (rounds {', '.join(str(i + 1) for i in chosen)}):"
     )
+    print("| target | chunks/s | vs one | lean CPU µs/chunk | vs one | harness cores |")
     for target in targets:
-        rates = [_rates(r, args.chunks) for r in target.rounds]
-        rate = statistics.median(r for r, _ in rates)
-        cpu = statistics.median(c for _, c in rates)
+        rate = [_rates(target.rounds[i], args.chunks)[0] for i in chosen]
+        cpu = [_rates(target.rounds[i], args.chunks)[1] for i in chosen]
+        base_rate = [_rates(one.rounds[i], args.chunks)[0] for i in chosen]
+        base_cpu = [_rates(one.rounds[i], args.chunks)[1] for i in chosen]
+        rate_x = [r / b for r, b in zip(rate, base_rate, strict=True)]
+        cpu_x = [c / b for c, b in zip(cpu, base_cpu, strict=True)]
+        harness = [target.rounds[i]["harness_cpu"] / target.rounds[i]["wall"] for i in chosen]
         print(
-            f"| {target.name} | {rate:,.0f} | {rate / base_rate:.2f}x | {cpu:.2f} |"
-            f" {cpu / base_cpu:.2f}x |"
+            f"| {target.name} | {statistics.median(rate):,.0f} |"
+            f" {statistics.median(rate_x):.2f}x ({min(rate_x):.2f}-{max(rate_x):.2f}) |"
+            f" {statistics.median(cpu):.2f} |"
+            f" {statistics.median(cpu_x):.2f}x ({min(cpu_x):.2f}-{max(cpu_x):.2f}) |"
+            f" {statistics.median(harness):.2f} |"
         )
     for child in children[1:]:
         kb = memory_kb(child.pid)
