@@ -72,12 +72,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", default="config.ini", help="path of config.ini")
-    # One config file for every instance of a systemd template (lean@.service): these two
-    # are what differs between them (docs/deploy.md "More than one instance").
-    serve.add_argument("--port", type=int, help="listen on this port instead of [server] port")
-    serve.add_argument("--instance", help="this instance's name instead of [cluster] instance")
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("path", nargs="?", default="config.ini")
+    # One config file for every instance of a systemd template (lean@.service): these two
+    # are what differs between them (docs/deploy.md "More than one instance").
+    for command in (serve, check):
+        command.add_argument("--port", type=int, help="instead of [server] port")
+        command.add_argument(
+            "--instance", help="this instance's name, instead of [cluster] instance"
+        )
     talk = commands.add_parser("chat", help="chat with a scene from the terminal")
     talk.add_argument("--url", help="lean's address (default: from the config file)")
     talk.add_argument("--config", default="config.ini", help="where --url and --token default from")
@@ -101,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _chat(args)
 
     if args.command == "check-config":
-        config = _load(args.path)
+        config = _load(args.path, args.port, args.instance)
         if config is None:
             return 2
         print(

@@ -98,3 +98,17 @@ def test_lean_serve_refuses_a_shared_port_without_instance(tmp_path: Path) -> No
         "lean: config error: [cluster] instance: expected a name for each lean sharing the port"
         " (reuse_port = true)"
     ]
+
+
+def test_check_config_takes_the_same_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "config.ini"
+    path.write_text("[server]\nreuse_port = true\n" + BASE)
+
+    def check(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "lean", "check-config", str(path), *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=20)
+
+    refused = check()
+    assert refused.returncode == 2
+    assert "[cluster] instance" in refused.stderr
+    assert check("--instance", "lean@1", "--port", "8081").returncode == 0
