@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import signal
 import socket
 import sqlite3
@@ -181,3 +182,106 @@ async def test_a_restarted_instance_ends_only_its_own_cut_answers(tmp_path: Path
             assert sorted((i, s) for s, i, _ in final) == sorted(
                 [(name_a, "complete"), (name_a, "cancelled"), (name_b, "incomplete")]
             )
+
+
+# --- behind nginx, one port per instance: the exact config of docs/deploy.md ---------------
+
+DEPLOY = Path(__file__).resolve().parent.parent / "docs" / "deploy.md"
+
+
+def deploy_upstream_config() -> str:
+    """The nginx block of docs/deploy.md "More than one instance", as the docs give it."""
+    section = DEPLOY.read_text().partition("## 10. More than one instance")[2]
+    return section.partition("```nginx\n")[2].partition("```")[0]
+
+
+def nginx_config(tmp_path: Path, port: int, ports: tuple[int, int]) -> Path:
+    block = deploy_upstream_config()
+    assert "127.0.0.1:8081" in block and "127.0.0.1:8082" in block
+    block = block.replace("127.0.0.1:8081", f"127.0.0.1:{ports[0]}")
+    block = block.replace("127.0.0.1:8082", f"127.0.0.1:{ports[1]}")
+    listen = "# ... as in §8: listen, TLS, client_max_body_size ..."
+    assert listen in block
+    block = block.replace(listen, f"listen 127.0.0.1:{port};")
+    path = tmp_path / "nginx.conf"
+    path.write_text(
+        f"error_log {tmp_path / 'nginx.log'} warn;\npid {tmp_path / 'nginx.pid'};\n"
+        "events {}\nhttp {\n    access_log off;\n"
+        f"    client_body_temp_path {tmp_path};\n    proxy_temp_path {tmp_path};\n"
+        # as in docs/deploy.md §8
+        "    map $http_upgrade $connection_upgrade { default upgrade; '' ''; }\n"
+        f"{block}}}\n"
+    )
+    return path
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="no nginx here")
+async def test_behind_nginx_streams_flow_and_a_stopped_instance_is_skipped(
+    tmp_path: Path,
+) -> None:
+    async with FakeOpenAI() as upstream:
+        slow = [text_stream("one two three four five six") for _ in range(2)]
+        for stream in slow:
+            stream.delay = 0.1  # between events: a buffering proxy would hold them all
+        upstream.push(*slow)
+        config = write_config(tmp_path, upstream.base_url, "")
+        ports = (free_port(), free_port())
+        a = Lean(config, tmp_path / "a.log", "--port", str(ports[0]), "--instance", "a")
+        b = Lean(config, tmp_path / "b.log", "--port", str(ports[1]), "--instance", "b")
+        port = free_port()
+        conf = nginx_config(tmp_path, port, ports)
+        nginx = await asyncio.create_subprocess_exec(
+            shutil.which("nginx") or "nginx", "-c", str(conf), "-g", "daemon off;",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            async with instances(a, b), aiohttp.ClientSession() as http:
+                deadline = time.monotonic() + START_TIMEOUT
+                while True:  # nginx listening
+                    try:
+                        async with http.get(f"{url}/healthz") as resp:
+                            if resp.status == 200:
+                                break
+                    except aiohttp.ClientConnectionError:
+                        pass
+                    assert time.monotonic() < deadline, (tmp_path / "nginx.log").read_text()
+                    await asyncio.sleep(0.05)
+
+                # SSE through nginx arrives as it is sent, not at the end.
+                started = time.monotonic()
+                body = {"message": "Hi"}
+                async with http.post(f"{url}/v1/scenes/chat/stream", json=body) as resp:
+                    assert resp.status == 200
+                    first = None
+                    async for line in resp.content:
+                        if first is None and line.startswith(b"event: delta"):
+                            first = time.monotonic() - started
+                    total = time.monotonic() - started
+                assert first is not None and total - first >= 0.3, (first, total)
+
+                # A run over the WebSocket through nginx.
+                async with http.ws_connect(f"{url}/v1/ws") as ws:
+                    await ws.send_json({"type": "run", "runId": "r1", "scene": "chat",
+                                        "message": "Hi"})  # fmt: skip
+                    async for message in ws:
+                        frame = message.json()
+                        if frame["type"] in ("done", "error"):
+                            break
+                    assert frame["type"] == "done", frame
+
+                # ip_hash keeps this client on one instance; stop it, and the next
+                # requests go to the other (proxy_next_upstream).
+                served = {instance for _, instance, _ in rows(tmp_path / "lean.db")}
+                assert len(served) == 1, served
+                first_lean = a if served == {"a"} else b
+                assert await first_lean.stop() == 0
+                for _ in range(3):
+                    assert (await one_run(http, url)).count(b"event: done") == 1
+                assert {i for _, i, _ in rows(tmp_path / "lean.db")} == {"a", "b"}
+        finally:
+            if nginx.returncode is None:
+                nginx.terminate()
+            await nginx.wait()
