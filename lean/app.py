@@ -243,7 +243,9 @@ class Server:
         assert self._runner.server is not None
         self.connections.watch(self._runner.server)
         host = self.config.server.host
-        site = web.TCPSite(self._runner, host, self._port, backlog=1024)
+        site = web.TCPSite(
+            self._runner, host, self._port, backlog=1024, reuse_port=self.config.server.reuse_port
+        )
         try:
             await site.start()
         except OSError as exc:
@@ -295,6 +297,7 @@ async def serve(config: Config) -> None:
     # The one start-up line says what this lean serves and how it lets clients in.
     fields = {
         "config": config.path,
+        "instance": config.cluster.instance,
         "models": ",".join(config.models),
         "scenes": ",".join(config.scenes) or None,
         "auth": "tokens" if config.has_tokens else "none (loopback only)",

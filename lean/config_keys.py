@@ -172,8 +172,10 @@ KEYS: dict[str, dict[str, _Parser]] = {
         "keepalive_timeout": _POSITIVE,
         "max_connections": _COUNT,
         "commit_wait": _float(zero_ok=True),
+        "reuse_port": _bool,
     },
     "auth": {"tokens_env": _str},
+    "cluster": {"instance": _str},  # checked in lean.config_cluster
     "store": {"path": _str, "url": _str, "flush_interval": _float(zero_ok=True)},
     "limits": {
         "max_streams": _COUNT,
@@ -237,8 +239,8 @@ KEYS: dict[str, dict[str, _Parser]] = {
 NAMED = ("provider", "model", "tool", "scene", "client")  # sections written [kind.NAME]
 NAME = re.compile(r"[A-Za-z0-9_.-]+")
 SECTIONS = (
-    "a section named server, auth, store, limits, provider.NAME, model.NAME, tool.NAME,"
-    " scene.NAME or client.NAME"
+    "a section named server, auth, store, limits, cluster, provider.NAME, model.NAME,"
+    " tool.NAME, scene.NAME or client.NAME"
 )
 
 

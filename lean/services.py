@@ -68,7 +68,9 @@ class Services:
         self.metrics = Metrics()
         try:
             where = config.store.url or config.store.path
-            self.store = Store(where, on_failure=self.metrics.store_failed)
+            self.store = Store(
+                where, instance=config.cluster.instance, on_failure=self.metrics.store_failed
+            )
         except StoreError as exc:  # a url, and no driver installed
             raise ConfigError("store", "url", str(exc)) from None
         self.progress = Progress(self.store, config.store.flush_interval)
