@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from lean.config_cluster import ClusterConfig, cluster_config
 from lean.config_keys import (
     KEYS,
     NAME,
@@ -31,6 +32,7 @@ from lean.config_keys import (
 
 __all__ = [
     "AuthConfig",
+    "ClusterConfig",
     "Config",
     "ConfigError",
     "LimitsConfig",
@@ -130,6 +132,9 @@ class LimitsConfig(msgspec.Struct, frozen=True, kw_only=True):
     # Threads for sync python tools (lean.tools): a call holds one until it returns, also
     # past its timeout; when all are busy a new sync call gets an error result at once.
     tool_threads: int = 16
+    # Streams across every instance sharing [cluster] redis_url; 0: no bound but each
+    # instance's max_streams (docs/protocol.md §7).
+    cluster_max_streams: int = 0
 
 
 class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -195,6 +200,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     models: dict[str, ModelConfig]
     tools: dict[str, ToolConfig]
     scenes: dict[str, SceneConfig]
+    cluster: ClusterConfig
     path: str  # the file it came from
 
 
@@ -395,15 +401,20 @@ def parse_config(
             _ref(f"model.{alias}", "fallback", other, others, "model")
     tools = {n: _tool(f"tool.{n}", n, v) for n, v in sections["tool"].items()}
     scenes = {n: _scene(f"scene.{n}", n, v, models, tools) for n, v in sections["scene"].items()}
+    limits = LimitsConfig(**single("limits"))
+    cluster = cluster_config(
+        single("cluster"), port=server.port, cluster_max_streams=limits.cluster_max_streams
+    )
     return Config(
         server=server,
         auth=auth,
         store=_store(single("store"), path),
-        limits=LimitsConfig(**single("limits")),
+        limits=limits,
         providers=providers,
         models=models,
         tools=tools,
         scenes=scenes,
+        cluster=cluster,
         path=path,
     )
 

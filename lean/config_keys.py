@@ -184,7 +184,9 @@ KEYS: dict[str, dict[str, _Parser]] = {
         "send_buffer_bytes": _int(0),
         "fallback_budget_mb": _COUNT,
         "tool_threads": _COUNT,
+        "cluster_max_streams": _int(0),
     },
+    "cluster": {"instance": _str, "redis_url": _str, "lease": _POSITIVE},
     "provider": {
         "kind": _choice(*get_args(ProviderKind)),
         "base_url": _str,
@@ -228,7 +230,7 @@ KEYS: dict[str, dict[str, _Parser]] = {
 NAMED = ("provider", "model", "tool", "scene")  # sections written [kind.NAME]
 NAME = re.compile(r"[A-Za-z0-9_.-]+")
 SECTIONS = (
-    "a section named server, auth, store, limits, provider.NAME, model.NAME, tool.NAME"
+    "a section named server, auth, store, limits, cluster, provider.NAME, model.NAME, tool.NAME"
     " or scene.NAME"
 )
 

@@ -118,7 +118,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     services = request.app[services_key]
     chat, body = parse_request(await read_json(request))
     model = find_model(services.config, chat.model)
-    services.streams.check()
+    await services.streams.admit()
     if chat.stream:
         include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
         return await _stream(request, services, model, body, include_usage)

@@ -1,6 +1,9 @@
 """Scene runs over HTTP: SSE (POST and EventSource GET) and NDJSON; cancel; history;
 `new_run`, which starts a run for this module and `lean.ws`.
 
+A cancel or a tool result for a run this instance does not have goes to the instance
+that owns it (`lean.cluster`, docs/protocol.md §7), which answers as it would here.
+
 Everything a request can get wrong is checked before the response starts (HTTP
 status + error body); from `start` on, the run's events carry the outcome.
 """
@@ -16,9 +19,10 @@ from aiohttp import web
 
 from lean import events, scenes
 from lean.client_io import BodyWriter, bound_send_buffer, reset
+from lean.cluster import Deliver, RunRequest
 from lean.config import SceneConfig
-from lean.errors import BadRequest, NotFound, StoreUnavailable, clip
-from lean.handlers import SSE_HEADERS, read_json, services_key
+from lean.errors import BadRequest, LeanError, NotFound, StoreUnavailable, clip
+from lean.handlers import SSE_HEADERS, error_response, read_json, services_key
 from lean.inbound import ClientId, decode
 from lean.run import Run, Sink, new_run_id
 from lean.scenes import SceneRequest, chat_body, new_conversation_id, render, typed
@@ -103,7 +107,7 @@ async def new_run(
     model = services.config.models.get(scene.model)
     if model is None:
         raise NotFound(f"model '{scene.model}' does not exist")
-    services.streams.check()
+    await services.streams.admit()
     store = services.store
     if not store.writable:  # no run starts that could not be saved
         raise StoreUnavailable(
@@ -168,12 +172,7 @@ async def stream_scene(request: web.Request) -> web.StreamResponse:
 
 
 async def cancel_run(request: web.Request) -> web.Response:
-    run_id = request.match_info["run_id"]
-    run = request.app[services_key].runs.get(run_id)
-    if run is None:
-        raise NotFound(f"run '{clip(run_id)}' is not running")
-    run.cancel()
-    return web.json_response({"runId": run_id, "status": "cancelling"}, status=202)
+    return await _on_owner(request, RunRequest("cancel", request.match_info["run_id"]))
 
 
 class ToolResult(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
@@ -181,20 +180,59 @@ class ToolResult(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     result: Any = None
 
 
-_decode_tool_result = msgspec.json.Decoder(ToolResult)
+class _RawToolResult(ToolResult):
+    """The same body, its result kept as JSON text until the run's owner decodes it."""
+
+    result: msgspec.Raw = msgspec.Raw(b"null")
+
+
+_decode_tool_result = msgspec.json.Decoder(_RawToolResult)
 
 
 async def tool_result(request: web.Request) -> web.Response:
     """Answers a `waiting` event: `{"toolCallId", "result"}`."""
     run_id = request.match_info["run_id"]
     answer = decode(_decode_tool_result, await read_json(request))
-    run = request.app[services_key].runs.get(run_id)
+    return await _on_owner(
+        request, RunRequest("tool_result", run_id, answer.tool_call_id, answer.result)
+    )
+
+
+async def _on_owner(request: web.Request, run_request: RunRequest) -> web.Response:
+    """Acted on here when this instance has the run, else by the instance that has it."""
+    services = request.app[services_key]
+    if services.runs.get(run_request.run_id) is not None:
+        return _act(services, run_request)
+    status, body = await services.cluster.route(run_request)
+    return web.Response(status=status, body=body, content_type="application/json")
+
+
+def _act(services: Services, run_request: RunRequest) -> web.Response:
+    run_id = run_request.run_id
+    run = services.runs.get(run_id)
     if run is None:
         raise NotFound(f"run '{clip(run_id)}' is not running")
-    run.tools.answer(answer.tool_call_id, answer.result)
+    if run_request.op == "cancel":
+        run.cancel()
+        return web.json_response({"runId": run_id, "status": "cancelling"}, status=202)
+    run.tools.answer(run_request.tool_call_id, msgspec.json.decode(run_request.result))
     return web.json_response(
-        {"runId": run_id, "toolCallId": answer.tool_call_id, "status": "accepted"}
+        {"runId": run_id, "toolCallId": run_request.tool_call_id, "status": "accepted"}
     )
+
+
+def deliver(services: Services) -> Deliver:
+    """How this instance answers another's request for one of its runs."""
+
+    def answer(run_request: RunRequest) -> tuple[int, bytes]:
+        try:
+            response = _act(services, run_request)
+        except LeanError as exc:
+            response = error_response(exc)
+        assert isinstance(response.body, bytes)
+        return response.status, response.body
+
+    return answer
 
 
 async def conversation_messages(request: web.Request) -> web.Response:

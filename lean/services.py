@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from lean.cluster import Cluster
 from lean.config import Config, ConfigError
 from lean.limits import Streams
 from lean.metrics import Metrics
@@ -21,10 +22,12 @@ if TYPE_CHECKING:
 
 
 class Runs:
-    """Running scene runs by id, for cancel and tool-result requests."""
+    """Running scene runs by id, for cancel and tool-result requests; registered with the
+    cluster, so that other instances can route such requests here."""
 
-    def __init__(self) -> None:
+    def __init__(self, cluster: Cluster) -> None:
         self._runs: dict[str, Run] = {}
+        self._cluster = cluster
 
     def __len__(self) -> int:
         return len(self._runs)
@@ -36,10 +39,15 @@ class Runs:
         if run.run_id in self._runs:
             raise RuntimeError(f"run id {run.run_id} is already running")
         self._runs[run.run_id] = run
+        self._cluster.run_owned(run.run_id)
 
     def discard(self, run: Run) -> None:
         if self._runs.get(run.run_id) is run:
             del self._runs[run.run_id]
+            self._cluster.run_ended(run.run_id)
+
+    def ids(self) -> list[str]:
+        return list(self._runs)
 
 
 class Services:
@@ -49,10 +57,16 @@ class Services:
         self.metrics = Metrics()
         self.store = Store(config.store.path, on_failure=self.metrics.store_failed)
         self.progress = Progress(self.store, config.store.flush_interval)
-        self.streams = Streams(config.limits.max_streams, self.metrics)
+        self.cluster = Cluster(
+            config.cluster,
+            max_streams=config.limits.cluster_max_streams,
+            streams=lambda: len(self.streams),
+            runs=lambda: self.runs.ids(),
+        )
+        self.streams = Streams(config.limits.max_streams, self.metrics, self.cluster)
         # Imports python tools: a bad path stops start-up.
         self.tools = Tools(config.tools, threads=config.limits.tool_threads, metrics=self.metrics)
-        self.runs = Runs()
+        self.runs = Runs(self.cluster)
         self.upkeep = Upkeep(self.metrics, lambda: len(self.streams))
         self.metrics.gauges += [
             (
@@ -64,6 +78,11 @@ class Services:
                 "lean_whole_answer_bytes",
                 "Bytes of whole (non-streaming) answers held now; bounded by fallback_budget_mb.",
                 lambda: self.upstream.budget.held,
+            ),
+            (
+                "lean_cluster_up",
+                "1 while this instance reaches the cluster's Redis ([cluster] redis_url).",
+                lambda: 1 if self.cluster.up else 0,
             ),
         ]
         self.sockets: set[web.WebSocketResponse] = set()  # closed with 1001 on shutdown
@@ -79,8 +98,10 @@ class Services:
         await self.upstream.start()
         await self.tools.start()
         self.upkeep.start()
+        self.cluster.start()
 
     async def close(self) -> None:
+        await self.cluster.close()
         await self.upkeep.close()
         await self.upstream.close()
         await self.tools.close()
