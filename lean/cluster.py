@@ -90,14 +90,15 @@ end
 if was then return 1 end
 return 0
 """
-# ARGV: prefix, channel prefix, run id, message. The message published to the live
-# instance that owns the run: how many received it; -1 when no live instance owns it.
+# ARGV: prefix, instance (the sender), channel prefix, run id, message. The message
+# published to the live instance that owns the run: how many received it; -1 when no live
+# instance owns it.
 ROUTE = """
-local p, chan, run = ARGV[1], ARGV[2], ARGV[3]
+local p, chan, run = ARGV[1], ARGV[3], ARGV[4]
 for _, i in ipairs(redis.call('SMEMBERS', p .. 'instances')) do
   if redis.call('SISMEMBER', p .. 'runs:' .. i, run) == 1
       and redis.call('EXISTS', p .. 'live:' .. i) == 1 then
-    return redis.call('PUBLISH', chan .. i, ARGV[4])
+    return redis.call('PUBLISH', chan .. i, ARGV[5])
   end
 end
 return -1

@@ -1,0 +1,376 @@
+"""Several `lean serve` processes sharing a real Redis (docs/protocol.md §7).
+
+Each instance is a subprocess on its own port with its own SQLite file; they share the
+machine's Redis (database `DB`, flushed before and after each test) or, for an outage,
+a `redis-server` this test starts on a port of its own and kills. The upstream is a fake
+OpenAI server in the test's process whose answers come slowly, so that runs are still
+going when the test cancels, answers, counts or kills.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.fakes import FakeOpenAI, Stream, free_port, text_stream, tool_call_stream
+from tests.support import SECRET
+
+START_TIMEOUT = 15.0  # seconds `lean serve` may take to answer /healthz (2 shared cores)
+DEADLINE = 10.0  # seconds any one step may take
+DB = 11  # the Redis database these tests use (flushed): other suites keep off it
+LEASE = 1.0  # seconds: a dead instance is forgotten within this
+NDJSON = {"Accept": "application/x-ndjson"}
+
+pytestmark = pytest.mark.one_loop  # lean serve runs uvloop, whatever the test's loop is
+
+
+def redis_command(port: int, *commands: tuple[str, ...]) -> bytes:
+    """Commands to Redis on one connection, their raw replies: the test's own, not lean's."""
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+        out = b""
+        for args in commands:
+            out += f"*{len(args)}\r\n".encode()
+            out += b"".join(f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args)
+        s.sendall(out)
+        replies = b""
+        while replies.count(b"\r\n") < len(commands):  # one-line replies only
+            data = s.recv(65536)
+            if not data:
+                break
+            replies += data
+        return replies
+
+
+def redis_up(port: int = 6379) -> bool:
+    try:
+        return redis_command(port, ("PING",)) == b"+PONG\r\n"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def shared_redis() -> Any:
+    if not redis_up():
+        pytest.skip("no Redis on 127.0.0.1:6379 (.ci/run starts it)")
+    flush = ("SELECT", str(DB)), ("FLUSHDB",)
+    assert redis_command(6379, *flush) == b"+OK\r\n+OK\r\n"
+    yield f"redis://127.0.0.1:6379/{DB}"
+    redis_command(6379, *flush)
+
+
+class Lean:
+    """`lean serve` in a subprocess; its log (stderr) collected from a pipe."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, port: int) -> None:
+        self.proc = proc
+        self.url = f"http://127.0.0.1:{port}"
+        self.log: list[str] = []
+        assert proc.stderr is not None
+        self._reader = asyncio.create_task(self._read(proc.stderr))
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        async for line in stream:
+            self.log.append(line.decode(errors="replace"))
+
+
+def write_config(
+    directory: Path, upstream: str, port: int, redis_url: str, *, limits: str = ""
+) -> Path:
+    directory.mkdir()
+    config = directory / "config.ini"
+    config.write_text(
+        f"[server]\nhost = 127.0.0.1\nport = {port}\ndrain_timeout = 0.5\n\n"
+        f"[store]\npath = {directory / 'lean.db'}\n\n"
+        f"[cluster]\nredis_url = {redis_url}\nlease = {LEASE}\ninstance = test-{port}\n\n"
+        f"[limits]\nslow_client_timeout = 5\n{limits}\n\n"
+        f"[provider.up]\nkind = openai\nbase_url = {upstream}\napi_key_env = UP_KEY\n\n"
+        "[model.default]\nprovider = up\nupstream_model = fake-model\n\n"
+        "[tool.ask_user]\nkind = client\ndescription = Ask the user\n\n"
+        "[scene.chat]\nmodel = default\ntemplate = {message}\ntools = ask_user\n"
+    )
+    return config
+
+
+@contextlib.asynccontextmanager
+async def instances(
+    tmp_path: Path, upstream: str, redis_url: str, count: int, *, limits: str = ""
+) -> AsyncIterator[list[Lean]]:
+    """`count` instances started together, each up (GET /healthz) before the body runs."""
+    leans: list[Lean] = []
+    try:
+        for n in range(count):
+            port = free_port()
+            config = write_config(tmp_path / f"i{n}", upstream, port, redis_url, limits=limits)
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                *("-m", "lean", "serve", "--config", str(config)),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                env=dict(os.environ, UP_KEY=SECRET),
+                cwd=config.parent,
+            )
+            leans.append(Lean(proc, port))
+        async with aiohttp.ClientSession() as http, asyncio.timeout(START_TIMEOUT):
+            for lean in leans:
+                while not await cluster_up(http, lean):
+                    assert lean.proc.returncode is None, "".join(lean.log)
+                    await asyncio.sleep(0.05)
+        yield leans
+    finally:
+        for lean in leans:
+            if lean.proc.returncode is None:
+                lean.proc.kill()
+            await lean.proc.wait()
+            await asyncio.wait_for(lean._reader, DEADLINE)
+
+
+async def cluster_up(http: aiohttp.ClientSession, lean: Lean) -> bool:
+    """Whether `lean` answers and has joined the cluster (lean_cluster_up 1)."""
+    try:
+        async with http.get(lean.url + "/metrics") as resp:
+            return "\nlean_cluster_up 1\n" in await resp.text()
+    except aiohttp.ClientConnectionError:
+        return False
+
+
+def paced(words: int, delay: float = 0.05) -> Stream:
+    stream = text_stream(" ".join(f"w{n}" for n in range(words)))
+    stream.delay = delay
+    return stream
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeOpenAI]:
+    async with FakeOpenAI() as f:
+        f.default = lambda body: paced(400)  # 20 s: every run is still going when it matters
+        yield f
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+        yield s
+
+
+class Running:
+    """A scene run streaming NDJSON from one instance, read as it goes."""
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self.resp = resp
+        self.events: list[dict[str, Any]] = []
+
+    async def until(self, kind: str) -> dict[str, Any]:
+        async with asyncio.timeout(DEADLINE):
+            while True:
+                line = await self.resp.content.readline()
+                assert line, f"the stream ended before a {kind!r} event: {self.events}"
+                event = json.loads(line)
+                self.events.append(event)
+                if event["type"] == kind:
+                    return event
+
+    async def last(self) -> dict[str, Any]:
+        """The final event (done or error), once the stream has ended."""
+        async with asyncio.timeout(DEADLINE):
+            async for line in self.resp.content:
+                if line.strip():
+                    self.events.append(json.loads(line))
+        return self.events[-1]
+
+
+@contextlib.asynccontextmanager
+async def run_on(
+    http: aiohttp.ClientSession, lean: Lean, message: str = "hi"
+) -> AsyncIterator[Running]:
+    body = {"message": message}
+    async with http.post(lean.url + "/v1/scenes/chat/stream", json=body, headers=NDJSON) as resp:
+        assert resp.status == 200, await resp.text()
+        yield Running(resp)
+
+
+async def post(
+    http: aiohttp.ClientSession, url: str, body: Any = None
+) -> tuple[int, dict[str, Any], aiohttp.typedefs.LooseHeaders]:
+    async with http.post(url, json=body) as resp:
+        return resp.status, await resp.json(), resp.headers
+
+
+async def test_a_cancel_on_b_stops_a_run_on_a_within_a_second(
+    tmp_path: Path, fake: FakeOpenAI, http: aiohttp.ClientSession, shared_redis: str
+) -> None:
+    async with instances(tmp_path, fake.base_url, shared_redis, 2) as (a, b):
+        async with run_on(http, a) as run:
+            run_id = (await run.until("start"))["runId"]
+            await run.until("delta")
+            sent = time.monotonic()
+            status, body, _ = await post(http, f"{b.url}/v1/runs/{run_id}/cancel")
+            assert (status, body) == (202, {"runId": run_id, "status": "cancelling"})
+            last = await run.last()
+            took = time.monotonic() - sent
+        assert (last["type"], last["code"]) == ("error", "cancelled"), run.events
+        assert took < 1.0
+        # gone everywhere now: 404 from either instance, as on one instance
+        for lean in (a, b):
+            status, body, _ = await post(http, f"{lean.url}/v1/runs/{run_id}/cancel")
+            assert (status, body["error"]["code"]) == (404, "not_found")
+        status, body, _ = await post(http, f"{b.url}/v1/runs/run_nowhere/cancel")
+        assert (status, body["error"]["code"]) == (404, "not_found")
+
+
+async def test_a_tool_result_on_b_resumes_the_run_waiting_on_a(
+    tmp_path: Path, fake: FakeOpenAI, http: aiohttp.ClientSession, shared_redis: str
+) -> None:
+    fake.push(tool_call_stream([("call_ask", "ask_user", '{"q": "city?"}')]))
+    fake.push(text_stream("Paris it is."))
+    async with instances(tmp_path, fake.base_url, shared_redis, 2) as (a, b):
+        async with run_on(http, a) as run:
+            run_id = (await run.until("start"))["runId"]
+            assert (await run.until("waiting"))["toolCallId"] == "call_ask"
+            url = f"{b.url}/v1/runs/{run_id}/tool-results"
+            # the owner's own errors come back through B as A would answer them
+            status, body, _ = await post(http, url, {"toolCallId": "call_other", "result": 1})
+            assert status == 400 and "call_other" in body["error"]["message"], body
+            answer = {"toolCallId": "call_ask", "result": {"city": "Paris"}}
+            status, body, _ = await post(http, url, answer)
+            assert (status, body["status"]) == (200, "accepted"), body
+            last = await run.last()
+    assert (last["type"], last["text"]) == ("done", "Paris it is."), run.events
+    tool = [m for m in fake.requests[1].body["messages"] if m["role"] == "tool"]
+    assert [(m["tool_call_id"], json.loads(m["content"])) for m in tool] == [
+        ("call_ask", {"city": "Paris"})
+    ]
+
+
+async def test_cluster_max_streams_bounds_the_streams_of_all_instances(
+    tmp_path: Path, fake: FakeOpenAI, http: aiohttp.ClientSession, shared_redis: str
+) -> None:
+    limits = "cluster_max_streams = 2"
+    async with instances(tmp_path, fake.base_url, shared_redis, 2, limits=limits) as (a, b):
+        async with run_on(http, a) as first, run_on(http, b) as second:
+            await first.until("start")
+            second_id = (await second.until("start"))["runId"]
+            for lean in (a, b):  # a scene run and a chat completion, on either instance
+                async with http.post(
+                    lean.url + "/v1/scenes/chat/stream", json={"message": "x"}
+                ) as resp:
+                    body = await resp.json()
+                    assert resp.status == 503, body
+                    assert resp.headers["Retry-After"] == "1"
+                    assert body["error"]["code"] == "overloaded"
+                    assert "cluster" in body["error"]["message"]
+            chat = {"model": "default", "messages": [{"role": "user", "content": "x"}]}
+            async with http.post(a.url + "/v1/chat/completions", json=chat) as resp:
+                assert resp.status == 503
+            # a stream that ends gives its slot back, to any instance
+            await post(http, f"{a.url}/v1/runs/{second_id}/cancel")
+            await second.last()
+            async with run_on(http, a) as third:
+                await third.until("start")
+
+
+async def test_a_killed_instance_frees_its_slots_and_runs_within_the_lease(
+    tmp_path: Path, fake: FakeOpenAI, http: aiohttp.ClientSession, shared_redis: str
+) -> None:
+    limits = "cluster_max_streams = 1"
+    async with instances(tmp_path, fake.base_url, shared_redis, 2, limits=limits) as (a, b):
+        async with run_on(http, a) as run:
+            run_id = (await run.until("start"))["runId"]
+            async with http.post(b.url + "/v1/scenes/chat/stream", json={"message": "x"}) as resp:
+                assert resp.status == 503  # A holds the cluster's one slot
+            a.proc.send_signal(signal.SIGKILL)
+            await a.proc.wait()
+            killed = time.monotonic()
+        freed = None
+        async with asyncio.timeout(DEADLINE):
+            while freed is None:
+                async with http.post(
+                    b.url + "/v1/scenes/chat/stream", json={"message": "x"}
+                ) as resp:
+                    if resp.status == 200:
+                        freed = time.monotonic() - killed
+                    else:
+                        assert resp.status == 503
+                        await asyncio.sleep(0.05)
+        assert freed < LEASE + 0.5  # the lease, and the test's own polling
+        status, body, _ = await post(http, f"{b.url}/v1/runs/{run_id}/cancel")
+        assert (status, body["error"]["code"]) == (404, "not_found")
+
+
+@contextlib.asynccontextmanager
+async def own_redis(port: int) -> AsyncIterator[asyncio.subprocess.Process]:
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server is not installed")
+    proc = await asyncio.create_subprocess_exec(
+        server,
+        *("--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        async with asyncio.timeout(DEADLINE):
+            while True:
+                if redis_up(port):
+                    break
+                await asyncio.sleep(0.02)
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+async def test_a_redis_outage_leaves_each_instance_working_and_heals(
+    tmp_path: Path, fake: FakeOpenAI, http: aiohttp.ClientSession
+) -> None:
+    fake.default = lambda body: paced(40)  # 2 s
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    limits = "cluster_max_streams = 1"
+    async with own_redis(port) as redis:
+        async with instances(tmp_path, fake.base_url, url, 2, limits=limits) as (a, b):
+            async with run_on(http, a) as before:
+                before_id = (await before.until("start"))["runId"]
+                redis.kill()
+                await redis.wait()
+                # the run in progress finishes; B starts runs past the cluster bound
+                async with run_on(http, b) as during:
+                    await during.until("start")
+                    status, body, headers = await post(http, f"{b.url}/v1/runs/{before_id}/cancel")
+                    assert (status, body["error"]["code"]) == (503, "cluster_unavailable")
+                    assert headers["Retry-After"] == "1"
+                    assert (await during.last())["type"] == "done"
+                assert (await before.last())["type"] == "done"
+            async with own_redis(port):
+                async with asyncio.timeout(DEADLINE):
+                    while True:  # both reconnect by themselves
+                        if await cluster_up(http, a) and await cluster_up(http, b):
+                            break
+                        await asyncio.sleep(0.05)
+                # registered again: a run on A is reachable from B, and counted
+                async with run_on(http, a) as after:
+                    after_id = (await after.until("start"))["runId"]
+                    async with http.post(
+                        b.url + "/v1/scenes/chat/stream", json={"message": "x"}
+                    ) as resp:
+                        assert resp.status == 503
+                    status, _, _ = await post(http, f"{b.url}/v1/runs/{after_id}/cancel")
+                    assert status == 202
+                    last = await after.last()
+                    assert (last["type"], last["code"]) == ("error", "cancelled")
+            joined = [line for line in a.log if f"test-{a.url.rsplit(':', 1)[1]} joined" in line]
+            assert len(joined) == 2, a.log  # at the start, and again after the outage
