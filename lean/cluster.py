@@ -395,6 +395,10 @@ class Cluster:
             return
         if self.deliver is None:
             raise RuntimeError("Cluster.deliver is not set")
-        status, body = self.deliver(message.request)
+        try:
+            status, body = self.deliver(message.request)
+        except Exception:  # a bug: the asker gets a 500 now rather than a 503 in a second
+            log.exception("cluster: answering %s failed", message.sender)
+            status, body = 500, b'{"error":{"message":"internal error","code":"internal"}}'
         answer = _encode(_Answer(message.id, status, msgspec.Raw(body)))
         self._send("PUBLISH", self._channels + message.sender, answer)

@@ -305,7 +305,7 @@ async def test_a_killed_instance_frees_its_slots_and_runs_within_the_lease(
                     else:
                         assert resp.status == 503
                         await asyncio.sleep(0.05)
-        assert freed < LEASE + 0.5  # the lease, and the test's own polling
+        assert freed < LEASE + 1.0  # the lease, then one admission on a loaded machine
         status, body, _ = await post(http, f"{b.url}/v1/runs/{run_id}/cancel")
         assert (status, body["error"]["code"]) == (404, "not_found")
 
