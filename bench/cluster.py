@@ -36,7 +36,8 @@ import aiohttp
 import uvloop
 
 from lean.app import Server
-from lean.cluster import _SHA, ADMIT, PREFIX, Cluster
+from lean.cluster import PREFIX, Cluster
+from lean.cluster_wire import ADMIT, SHA
 from lean.config import ClusterConfig, parse_config
 from lean.redis_client import RedisConnection, parse_redis_url
 from lean.resp import Reply
@@ -112,7 +113,7 @@ async def clients(port: int) -> None:
     address = parse_redis_url(f"redis://127.0.0.1:{port}/0")
     conn = await RedisConnection.open(address, timeout=2)
     await conn.call("SCRIPT", "LOAD", ADMIT)
-    args = (_SHA[ADMIT], 0, PREFIX, "bench", "1000000000")
+    args = (SHA[ADMIT], 0, PREFIX, "bench", "1000000000")
 
     async def lean_awaited() -> None:
         for _ in range(CALLS):

@@ -30,14 +30,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import random
+import secrets
 from collections.abc import Callable
-from typing import Literal
 
 import msgspec
 
+from lean.cluster_wire import (
+    ADMIT,
+    BEAT,
+    LAPSED,
+    MINE,
+    OTHER,
+    ROUTE,
+    SHA,
+    Answer,
+    Ask,
+    Deliver,
+    RunRequest,
+    decode,
+    encode,
+)
 from lean.config import ClusterConfig
 from lean.errors import ClusterUnavailable, NotFound, Overloaded, clip
 from lean.redis_client import RedisConnection, parse_redis_url
@@ -51,89 +65,6 @@ CALL_TIMEOUT = 0.5  # seconds an admission waits for Redis before admitting with
 ROUTE_TIMEOUT = 1.0  # a cancel reaches its run within 1 s (docs/protocol.md §3), routed too
 RECONNECT_MIN, RECONNECT_MAX = 0.1, 1.0  # seconds between attempts, doubling
 MAX_ASKS = 1024  # requests to other instances awaiting an answer at once; past it, 503
-
-# ARGV: prefix, instance, cluster_max_streams. The live instances' slots summed (the dead
-# ones' forgotten on the way); one taken for `instance` if below the bound: the new
-# total, else -1.
-ADMIT = """
-local p, me, max = ARGV[1], ARGV[2], tonumber(ARGV[3])
-redis.call('SADD', p .. 'instances', me)
-local total = 0
-for _, i in ipairs(redis.call('SMEMBERS', p .. 'instances')) do
-  if i == me or redis.call('EXISTS', p .. 'live:' .. i) == 1 then
-    total = total + tonumber(redis.call('HGET', p .. 'slots', i) or '0')
-  else
-    redis.call('SREM', p .. 'instances', i)
-    redis.call('HDEL', p .. 'slots', i)
-    redis.call('DEL', p .. 'runs:' .. i)
-  end
-end
-if total >= max then return -1 end
-redis.call('HINCRBY', p .. 'slots', me, 1)
-return total + 1
-"""
-# ARGV: prefix, instance, lease (ms), slots ('' when not counted), 'sync' or 'renew', and
-# with 'sync' every run id the instance owns. 1 if the lease was still held, else 0 (the
-# caller then syncs: others may have forgotten its runs).
-BEAT = """
-local p, me = ARGV[1], ARGV[2]
-local was = redis.call('SET', p .. 'live:' .. me, '1', 'PX', ARGV[3], 'GET')
-redis.call('SADD', p .. 'instances', me)
-if ARGV[4] ~= '' then redis.call('HSET', p .. 'slots', me, ARGV[4]) end
-if ARGV[5] == 'sync' then
-  local key = p .. 'runs:' .. me
-  redis.call('DEL', key)
-  for i = 6, #ARGV, 1000 do
-    redis.call('SADD', key, unpack(ARGV, i, math.min(i + 999, #ARGV)))
-  end
-end
-if was then return 1 end
-return 0
-"""
-# ARGV: prefix, instance (the sender), channel prefix, run id, message. The message
-# published to the live instance that owns the run: how many received it; -1 when no live
-# instance owns it.
-ROUTE = """
-local p, chan, run = ARGV[1], ARGV[3], ARGV[4]
-for _, i in ipairs(redis.call('SMEMBERS', p .. 'instances')) do
-  if redis.call('SISMEMBER', p .. 'runs:' .. i, run) == 1
-      and redis.call('EXISTS', p .. 'live:' .. i) == 1 then
-    return redis.call('PUBLISH', chan .. i, ARGV[5])
-  end
-end
-return -1
-"""
-_SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in (ADMIT, BEAT, ROUTE)}
-
-
-class RunRequest(msgspec.Struct, frozen=True):
-    """What an instance asks of the owner of a run (a resume would be one more `op`)."""
-
-    op: Literal["cancel", "tool_result"]
-    run_id: str
-    tool_call_id: str = ""
-    result: msgspec.Raw = msgspec.Raw(b"null")
-
-
-class _Ask(msgspec.Struct, tag="ask", array_like=True):
-    id: int
-    sender: str  # the instance whose channel gets the answer
-    request: RunRequest
-
-
-class _Answer(msgspec.Struct, tag="answer", array_like=True):
-    id: int
-    status: int
-    body: msgspec.Raw  # the owner's JSON response body, as it would have answered
-
-
-# JSON, not msgpack: a tool's result and an answer's body are JSON already, carried as
-# they are (`msgspec.Raw`), never decoded and encoded again on the way.
-_encode = msgspec.json.Encoder().encode
-_decode = msgspec.json.Decoder(_Ask | _Answer).decode
-
-# The owner's side: a request for one of its runs -> (HTTP status, JSON body).
-Deliver = Callable[[RunRequest], tuple[int, bytes]]
 
 
 class Cluster:
@@ -162,8 +93,9 @@ class Cluster:
         self._subscribed: asyncio.Event | None = None
         self._reserved = 0  # admitted streams already counted in Redis, not started yet
         self._generation = 0  # renewals so far: an admission across one is not reserved
-        self._asks: dict[int, asyncio.Future[_Answer]] = {}
+        self._asks: dict[int, asyncio.Future[Answer]] = {}
         self._ask_ids = random.randrange(1 << 40)  # a restart's ids do not meet old answers
+        self._token = secrets.token_hex(8)  # this process's mark on its lease
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -232,10 +164,20 @@ class Cluster:
         )
         self._sub = sub
         conn = await RedisConnection.open(self._address, timeout=CONNECT_TIMEOUT)
-        async with asyncio.timeout(CONNECT_TIMEOUT):
-            sub.send("SUBSCRIBE", self._channels + self.instance)
-            await subscribed.wait()
-            await self._beat(conn, sync=True)
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                sub.send("SUBSCRIBE", self._channels + self.instance)
+                await subscribed.wait()
+                held = await self._beat(conn, sync=True)
+        except BaseException:
+            conn.close()
+            raise
+        if held == OTHER:
+            log.warning(
+                "cluster: another process held the lease of %s: a restart within the lease, "
+                "or two instances with that name ([cluster] instance must differ)",
+                self.instance,
+            )
         self._conn = conn
 
     async def _renew_until_lost(self) -> None:
@@ -250,22 +192,33 @@ class Cluster:
             if lost:
                 return
             async with asyncio.timeout(self._lease / 3):
-                if not await self._beat(conn, sync=False):
-                    log.warning("cluster: %s's lease had lapsed; registering again", self.instance)
+                held = await self._beat(conn, sync=False)
+                if held == OTHER:
+                    log.error(
+                        "cluster: another instance renews the lease of %s: two instances "
+                        "share that name; [cluster] instance must differ",
+                        self.instance,
+                    )
+                if held != MINE:
+                    if held == LAPSED:
+                        log.warning(
+                            "cluster: %s's lease had lapsed; registering again", self.instance
+                        )
                     await self._beat(conn, sync=True)
 
-    async def _beat(self, conn: RedisConnection, *, sync: bool) -> bool:
-        """Renew the lease (and set our slot count; with `sync`, our runs): whether the
-        lease was still held."""
+    async def _beat(self, conn: RedisConnection, *, sync: bool) -> Reply:
+        """Renew the lease (and set our slot count; with `sync`, our runs): who held it
+        (LAPSED, MINE or OTHER)."""
         slots = ""
         if self.max_streams:
             slots = str(self._streams())
             self._generation += 1  # admissions in flight are counted by `slots` or after
             self._reserved = 0
-        args: list[str] = [str(round(self._lease * 1000)), slots, "sync" if sync else "renew"]
+        lease = str(round(self._lease * 1000))
+        args: list[str] = [self._token, lease, slots, "sync" if sync else "renew"]
         if sync:
             args += self._runs()
-        return await self._script(conn, BEAT, *args) == 1
+        return await self._script(conn, BEAT, *args)
 
     def _down(self) -> None:
         conn, sub, self._conn, self._sub = self._conn, self._sub, None, None
@@ -280,7 +233,7 @@ class Cluster:
     async def _script(self, conn: RedisConnection, script: str, *args: str | bytes) -> Reply:
         """Run one of the scripts above; loaded by its source when Redis lost it (restart)."""
         try:
-            return await conn.call("EVALSHA", _SHA[script], 0, PREFIX, self.instance, *args)
+            return await conn.call("EVALSHA", SHA[script], 0, PREFIX, self.instance, *args)
         except ReplyError as exc:
             if exc.kind != "NOSCRIPT":
                 raise
@@ -349,9 +302,9 @@ class Cluster:
             raise ClusterUnavailable("too many requests to other instances", retry_after=1)
         self._ask_ids += 1
         ask_id = self._ask_ids
-        future: asyncio.Future[_Answer] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._asks[ask_id] = future
-        message = _encode(_Ask(ask_id, self.instance, request))
+        message = encode(Ask(ask_id, self.instance, request))
         try:
             async with asyncio.timeout(ROUTE_TIMEOUT):
                 received = await self._script(conn, ROUTE, self._channels, request.run_id, message)
@@ -384,11 +337,11 @@ class Cluster:
         if kind != b"message" or not isinstance(data, bytes):
             return
         try:
-            message = _decode(data)
+            message = decode(data)
         except msgspec.DecodeError:
             log.warning("cluster: a message lean cannot read on %s's channel", self.instance)
             return
-        if isinstance(message, _Answer):
+        if isinstance(message, Answer):
             future = self._asks.get(message.id)
             if future is not None and not future.done():
                 future.set_result(message)
@@ -400,5 +353,5 @@ class Cluster:
         except Exception:  # a bug: the asker gets a 500 now rather than a 503 in a second
             log.exception("cluster: answering %s failed", message.sender)
             status, body = 500, b'{"error":{"message":"internal error","code":"internal"}}'
-        answer = _encode(_Answer(message.id, status, msgspec.Raw(body)))
+        answer = encode(Answer(message.id, status, msgspec.Raw(body)))
         self._send("PUBLISH", self._channels + message.sender, answer)

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from lean import events, scenes
 from lean.client_io import BodyWriter, bound_send_buffer, reset
-from lean.cluster import Deliver, RunRequest
+from lean.cluster_wire import Deliver, RunRequest
 from lean.config import SceneConfig
 from lean.errors import BadRequest, LeanError, NotFound, StoreUnavailable, clip
 from lean.handlers import SSE_HEADERS, error_response, read_json, services_key

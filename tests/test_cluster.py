@@ -25,6 +25,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from lean.cluster import CALL_TIMEOUT, Cluster
+from lean.cluster_wire import RunRequest
+from lean.config import ClusterConfig
+from lean.errors import ClusterUnavailable, Overloaded
 from tests.fakes import FakeOpenAI, Stream, free_port, text_stream, tool_call_stream
 from tests.support import SECRET
 
@@ -374,3 +378,66 @@ async def test_a_redis_outage_leaves_each_instance_working_and_heals(
                     assert (last["type"], last["code"]) == ("error", "cancelled")
             joined = [line for line in a.log if f"test-{a.url.rsplit(':', 1)[1]} joined" in line]
             assert len(joined) == 2, a.log  # at the start, and again after the outage
+
+
+# --- lean.cluster.Cluster in this process, against a Redis of the test's own --------------
+
+
+@contextlib.asynccontextmanager
+async def joined(url: str, name: str, bound: int = 0) -> AsyncIterator[Cluster]:
+    cluster = Cluster(
+        ClusterConfig(instance=name, redis_url=url, lease=LEASE),
+        max_streams=bound,
+        streams=lambda: 0,
+        runs=lambda: [],
+    )
+    cluster.deliver = lambda request: (404, b"{}")
+    cluster.start()
+    try:
+        async with asyncio.timeout(DEADLINE):
+            while True:
+                if cluster.up:
+                    break
+                await asyncio.sleep(0.01)
+        yield cluster
+    finally:
+        await cluster.close()
+
+
+async def test_two_instances_with_one_name_are_told(caplog: pytest.LogCaptureFixture) -> None:
+    port = free_port()
+    async with own_redis(port):
+        url = f"redis://127.0.0.1:{port}/0"
+        async with joined(url, "twin"), joined(url, "twin"):
+            await asyncio.sleep(LEASE)  # a few renewals each
+    said = [r.getMessage() for r in caplog.records if r.name == "lean.cluster"]
+    assert any("two instances share that name" in line for line in said), said
+
+
+async def test_a_redis_that_stops_answering_admits_without_it() -> None:
+    port = free_port()
+    async with own_redis(port) as redis:
+        url = f"redis://127.0.0.1:{port}/0"
+        async with joined(url, "solo", bound=1) as cluster:
+            await cluster.admit()  # the one slot
+            with pytest.raises(Overloaded):
+                await cluster.admit()
+            redis.send_signal(signal.SIGSTOP)  # connected, and silent
+            try:
+                started = time.monotonic()
+                await cluster.admit()  # past the bound, but Redis cannot say so
+                assert time.monotonic() - started < CALL_TIMEOUT + 0.5
+                assert not cluster.up  # not waited for again: reconnecting
+                await cluster.admit()  # at once now
+                with pytest.raises(ClusterUnavailable):
+                    await cluster.route(RunRequest("cancel", "run_x"))
+            finally:
+                redis.send_signal(signal.SIGCONT)
+            async with asyncio.timeout(DEADLINE):
+                while True:  # back by itself, its count set again from what runs (none)
+                    if cluster.up:
+                        break
+                    await asyncio.sleep(0.02)
+            await cluster.admit()
+            with pytest.raises(Overloaded):
+                await cluster.admit()
