@@ -262,9 +262,10 @@ async def http_runs(port: int) -> None:
     url = f"redis://127.0.0.1:{port}/0"
     cases = {
         "alone (no [cluster])": "",
-        "[cluster] redis_url": f"[cluster]\nredis_url = {url}\n",
+        "[cluster] redis_url": f"[cluster]\nredis_url = {url}\ninstance = bench-1\n",
         "... and cluster_max_streams": (
-            f"[cluster]\nredis_url = {url}\n[limits]\ncluster_max_streams = 100000\n"
+            f"[cluster]\nredis_url = {url}\ninstance = bench-2\n"
+            "[limits]\ncluster_max_streams = 100000\n"
         ),
     }
     figures: dict[str, list[tuple[float, float]]] = {label: [] for label in cases}
