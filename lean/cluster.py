@@ -191,7 +191,9 @@ class Cluster:
             )
             if lost:
                 return
-            async with asyncio.timeout(self._lease / 3):
+            # A renewal that lands within 2/3 of the lease after the last one keeps it; a
+            # Redis that takes longer is taken for gone (and the lease would lapse anyway).
+            async with asyncio.timeout(self._lease * 2 / 3):
                 held = await self._beat(conn, sync=False)
                 if held == OTHER:
                     log.error(
