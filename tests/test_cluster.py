@@ -1,10 +1,10 @@
 """Several `lean serve` processes sharing a real Redis (docs/protocol.md §7).
 
 Each instance is a subprocess on its own port with its own SQLite file; they share the
-machine's Redis (database `DB`, flushed before and after each test) or, for an outage,
-a `redis-server` this test starts on a port of its own and kills. The upstream is a fake
-OpenAI server in the test's process whose answers come slowly, so that runs are still
-going when the test cancels, answers, counts or kills.
+machine's Redis (database `DB`, flushed before and after each test) or, for an outage and
+the tests of `lean.cluster` in this process, a `redis-server` the test starts on a port of
+its own and kills. The upstream is a fake OpenAI server in the test's process whose answers
+come slowly, so that runs are still going when the test cancels, answers, counts or kills.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ from tests.support import SECRET
 
 START_TIMEOUT = 15.0  # seconds `lean serve` may take to answer /healthz (2 shared cores)
 DEADLINE = 10.0  # seconds any one step may take
-DB = 11  # the Redis database these tests use (flushed): other suites keep off it
+# The Redis database these tests use (flushed): one per pytest-xdist worker (gw0, gw1, ...),
+# so that two tests at once never count or flush each other's instances; 10-15 are lean's.
+DB = 10 + int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0) % 6
 LEASE = 1.0  # seconds: a dead instance is forgotten within this
 NDJSON = {"Accept": "application/x-ndjson"}
 
