@@ -265,11 +265,11 @@ async def test_cluster_max_streams_bounds_the_streams_of_all_instances(
     tmp_path: Path, fake: FakeOpenAI, http: aiohttp.ClientSession, shared_redis: str
 ) -> None:
     limits = "cluster_max_streams = 2"
-    async with instances(tmp_path, fake.base_url, shared_redis, 2, limits=limits) as (a, b):
+    async with instances(tmp_path, fake.base_url, shared_redis, 3, limits=limits) as (a, b, c):
         async with run_on(http, a) as first, run_on(http, b) as second:
             await first.until("start")
             second_id = (await second.until("start"))["runId"]
-            for lean in (a, b):  # a scene run and a chat completion, on either instance
+            for lean in (a, b, c):  # a scene run and a chat completion, on any instance
                 async with http.post(
                     lean.url + "/v1/scenes/chat/stream", json={"message": "x"}
                 ) as resp:
@@ -282,9 +282,9 @@ async def test_cluster_max_streams_bounds_the_streams_of_all_instances(
             async with http.post(a.url + "/v1/chat/completions", json=chat) as resp:
                 assert resp.status == 503
             # a stream that ends gives its slot back, to any instance
-            await post(http, f"{a.url}/v1/runs/{second_id}/cancel")
+            await post(http, f"{c.url}/v1/runs/{second_id}/cancel")
             await second.last()
-            async with run_on(http, a) as third:
+            async with run_on(http, c) as third:
                 await third.until("start")
 
 
@@ -386,11 +386,15 @@ async def test_a_redis_outage_leaves_each_instance_working_and_heals(
 
 
 @contextlib.asynccontextmanager
-async def joined(url: str, name: str, bound: int = 0) -> AsyncIterator[Cluster]:
+async def joined(
+    url: str, name: str, bound: int = 0, *, lease: float = LEASE, active: list[int] | None = None
+) -> AsyncIterator[Cluster]:
+    """A Cluster that has joined; `active[0]` is the streams it says it relays."""
+    streams = [0] if active is None else active
     cluster = Cluster(
-        ClusterConfig(instance=name, redis_url=url, lease=LEASE),
+        ClusterConfig(instance=name, redis_url=url, lease=lease),
         max_streams=bound,
-        streams=lambda: 0,
+        streams=lambda: streams[0],
         runs=lambda: [],
     )
     cluster.deliver = lambda request: (404, b"{}")
@@ -443,3 +447,30 @@ async def test_a_redis_that_stops_answering_admits_without_it() -> None:
             await cluster.admit()
             with pytest.raises(Overloaded):
                 await cluster.admit()
+
+
+async def test_a_count_gone_wrong_is_set_right_by_the_next_renewal() -> None:
+    port = free_port()
+    lease = 3.0  # renewed every second: the checks below land well before the first one
+
+    def slots() -> bytes:
+        return redis_command(port, ("HGET", "lean:slots", "solo"))
+
+    async with own_redis(port):
+        url = f"redis://127.0.0.1:{port}/0"
+        active = [0]
+        async with joined(url, "solo", bound=5, lease=lease, active=active) as cluster:
+            await cluster.admit()
+            active[0] += 1
+            cluster.stream_started()  # counted by its admission: nothing more sent
+            assert slots() == b"$1\r\n1\r\n"
+            active[0] -= 1
+            cluster.stream_ended()
+            await cluster.admit()  # a request that failed before its stream started
+            await asyncio.sleep(0.05)  # the HINCRBY -1 is in
+            assert slots() == b"$1\r\n1\r\n"  # one slot held for nothing...
+            async with asyncio.timeout(lease):
+                while True:  # ...until the renewal writes the true count
+                    if slots() == b"$1\r\n0\r\n":
+                        break
+                    await asyncio.sleep(0.05)
