@@ -343,41 +343,40 @@ async def own_redis(port: int) -> AsyncIterator[asyncio.subprocess.Process]:
 async def test_a_redis_outage_leaves_each_instance_working_and_heals(
     tmp_path: Path, fake: FakeOpenAI, http: aiohttp.ClientSession
 ) -> None:
-    fake.default = lambda body: paced(40)  # 2 s
+    fake.push(paced(200))  # the run on A through the outage: 10 s, cancelled before its end
+    fake.default = lambda body: paced(30)  # 1.5 s
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     limits = "cluster_max_streams = 1"
     async with own_redis(port) as redis:
         async with instances(tmp_path, fake.base_url, url, 2, limits=limits) as (a, b):
-            async with run_on(http, a) as before:
-                before_id = (await before.until("start"))["runId"]
+            async with run_on(http, a) as through:
+                through_id = (await through.until("start"))["runId"]
                 redis.kill()
                 await redis.wait()
-                # the run in progress finishes; B starts runs past the cluster bound
+                # B starts a run past the cluster bound (not enforced), which finishes
                 async with run_on(http, b) as during:
                     await during.until("start")
-                    status, body, headers = await post(http, f"{b.url}/v1/runs/{before_id}/cancel")
+                    cancel = f"{b.url}/v1/runs/{through_id}/cancel"
+                    status, body, headers = await post(http, cancel)
                     assert (status, body["error"]["code"]) == (503, "cluster_unavailable")
                     assert headers["Retry-After"] == "1"
                     assert (await during.last())["type"] == "done"
-                assert (await before.last())["type"] == "done"
-            async with own_redis(port):
-                async with asyncio.timeout(DEADLINE):
-                    while True:  # both reconnect by themselves
-                        if await cluster_up(http, a) and await cluster_up(http, b):
-                            break
-                        await asyncio.sleep(0.05)
-                # registered again: a run on A is reachable from B, and counted
-                async with run_on(http, a) as after:
-                    after_id = (await after.until("start"))["runId"]
-                    async with http.post(
-                        b.url + "/v1/scenes/chat/stream", json={"message": "x"}
-                    ) as resp:
+                async with own_redis(port):  # restarted empty, mid-run
+                    async with asyncio.timeout(DEADLINE):
+                        while True:  # both reconnect by themselves
+                            if await cluster_up(http, a) and await cluster_up(http, b):
+                                break
+                            await asyncio.sleep(0.05)
+                    # A registered its run again: counted, and reachable from B
+                    stream = b.url + "/v1/scenes/chat/stream"
+                    async with http.post(stream, json={"message": "x"}) as resp:
                         assert resp.status == 503
-                    status, _, _ = await post(http, f"{b.url}/v1/runs/{after_id}/cancel")
+                    status, _, _ = await post(http, cancel)
                     assert status == 202
-                    last = await after.last()
+                    last = await through.last()
                     assert (last["type"], last["code"]) == ("error", "cancelled")
+                    assert any(e["type"] == "delta" for e in through.events)
             joined = [line for line in a.log if f"test-{a.url.rsplit(':', 1)[1]} joined" in line]
             assert len(joined) == 2, a.log  # at the start, and again after the outage
 
