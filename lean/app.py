@@ -183,6 +183,7 @@ def create_app(config: Config) -> web.Application:
     if browsers.cors:  # CORS headers on every response as it starts, errors and streams too
         app.on_response_prepare.append(browsers.add_cors_headers)
     app[services_key] = services
+    services.cluster.deliver = scene_handlers.deliver(services)
     app[connections_key] = connections
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_get("/v1/models", handlers.models)

@@ -130,6 +130,9 @@ class LimitsConfig(msgspec.Struct, frozen=True, kw_only=True):
     # Threads for sync python tools (lean.tools): a call holds one until it returns, also
     # past its timeout; when all are busy a new sync call gets an error result at once.
     tool_threads: int = 16
+    # Streams across every instance sharing [cluster] redis_url; 0: no bound but each
+    # instance's max_streams (docs/protocol.md §7).
+    cluster_max_streams: int = 0
 
 
 class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -406,13 +409,14 @@ def parse_config(
         # Any page could then spend the keys of a lean that asks no token.
         expected = f"listed origins, or client tokens in ${auth.tokens_env} for '*'"
         raise ConfigError("server", "cors_origins", expected, "*")
+    limits = LimitsConfig(**single("limits"))
     return Config(
         server=server,
         auth=auth,
         store=store_config(single("store"), path),
-        limits=LimitsConfig(**single("limits")),
+        limits=limits,
         cluster=cluster_config(
-            single("cluster"), port=server.port, reuse_port=server.reuse_port, instance=instance
+            single("cluster"), server.port, server.reuse_port, limits.cluster_max_streams, instance
         ),
         providers=providers,
         models=models,

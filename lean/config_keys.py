@@ -175,7 +175,6 @@ KEYS: dict[str, dict[str, _Parser]] = {
         "reuse_port": _bool,
     },
     "auth": {"tokens_env": _str},
-    "cluster": {"instance": _str},  # checked in lean.config_cluster
     "store": {"path": _str, "url": _str, "flush_interval": _float(zero_ok=True)},
     "limits": {
         "max_streams": _COUNT,
@@ -186,7 +185,9 @@ KEYS: dict[str, dict[str, _Parser]] = {
         "send_buffer_bytes": _int(0),
         "fallback_budget_mb": _COUNT,
         "tool_threads": _COUNT,
+        "cluster_max_streams": _int(0),
     },
+    "cluster": {"instance": _str, "redis_url": _str, "lease": _POSITIVE},  # lean.config_cluster
     "provider": {
         "kind": _choice(*get_args(ProviderKind)),
         "base_url": _str,

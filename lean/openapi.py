@@ -288,7 +288,7 @@ def _paths() -> dict[str, Any]:
                         },
                         "the run is stopping",
                     ),
-                    **_errors("404"),
+                    **_errors("404", "503"),  # 503: on another instance, out of reach
                 },
             },
         },
@@ -314,7 +314,7 @@ def _paths() -> dict[str, Any]:
                         },
                         "the answer was handed to the run",
                     ),
-                    **_errors("400", "404", "413", "415"),
+                    **_errors("400", "404", "413", "415", "503"),
                 },
             },
         },

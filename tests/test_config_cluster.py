@@ -1,4 +1,5 @@
-"""lean.config_cluster: [cluster] instance, [server] reuse_port and the `lean serve` overrides."""
+"""lean.config_cluster: [cluster] instance, [server] reuse_port and the `lean serve` overrides;
+[cluster] redis_url and lease, and [limits] cluster_max_streams."""
 
 import socket
 import subprocess
@@ -7,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lean.config import Config, ConfigError, load_config, parse_config
+from lean.config import ClusterConfig, Config, ConfigError, load_config, parse_config
+from tests.test_config import assert_error
 
 BASE = """
 [provider.demo]
@@ -112,3 +114,46 @@ def test_check_config_takes_the_same_overrides(tmp_path: Path) -> None:
     assert refused.returncode == 2
     assert "[cluster] instance" in refused.stderr
     assert check("--instance", "lean@1", "--port", "8081").returncode == 0
+
+
+# --- [cluster] redis_url, lease; [limits] cluster_max_streams ---------------------------
+
+
+def test_without_the_section_lean_is_alone() -> None:
+    config = parse("[server]\nport = 8123\n")
+    assert config.cluster == ClusterConfig(instance=f"{socket.gethostname()}:8123")
+    assert config.cluster.redis_url is None
+    assert config.limits.cluster_max_streams == 0
+
+
+def test_the_whole_section() -> None:
+    config = parse(
+        "[cluster]\nredis_url = redis://:pw@127.0.0.1:6379/2\ninstance = web-1\nlease = 4.5\n"
+        "[limits]\ncluster_max_streams = 3000\n"
+    )
+    assert config.cluster == ClusterConfig(
+        instance="web-1", redis_url="redis://:pw@127.0.0.1:6379/2", lease=4.5
+    )
+    assert config.limits.cluster_max_streams == 3000
+
+
+@pytest.mark.parametrize(
+    ("extra", "section", "key", "expected"),
+    [
+        ("[cluster]\nredis_url = http://h\n", "cluster", "redis_url", "a redis:// URL"),
+        ("[cluster]\nredis_url = redis://h/db\n", "cluster", "redis_url", "a database number"),
+        ("[cluster]\nlease = 0\n", "cluster", "lease", "a number > 0"),
+        ("[cluster]\ninstance = a b\n", "cluster", "instance", "letters, digits or _ . : @ -"),
+        ("[cluster]\nchannel = x\n", "cluster", "channel", "one of instance, redis_url, lease"),
+        ("[limits]\ncluster_max_streams = -1\n", "limits", "cluster_max_streams", ">= 0"),
+        ("[limits]\ncluster_max_streams = 5\n", "limits", "cluster_max_streams", "redis_url"),
+    ],
+)
+def test_bad_values_name_the_key(extra: str, section: str, key: str, expected: str) -> None:
+    assert_error(error(extra), section, key, expected)
+
+
+def test_a_bad_url_never_shows_its_password() -> None:
+    e = error("[cluster]\nredis_url = rediss://:hunter2-secret@h:6379/0\n")
+    assert_error(e, "cluster", "redis_url", "a redis:// URL")
+    assert "hunter2" not in str(e) and "hunter2" not in repr(e.args)
