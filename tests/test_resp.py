@@ -140,13 +140,16 @@ async def test_a_subscribed_connection_hands_every_push_over() -> None:
     pushed: asyncio.Queue[Reply] = asyncio.Queue()
     sub = await RedisConnection.open(address, timeout=2, on_push=pushed.put_nowait)
     conn = await RedisConnection.open(address, timeout=2)
+    # Channels span Redis's databases: the name carries this xdist worker's, so that the
+    # other worker running this test at once is not a second subscriber.
+    chan = f"lean-test:{DB}:chan"
     try:
-        sub.send("SUBSCRIBE", "lean-test:chan")
-        assert await asyncio.wait_for(pushed.get(), 2) == [b"subscribe", b"lean-test:chan", 1]
-        assert await conn.call("PUBLISH", "lean-test:chan", b"\x00hi\r\n") == 1
+        sub.send("SUBSCRIBE", chan)
+        assert await asyncio.wait_for(pushed.get(), 2) == [b"subscribe", chan.encode(), 1]
+        assert await conn.call("PUBLISH", chan, b"\x00hi\r\n") == 1
         assert await asyncio.wait_for(pushed.get(), 2) == [
             b"message",
-            b"lean-test:chan",
+            chan.encode(),
             b"\x00hi\r\n",
         ]
     finally:
