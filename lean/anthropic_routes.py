@@ -67,6 +67,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     services.streams.check()
     ticket = await services.clients.admit(client)
     try:
+        await services.streams.admit()  # the cluster's slot, after the client's limits
         encoder = MessagesEncoder(model=model.alias, input_tokens=estimate_tokens(asked.body))
         if asked.stream:
             return await driver.stream(request, services, model, asked.body, encoder, ticket)

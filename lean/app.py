@@ -191,6 +191,7 @@ def create_app(config: Config) -> web.Application:
     if browsers.cors:  # CORS headers on every response as it starts, errors and streams too
         app.on_response_prepare.append(browsers.add_cors_headers)
     app[services_key] = services
+    services.cluster.deliver = scene_handlers.deliver(services)
     app[connections_key] = connections
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_post("/v1/responses", responses_route.responses)
@@ -252,7 +253,9 @@ class Server:
         assert self._runner.server is not None
         self.connections.watch(self._runner.server)
         host = self.config.server.host
-        site = web.TCPSite(self._runner, host, self._port, backlog=1024)
+        site = web.TCPSite(
+            self._runner, host, self._port, backlog=1024, reuse_port=self.config.server.reuse_port
+        )
         try:
             await site.start()
         except OSError as exc:
@@ -304,6 +307,7 @@ async def serve(config: Config) -> None:
     # The one start-up line says what this lean serves and how it lets clients in.
     fields = {
         "config": config.path,
+        "instance": config.cluster.instance,
         "models": ",".join(config.models),
         "scenes": ",".join(config.scenes) or None,
         "auth": "tokens" if config.has_tokens else "none (loopback only)",

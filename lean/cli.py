@@ -13,10 +13,10 @@ from lean.config import Config, ConfigError, load_config
 from lean.tools import Tools
 
 
-def _load(path: str) -> Config | None:
+def _load(path: str, port: int | None = None, instance: str | None = None) -> Config | None:
     """The config, with its python tools importable; None (and one line) when not."""
     try:
-        config = load_config(path)
+        config = load_config(path, port=port, instance=instance)
         Tools(config.tools)
     except ConfigError as exc:
         print(f"lean: {exc}", file=sys.stderr)
@@ -74,6 +74,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--config", default="config.ini", help="path of config.ini")
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("path", nargs="?", default="config.ini")
+    # One config file for every instance of a systemd template (lean@.service): these two
+    # are what differs between them (docs/deploy.md "More than one instance").
+    for command in (serve, check):
+        command.add_argument("--port", type=int, help="instead of [server] port")
+        command.add_argument(
+            "--instance", help="this instance's name, instead of [cluster] instance"
+        )
     talk = commands.add_parser("chat", help="chat with a scene from the terminal")
     talk.add_argument("--url", help="lean's address (default: from the config file)")
     talk.add_argument("--config", default="config.ini", help="where --url and --token default from")
@@ -97,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _chat(args)
 
     if args.command == "check-config":
-        config = _load(args.path)
+        config = _load(args.path, args.port, args.instance)
         if config is None:
             return 2
         print(
@@ -105,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{len(config.scenes)} scenes)"
         )
         return 0
-    config = _load(args.config)
+    config = _load(args.config, args.port, args.instance)
     if config is None:
         return 2
     logs.setup(config.server.log_format)

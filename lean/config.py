@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from lean.config_clients import ClientConfig, parse_clients
+from lean.config_cluster import ClusterConfig, cluster_config
 from lean.config_keys import (
     KEYS,
     NAME,
@@ -34,6 +35,7 @@ from lean.config_store import StoreConfig, store_config
 __all__ = [
     "AuthConfig",
     "ClientConfig",
+    "ClusterConfig",
     "Config",
     "ConfigError",
     "LimitsConfig",
@@ -104,6 +106,9 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     # Below ping_interval so proxies still see bytes early (a `: ping` follows the
     # headers); a first heartbeat commits the stream too. 0: headers at once.
     commit_wait: float = 5.0
+    # SO_REUSEPORT: several lean processes listen on one port and the kernel spreads new
+    # connections among them (docs/deploy.md); each then needs its [cluster] instance.
+    reuse_port: bool = False
 
 
 class AuthConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -125,6 +130,9 @@ class LimitsConfig(msgspec.Struct, frozen=True, kw_only=True):
     # Threads for sync python tools (lean.tools): a call holds one until it returns, also
     # past its timeout; when all are busy a new sync call gets an error result at once.
     tool_threads: int = 16
+    # Streams across every instance sharing [cluster] redis_url; 0: no bound but each
+    # instance's max_streams (docs/protocol.md §7).
+    cluster_max_streams: int = 0
 
 
 class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -186,6 +194,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     auth: AuthConfig
     store: StoreConfig
     limits: LimitsConfig
+    cluster: ClusterConfig
     providers: dict[str, ProviderConfig]
     models: dict[str, ModelConfig]
     tools: dict[str, ToolConfig]
@@ -333,9 +342,15 @@ def _auth(values: dict[str, Any], environ: Mapping[str, str]) -> AuthConfig:
 
 
 def parse_config(
-    text: str, *, path: str = "<string>", environ: Mapping[str, str] | None = None
+    text: str,
+    *,
+    path: str = "<string>",
+    environ: Mapping[str, str] | None = None,
+    port: int | None = None,
+    instance: str | None = None,
 ) -> Config:
-    """Parse and check config text; relative paths resolve against `path`'s directory."""
+    """Parse and check config text; relative paths resolve against `path`'s directory.
+    `port` and `instance` (`lean serve --port/--instance`) win over the file's."""
     env = os.environ if environ is None else environ
     parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";", "#"))
     try:
@@ -364,7 +379,10 @@ def parse_config(
     def single(kind: str) -> dict[str, Any]:
         return sections[kind].get("", {})
 
-    server = ServerConfig(**single("server"))
+    server_values = single("server")
+    if port is not None:
+        server_values["port"] = KEYS["server"]["port"]("server", "port", str(port))
+    server = ServerConfig(**server_values)
     auth = _auth(single("auth"), env)
     providers = {n: _provider(f"provider.{n}", n, v, env) for n, v in sections["provider"].items()}
     models = {n: _model(f"model.{n}", n, v, providers) for n, v in sections["model"].items()}
@@ -391,11 +409,15 @@ def parse_config(
         # Any page could then spend the keys of a lean that asks no token.
         expected = f"listed origins, or client tokens in ${auth.tokens_env} for '*'"
         raise ConfigError("server", "cors_origins", expected, "*")
+    limits = LimitsConfig(**single("limits"))
     return Config(
         server=server,
         auth=auth,
         store=store_config(single("store"), path),
-        limits=LimitsConfig(**single("limits")),
+        limits=limits,
+        cluster=cluster_config(
+            single("cluster"), server.port, server.reuse_port, limits.cluster_max_streams, instance
+        ),
         providers=providers,
         models=models,
         tools=tools,
@@ -405,8 +427,15 @@ def parse_config(
     )
 
 
-def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
-    """Read and check the config file; `environ` (default os.environ) holds keys and tokens."""
+def load_config(
+    path: str | os.PathLike[str],
+    environ: Mapping[str, str] | None = None,
+    *,
+    port: int | None = None,
+    instance: str | None = None,
+) -> Config:
+    """Read and check the config file; `environ` (default os.environ) holds keys and tokens;
+    `port` and `instance` override the file's (see parse_config)."""
     name = os.fspath(path)
     try:
         with open(name, encoding="utf-8-sig") as f:  # -sig: tolerate an editor's BOM
@@ -415,4 +444,4 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
         raise ConfigError("file", None, "a readable config file", name) from None
     except UnicodeDecodeError:
         raise ConfigError("file", None, "a UTF-8 text file", name) from None
-    return parse_config(text, path=name, environ=environ)
+    return parse_config(text, path=name, environ=environ, port=port, instance=instance)

@@ -172,6 +172,7 @@ KEYS: dict[str, dict[str, _Parser]] = {
         "keepalive_timeout": _POSITIVE,
         "max_connections": _COUNT,
         "commit_wait": _float(zero_ok=True),
+        "reuse_port": _bool,
     },
     "auth": {"tokens_env": _str},
     "store": {"path": _str, "url": _str, "flush_interval": _float(zero_ok=True)},
@@ -184,7 +185,9 @@ KEYS: dict[str, dict[str, _Parser]] = {
         "send_buffer_bytes": _int(0),
         "fallback_budget_mb": _COUNT,
         "tool_threads": _COUNT,
+        "cluster_max_streams": _int(0),
     },
+    "cluster": {"instance": _str, "redis_url": _str, "lease": _POSITIVE},  # lean.config_cluster
     "provider": {
         "kind": _choice(*get_args(ProviderKind)),
         "base_url": _str,
@@ -237,8 +240,8 @@ KEYS: dict[str, dict[str, _Parser]] = {
 NAMED = ("provider", "model", "tool", "scene", "client")  # sections written [kind.NAME]
 NAME = re.compile(r"[A-Za-z0-9_.-]+")
 SECTIONS = (
-    "a section named server, auth, store, limits, provider.NAME, model.NAME, tool.NAME,"
-    " scene.NAME or client.NAME"
+    "a section named server, auth, store, limits, cluster, provider.NAME, model.NAME,"
+    " tool.NAME, scene.NAME or client.NAME"
 )
 
 

@@ -93,6 +93,13 @@ class StoreUnavailable(LeanError):
     status, code, openai_type, retryable = 503, "store_unavailable", "server_error", True
 
 
+class ClusterUnavailable(LeanError):
+    """A request for a run that may be on another instance, which lean cannot reach now
+    (Redis is down, or the owner did not answer within a second): docs/protocol.md §7."""
+
+    status, code, openai_type, retryable = 503, "cluster_unavailable", "server_error", True
+
+
 class UpstreamError(LeanError):
     status, code, openai_type = 502, "upstream_error", "server_error"
 

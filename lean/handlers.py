@@ -39,6 +39,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     services.streams.check()
     ticket = await services.clients.admit(client)
     try:
+        await services.streams.admit()  # the cluster's slot, after the client's limits
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
             encoder = ChatEncoder(model=model.alias, include_usage=include_usage)

@@ -34,6 +34,10 @@ import msgspec
 # Version 5: the `responses` table (lean.saved_responses has its SQL): saved Responses
 # answers, for `previous_response_id` (docs/protocol.md §1), each owned by its `client`
 # (NULL: the default client) as conversations are.
+# Version 6: `instance`, the lean instance that wrote an assistant row ([cluster] instance),
+# so the start-up sweep of `streaming` rows touches only the starting instance's own answers
+# while other instances sharing the database keep running theirs (docs/protocol.md §4). NULL
+# on user rows and on rows from before version 6. Not a field of `MessageRecord` either.
 _V1_COLUMNS = (
     "message_id, conversation_id, turn, role, content, status, created_at, scene, model,"
     " reasoning, tool_calls, finish_reason, error_code, prompt_tokens, completion_tokens,"
@@ -88,13 +92,20 @@ CREATE TABLE responses (
     created_at TEXT NOT NULL
 );
 """,
+    # 5 -> 6
+    "ALTER TABLE messages ADD COLUMN instance TEXT;",
 ]
-SCHEMA_VERSION = len(MIGRATIONS)  # 5
+SCHEMA_VERSION = len(MIGRATIONS)  # 6
 SCHEMA = "".join(MIGRATIONS)  # a new database's schema, every step in one script
-# At start-up no run is running: a row still `streaming` is an answer cut by a crash, and
-# keeps the text flushed before it. (One instance per database: with several, each must
-# sweep only its own rows.)
-END_STREAMING = "UPDATE messages SET status = 'incomplete' WHERE status = 'streaming'"
+# At start-up no run of this instance is running: a row of its own still `streaming` is an
+# answer cut by a crash, and keeps the text flushed before it. Rows of other instances
+# sharing the database are theirs to end; a row without an instance was written by a lean
+# from before version 5, when one process owned the database (parameter: this instance's
+# name).
+END_STREAMING = (
+    "UPDATE messages SET status = 'incomplete'"
+    " WHERE status = 'streaming' AND (instance = ? OR instance IS NULL)"
+)
 
 
 class MessageRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
@@ -129,11 +140,12 @@ _FIELDS = MessageRecord.__struct_fields__
 _TOOL_CALLS = _FIELDS.index("tool_calls")
 _COLUMNS = ", ".join(_FIELDS)
 # An upsert, not SQLite's INSERT OR REPLACE, so one statement serves both databases. A
-# record's row, then its owner (`row`).
+# record's row, then its owner and the instance that wrote it (`row`).
 INSERT_MESSAGE = (
-    f"INSERT INTO messages ({_COLUMNS}, client) VALUES ({', '.join('?' * (len(_FIELDS) + 1))})"
+    f"INSERT INTO messages ({_COLUMNS}, client, instance)"
+    f" VALUES ({', '.join('?' * (len(_FIELDS) + 2))})"
     " ON CONFLICT (message_id) DO UPDATE SET "
-    + ", ".join(f"{name} = excluded.{name}" for name in (*_FIELDS[1:], "client"))
+    + ", ".join(f"{name} = excluded.{name}" for name in (*_FIELDS[1:], "client", "instance"))
 )
 # The conversation's last turn and its owner (`next_turn`).
 LAST_TURN = "SELECT turn, client FROM messages WHERE conversation_id = ? ORDER BY turn DESC LIMIT 1"
@@ -204,11 +216,13 @@ def user_row(
     return row(user, client)
 
 
-def row(record: MessageRecord, client: str | None = None) -> list[Any]:
-    """The record as an `INSERT_MESSAGE` row, owned by `client` (None: the default)."""
+def row(record: MessageRecord, client: str | None = None, instance: str | None = None) -> list[Any]:
+    """The record as an `INSERT_MESSAGE` row, owned by `client` (None: the default) and
+    written by `instance` (None on user rows: the sweep at start-up looks at answers only)."""
     values = list(msgspec.structs.astuple(record))
     values[_TOOL_CALLS] = _encode_json(record.tool_calls).decode() if record.tool_calls else "[]"
     values.append(client)
+    values.append(instance)
     return values
 
 

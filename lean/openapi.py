@@ -235,7 +235,7 @@ def _paths() -> dict[str, Any]:
                         },
                         "the run is stopping",
                     ),
-                    **error_refs("404"),
+                    **error_refs("404", "503"),  # 503: on another instance, out of reach
                 },
             },
         },
@@ -261,7 +261,7 @@ def _paths() -> dict[str, Any]:
                         },
                         "the answer was handed to the run",
                     ),
-                    **error_refs("400", "404", "413", "415"),
+                    **error_refs("400", "404", "413", "415", "503"),
                 },
             },
         },

@@ -62,6 +62,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
         body = {**body, "messages": messages[: len(messages) - len(new)] + history + new}
     ticket = await services.clients.admit(client)
     try:
+        await services.streams.admit()  # the cluster's slot, after the client's limits
         encoder = ResponsesEncoder(
             model=model.alias,
             echo=parsed.echo,

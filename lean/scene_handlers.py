@@ -1,6 +1,9 @@
 """Scene runs over HTTP: SSE (POST and EventSource GET) and NDJSON; cancel; history;
 `new_run`, which starts a run for this module and `lean.ws`.
 
+A cancel or a tool result for a run this instance does not have goes to the instance
+that owns it (`lean.cluster`, docs/protocol.md §7), which answers as it would here.
+
 Everything a request can get wrong is checked before the response starts (HTTP
 status + error body); from `start` on, the run's events carry the outcome.
 """
@@ -18,9 +21,11 @@ from aiohttp import web
 from lean import events, scenes
 from lean.client_io import BodyWriter, bound_send_buffer, reset
 from lean.clients import Client, client_of
+from lean.cluster_wire import Deliver, RunRequest
 from lean.config import SceneConfig
 from lean.driver import SSE_HEADERS
-from lean.errors import BadRequest, NotFound, StoreUnavailable, clip
+from lean.encoders.chat import error_response
+from lean.errors import BadRequest, LeanError, NotFound, StoreUnavailable, clip
 from lean.handlers import read_json, services_key
 from lean.inbound import ClientId, decode
 from lean.run import Run, Sink, new_run_id
@@ -129,6 +134,8 @@ async def new_run(
         )
     ticket = await services.clients.admit(client)
     try:
+        # The cluster's slot last, after the client's own limits (lean.limits.Streams.admit).
+        await services.streams.admit()
         cid, turn, history = await _begin_turn(services, scene, request, content, prompt, client)
     except BaseException:
         ticket.end()
@@ -225,11 +232,7 @@ async def stream_scene(request: web.Request) -> web.StreamResponse:
 
 async def cancel_run(request: web.Request) -> web.Response:
     run_id = request.match_info["run_id"]
-    run = request.app[services_key].runs.get(run_id, client_of(request))
-    if run is None:
-        raise NotFound(f"run '{clip(run_id)}' is not running")
-    run.cancel()
-    return web.json_response({"runId": run_id, "status": "cancelling"}, status=202)
+    return await _on_owner(request, RunRequest("cancel", run_id, client_of(request).name))
 
 
 class ToolResult(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
@@ -237,20 +240,62 @@ class ToolResult(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     result: Any = None
 
 
-_decode_tool_result = msgspec.json.Decoder(ToolResult)
+class _RawToolResult(ToolResult):
+    """The same body, its result kept as JSON text until the run's owner decodes it."""
+
+    result: msgspec.Raw = msgspec.Raw(b"null")
+
+
+_decode_tool_result = msgspec.json.Decoder(_RawToolResult)
 
 
 async def tool_result(request: web.Request) -> web.Response:
     """Answers a `waiting` event: `{"toolCallId", "result"}`."""
     run_id = request.match_info["run_id"]
     answer = decode(_decode_tool_result, await read_json(request))
-    run = request.app[services_key].runs.get(run_id, client_of(request))
+    client = client_of(request).name
+    return await _on_owner(
+        request, RunRequest("tool_result", run_id, client, answer.tool_call_id, answer.result)
+    )
+
+
+async def _on_owner(request: web.Request, run_request: RunRequest) -> web.Response:
+    """Acted on here when this instance has the run (whichever client's: another client's
+    is 404 here, never routed), else by the instance that has it, which checks the client
+    the same way."""
+    services = request.app[services_key]
+    if run_request.run_id in services.runs:
+        return _act(services, run_request)
+    status, body = await services.cluster.route(run_request)
+    return web.Response(status=status, body=body, content_type="application/json")
+
+
+def _act(services: Services, run_request: RunRequest) -> web.Response:
+    run_id = run_request.run_id
+    run = services.runs.get(run_id, run_request.client)
     if run is None:
         raise NotFound(f"run '{clip(run_id)}' is not running")
-    run.tools.answer(answer.tool_call_id, answer.result)
+    if run_request.op == "cancel":
+        run.cancel()
+        return web.json_response({"runId": run_id, "status": "cancelling"}, status=202)
+    run.tools.answer(run_request.tool_call_id, msgspec.json.decode(run_request.result))
     return web.json_response(
-        {"runId": run_id, "toolCallId": answer.tool_call_id, "status": "accepted"}
+        {"runId": run_id, "toolCallId": run_request.tool_call_id, "status": "accepted"}
     )
+
+
+def deliver(services: Services) -> Deliver:
+    """How this instance answers another's request for one of its runs."""
+
+    def answer(run_request: RunRequest) -> tuple[int, bytes]:
+        try:
+            response = _act(services, run_request)
+        except LeanError as exc:
+            response = error_response(exc)
+        assert isinstance(response.body, bytes)
+        return response.status, response.body
+
+    return answer
 
 
 async def conversation_messages(request: web.Request) -> web.Response:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from lean.clients import Client, Clients
+from lean.cluster import Cluster
 from lean.config import Config, ConfigError
 from lean.limits import Streams
 from lean.metrics import Metrics
@@ -22,17 +23,23 @@ if TYPE_CHECKING:
 
 class Runs:
     """Running scene runs by id, for cancel and tool-result requests. A run is found only by
-    the client that started it: to any other, it does not exist (404, not 403)."""
+    the client that started it: to any other, it does not exist (404, not 403). Registered
+    with the cluster, so that other instances can route such requests here (the owner checks
+    the client as well: lean.scene_handlers)."""
 
-    def __init__(self) -> None:
+    def __init__(self, cluster: Cluster) -> None:
         self._runs: dict[str, Run] = {}
+        self._cluster = cluster
 
     def __len__(self) -> int:
         return len(self._runs)
 
-    def get(self, run_id: str, client: Client) -> Run | None:
+    def get(self, run_id: str, client: Client | str) -> Run | None:
+        """The run, if `client` (or the client of that name, for a request another instance
+        routed here) started it."""
+        name = client if isinstance(client, str) else client.name
         run = self._runs.get(run_id)
-        return run if run is not None and run.client.name == client.name else None
+        return run if run is not None and run.client.name == name else None
 
     def __contains__(self, run_id: str) -> bool:
         """Whether a run of that id is running, whoever started it (ids are unique)."""
@@ -55,10 +62,15 @@ class Runs:
         if run.run_id in self._runs:
             raise RuntimeError(f"run id {run.run_id} is already running")
         self._runs[run.run_id] = run
+        self._cluster.run_owned(run.run_id)
 
     def discard(self, run: Run) -> None:
         if self._runs.get(run.run_id) is run:
             del self._runs[run.run_id]
+            self._cluster.run_ended(run.run_id)
+
+    def ids(self) -> list[str]:
+        return list(self._runs)
 
 
 class Services:
@@ -68,15 +80,23 @@ class Services:
         self.metrics = Metrics()
         try:
             where = config.store.url or config.store.path
-            self.store = Store(where, on_failure=self.metrics.store_failed)
+            self.store = Store(
+                where, instance=config.cluster.instance, on_failure=self.metrics.store_failed
+            )
         except StoreError as exc:  # a url, and no driver installed
             raise ConfigError("store", "url", str(exc)) from None
         self.progress = Progress(self.store, config.store.flush_interval)
-        self.streams = Streams(config.limits.max_streams, self.metrics)
+        self.cluster = Cluster(
+            config.cluster,
+            max_streams=config.limits.cluster_max_streams,
+            streams=lambda: len(self.streams),
+            runs=lambda: self.runs.ids(),
+        )
+        self.streams = Streams(config.limits.max_streams, self.metrics, self.cluster)
         self.clients = Clients(config, self.metrics)
         # Imports python tools: a bad path stops start-up.
         self.tools = Tools(config.tools, threads=config.limits.tool_threads, metrics=self.metrics)
-        self.runs = Runs()
+        self.runs = Runs(self.cluster)
         self.upkeep = Upkeep(self.metrics, lambda: len(self.streams))
         self.metrics.gauges += [
             (
@@ -88,6 +108,11 @@ class Services:
                 "lean_whole_answer_bytes",
                 "Bytes of whole (non-streaming) answers held now; bounded by fallback_budget_mb.",
                 lambda: self.upstream.budget.held,
+            ),
+            (
+                "lean_cluster_up",
+                "1 while this instance reaches the cluster's Redis ([cluster] redis_url).",
+                lambda: 1 if self.cluster.up else 0,
             ),
         ]
         self.sockets: set[web.WebSocketResponse] = set()  # closed with 1001 on shutdown
@@ -106,8 +131,10 @@ class Services:
         await self.upstream.start()
         await self.tools.start()
         self.upkeep.start()
+        self.cluster.start()
 
     async def close(self) -> None:
+        await self.cluster.close()
         await self.upkeep.close()
         await self.upstream.close()
         await self.tools.close()

@@ -19,8 +19,9 @@ What it guarantees, whichever the database (`lean.store_sqlite`, `lean.store_pg`
   that grew, so one statement per answer per flush interval, never per token);
   `save_assistant` writes the answer for good (an upsert keyed on messageId) and, awaited,
   returns once it is committed: a run tells its client the truth about the save. At `open`,
-  rows still `streaming` (their lean was killed) become `incomplete`, keeping the flushed
-  text.
+  this instance's rows still `streaming` (it was killed) become `incomplete`, keeping the
+  flushed text; answers' rows carry the `instance` that wrote them, so instances sharing
+  one database never end each other's running answers (docs/deploy.md §11).
 - A failing write is logged and reported, as `StoreWriteError` whichever the database: to
   the awaiting `begin_turn` or `save_assistant`, or, for a write nobody awaits, to the next
   `flush`; `on_failure` counts each op that failed. The writer thread keeps serving.
@@ -130,6 +131,7 @@ class Store:
         self,
         where: str | Backend,
         *,
+        instance: str | None = None,
         queue_max: int = 10_000,
         batch_max: int = 512,
         on_failure: Callable[[str, int], None] | None = None,
@@ -138,6 +140,9 @@ class Store:
             raise ValueError("queue_max and batch_max must be at least 1")
         # A file path or a postgresql:// URL ([store] path or url), or a backend.
         self.backend = backend_for(where) if isinstance(where, str) else where
+        # [cluster] instance: written on its answers' rows, and whose `streaming` rows `open`
+        # ends.
+        self.instance = instance
         # Called on the loop with (op kind, how many failed): "turn", "save" or "progress".
         self._on_failure = on_failure
         # Loop side: False from a failed commit until a write succeeds (see _run); `error`
@@ -248,7 +253,7 @@ class Store:
         reported to the next `flush`)."""
         loop = self._check_open()
         # Encoded here, so a tool call that is not JSON fails the caller, not a later flush.
-        values = row(record, client)
+        values = row(record, client, self.instance)
         if not wait:
             await self._put((SAVE, values, None))
             return
@@ -370,7 +375,7 @@ class Store:
 
     def _run(self, ready: asyncio.Future[None]) -> None:
         try:
-            conn = self.backend.connect_writer()
+            conn = self.backend.connect_writer(self.instance)
         except Exception as exc:
             self._settle([(ready, None, exc)])
             return

@@ -118,8 +118,10 @@ class Backend(Protocol):
     shown: str  # its name for logs and errors (a URL without its password)
     expected: str  # what that key must name, for the config error when opening fails
 
-    def connect_writer(self) -> Writer:
-        """Raise `StoreError` (or the driver's error) when the database cannot be used."""
+    def connect_writer(self, instance: str | None = None) -> Writer:
+        """Raise `StoreError` (or the driver's error) when the database cannot be used.
+        Answers `instance` left `streaming` (it was killed) are ended at open; other
+        instances' are theirs (messages.END_STREAMING)."""
 
     def connect_reader(self) -> Reader: ...
 

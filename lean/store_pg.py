@@ -9,8 +9,9 @@
   database wait for each other and the later ones find the schema current. The version lives
   in the table `lean_schema`; a newer one is refused before anything is written. The steps
   are messages.MIGRATIONS, the same SQL as SQLite's, with REAL read as DOUBLE PRECISION (8
-  bytes, as SQLite's REAL). Answers left `streaming` become `incomplete` (one instance per
-  database: see END_STREAMING), and the transaction always writes, so a database lean cannot
+  bytes, as SQLite's REAL). Answers this instance left `streaming` (it was killed) become
+  `incomplete`, in the same transaction under the same lock; other instances' rows are
+  theirs (messages.END_STREAMING). The transaction always writes, so a database lean cannot
   write to stops start-up.
 - Turns: every conversation that gets a turn in a batch is locked first (an advisory lock per
   conversation, taken in one fixed order, so two instances' batches never deadlock): two
@@ -105,6 +106,7 @@ _INSERT = placeholders(INSERT_MESSAGE)
 _LAST_TURN = placeholders(LAST_TURN)
 _UPDATE_STREAMING = placeholders(UPDATE_STREAMING)
 _INSERT_RESPONSE = placeholders(INSERT_RESPONSE)
+_END_STREAMING = placeholders(END_STREAMING)
 
 
 class PgWriter:
@@ -277,10 +279,10 @@ class PgBackend:
             options=f"-c lock_timeout={LOCK_TIMEOUT_MS}",
         )
 
-    def connect_writer(self) -> PgWriter:
+    def connect_writer(self, instance: str | None = None) -> PgWriter:
         conn = self.connect()
         try:
-            self._migrate(conn)
+            self._migrate(conn, instance)
         except BaseException:
             conn.close()
             raise
@@ -289,7 +291,7 @@ class PgBackend:
     def connect_reader(self) -> PgReader:
         return PgReader(self)
 
-    def _migrate(self, conn: psycopg.Connection[Any]) -> None:
+    def _migrate(self, conn: psycopg.Connection[Any], instance: str | None) -> None:
         with conn.transaction():
             conn.execute(f"SELECT pg_advisory_xact_lock({NAMESPACE}, {MIGRATION_LOCK})")
             # Created only when missing: CREATE ... IF NOT EXISTS would need the CREATE
@@ -307,6 +309,8 @@ class PgBackend:
                 conn.execute("INSERT INTO lean_schema (version) VALUES (0)")
             for step in MIGRATIONS[version:]:
                 conn.execute(migration(step))  # a plain-SQL script: the simple protocol
-            conn.execute(END_STREAMING)
+            # This instance's cut answers only, under the same lock: another instance
+            # starting now waits, and its sweep is scoped to its own rows (docs/deploy.md).
+            conn.execute(_END_STREAMING, (instance,))
             # Always a real write, so a database lean cannot write to stops start-up.
             conn.execute("UPDATE lean_schema SET version = %s", (SCHEMA_VERSION,))

@@ -4,10 +4,15 @@
   may lose the last commits on power loss, never on a process crash. Readers open the file
   read-only on their own connection.
 - `connect_writer` refuses a newer lean's schema before writing anything, runs the
-  migration steps the file lacks (messages.MIGRATIONS), marks answers left `streaming` by a
-  killed lean `incomplete`, and always makes one real write (the header's user_version), so
-  a file lean cannot write to stops start-up rather than failing the first answer. All of it
-  is one transaction.
+  migration steps the file lacks (messages.MIGRATIONS), marks answers left `streaming` by
+  this instance when it was killed `incomplete`, and always makes one real write (the
+  header's user_version), so a file lean cannot write to stops start-up rather than failing
+  the first answer. All of it is one transaction, under the file's write lock with the
+  version read again inside it: instances starting together on one file migrate it once.
+- Several lean processes may share the file (docs/deploy.md "More than one instance"): each
+  writes through its own connection, SQLite serialises the commits (BEGIN IMMEDIATE,
+  `BUSY_TIMEOUT_MS`), and the sweep at open touches only the opening instance's rows (and
+  rows from before instances were recorded), never another's running answers.
 - A statement that fails alone (a CHECK) is undone alone by SQLite; the transaction goes on.
 """
 
@@ -55,7 +60,7 @@ class SqliteWriter:
                 self.conn.execute("ROLLBACK")
 
     def lock_turns(self, cids: list[str]) -> None:
-        pass  # one writer per file: turns are allocated in queue order
+        pass  # BEGIN IMMEDIATE took the file's write lock: one writer allocates at a time
 
     def save(self, row: list[Any]) -> None:
         self.conn.execute(INSERT_MESSAGE, row)
@@ -106,34 +111,36 @@ class SqliteBackend:
     def __init__(self, path: str) -> None:
         self.path = self.shown = path
 
-    def connect_writer(self) -> SqliteWriter:
-        return SqliteWriter(self._connect())
+    def connect_writer(self, instance: str | None = None) -> SqliteWriter:
+        return SqliteWriter(self._connect(instance))
 
     def connect_reader(self) -> SqliteReader:
         return SqliteReader(self.path)
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, instance: str | None) -> sqlite3.Connection:
         path = self.path
         conn = sqlite3.connect(path, isolation_level=None)  # explicit BEGIN/COMMIT
         try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:  # before anything writes to a newer lean's file
-                raise StoreError(
-                    f"{path} has schema version {version}, from a newer lean; "
-                    f"this one knows up to {SCHEMA_VERSION}"
-                )
+            # First: instances sharing the file wait for each other's locks from here on.
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            self._version(conn)  # before anything writes to a newer lean's file
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode != "wal":  # reads beside writes need WAL
                 raise StoreError(f"{path}: journal_mode WAL refused ({mode})")
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            steps = "".join(MIGRATIONS[version:])
+            conn.execute("BEGIN IMMEDIATE")
+            # Read again under the write lock: instances starting at once on one file
+            # migrate it once, the first; the others find it current.
+            version = self._version(conn)
+            # Statement by statement, not executescript (which commits first, and takes no
+            # parameters): the steps, the sweep and the version are one transaction.
+            for statement in statements(MIGRATIONS[version:]):
+                conn.execute(statement)
+            conn.execute(END_STREAMING, (instance,))
             # Always a real write (the header's user_version), so a file lean cannot write
             # to stops start-up here rather than failing the first answer.
-            conn.executescript(
-                f"BEGIN IMMEDIATE; {steps} {END_STREAMING};"
-                f" PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-            )
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
@@ -141,3 +148,18 @@ class SqliteBackend:
             conn.close()
             raise
         return conn
+
+    def _version(self, conn: sqlite3.Connection) -> int:
+        version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has schema version {version}, from a newer lean; "
+                f"this one knows up to {SCHEMA_VERSION}"
+            )
+        return version
+
+
+def statements(steps: list[str]) -> list[str]:
+    """Migration steps as single statements: split at `;`, which a step uses only to end one
+    (messages.MIGRATIONS: plain DDL, no string or trigger holding a `;`)."""
+    return [part for step in steps for part in step.split(";") if part.strip()]

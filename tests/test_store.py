@@ -517,7 +517,7 @@ async def test_a_version_1_database_is_migrated_and_keeps_its_messages(target: T
     await s.save_assistant(answer("a", 2, status="streaming", run_id="run_1"))
     assert [(m.status, m.run_id) for m in await s.messages("a")][-1] == ("streaming", "run_1")
     await s.close()
-    assert target.version() == SCHEMA_VERSION == 5
+    assert target.version() == SCHEMA_VERSION == 6
     if target.kind == "sqlite":
         assert target.sql("PRAGMA integrity_check")[0][0] == "ok"
 
@@ -688,7 +688,7 @@ async def test_a_version_3_database_is_migrated_and_its_rows_are_the_default_cli
     assert await s.begin_turn(conversation_id="a", scene="chat", user_content="q", client="x") == 0
     assert await ask(s, "a") == 2
     await s.close()
-    assert target.version() == SCHEMA_VERSION == 5
+    assert target.version() == SCHEMA_VERSION == 6
     if target.kind == "sqlite":
         assert target.sql("PRAGMA integrity_check")[0][0] == "ok"
 
@@ -755,6 +755,112 @@ async def test_a_version_4_database_gains_the_responses_table(target: Target) ->
     assert await s.response_history("resp_1", "x") == [said("q")]
     assert await s.response_history("resp_1") is None
     await s.close()
-    assert target.version() == SCHEMA_VERSION == 5
+    assert target.version() == SCHEMA_VERSION == 6
     if target.kind == "sqlite":
         assert target.sql("PRAGMA integrity_check")[0][0] == "ok"
+
+
+# -- schema 6: instances sharing one database (docs/deploy.md §11) ----------------------------
+
+# An answer's row as a lean from before version 6 left it: no instance.
+LEGACY_STREAMING = (
+    "INSERT INTO messages (message_id, conversation_id, turn, role, content, status,"
+    " created_at, scene, model, reasoning, tool_calls) VALUES ('chat:{cid}:1', '{cid}', 1,"
+    f" 'assistant', 'cut', 'streaming', '{AT}', 'chat', 'm', '', '[]')"
+)
+
+
+# Version 4's table (the client column last) and version 1's two rows.
+V4_SCHEMA = (
+    V1_SCHEMA.replace(
+        "completion_tokens INTEGER, first_token_ms REAL, duration_ms REAL,",
+        "completion_tokens INTEGER, first_token_ms REAL, duration_ms REAL, run_id TEXT,"
+        " prompt TEXT, client TEXT,",
+    )
+    .replace("'incomplete')", "'incomplete', 'streaming')")
+    .replace("NULL, NULL);", "NULL, NULL, NULL, NULL, NULL);")
+    .replace("40.0);", "40.0, 'run_0', NULL, NULL);")
+    .replace("{at}", AT)
+)
+
+
+def statuses(target: Target) -> dict[str, tuple[str, str | None]]:
+    """conversation id -> (status, instance) of its answers."""
+    found = target.sql(
+        "SELECT conversation_id, status, instance FROM messages WHERE role = 'assistant'"
+    )
+    return {cid: (status, instance) for cid, status, instance in found}
+
+
+async def test_an_instance_ends_only_its_own_streaming_rows_at_open(target: Target) -> None:
+    a, b = Store(target.where, instance="a"), Store(target.where, instance="b")
+    await a.open()
+    await b.open()  # both open on one database at once
+    await a.save_assistant(answer("x", 1, status="streaming"))
+    await b.save_assistant(answer("y", 1, status="streaming"))
+    await a.close()  # as a kill would leave them: rows still streaming
+    await b.close()
+    target.sql(LEGACY_STREAMING.format(cid="z"))
+    assert statuses(target) == {
+        "x": ("streaming", "a"),
+        "y": ("streaming", "b"),
+        "z": ("streaming", None),
+    }
+    a = Store(target.where, instance="a")
+    await a.open()  # a restarts while b's answer runs on
+    assert statuses(target) == {
+        "x": ("incomplete", "a"),
+        "y": ("streaming", "b"),
+        "z": ("incomplete", None),
+    }
+    await a.close()
+
+
+async def test_two_stores_on_one_database_write_at_once(target: Target) -> None:
+    a, b = Store(target.where, instance="a"), Store(target.where, instance="b")
+    await a.open()
+    await b.open()
+    # Turns of one conversation from both writers: each allocates under a lock both take
+    # (SQLite: the file's write lock; PostgreSQL: the conversation's), so no two get the
+    # same turn; every save of both lands.
+    turns = await asyncio.gather(*(ask(s, "shared") for _ in range(50) for s in (a, b)))
+    assert sorted(turns) == list(range(1, 101))
+    await asyncio.gather(
+        *(s.save_assistant(answer(f"c{i}{s.instance}", 1)) for i in range(200) for s in (a, b))
+    )
+    await a.close()
+    await b.close()
+    assert target.count_rows() == 100 + 400
+
+
+async def test_a_version_4_database_gets_the_instance_column(target: Target) -> None:
+    target.seed(V4_SCHEMA + LEGACY_STREAMING.format(cid="c") + ";", 4)
+    s = Store(target.where, instance="web-1")
+    await s.open()
+    await s.save_assistant(answer("b", 1))
+    assert [(m.role, m.content) for m in await s.messages("a")] == [
+        ("user", "hi"),
+        ("assistant", "hello"),
+    ]
+    await s.close()
+    assert statuses(target) == {
+        "a": ("complete", None),
+        "b": ("complete", "web-1"),
+        "c": ("incomplete", None),
+    }
+    assert target.version() == SCHEMA_VERSION == 6
+
+
+async def test_instances_opening_an_older_database_together_migrate_it_once(
+    target: Target,
+) -> None:
+    target.seed(V4_SCHEMA, 4)
+    stores = [Store(target.where, instance=f"i{n}") for n in range(4)]
+    # Each reads the version under the lock the migration takes (SQLite: the file's write
+    # lock; PostgreSQL: an advisory lock): the first migrates, the others find it current
+    # (a second ADD COLUMN would fail their start-up).
+    await asyncio.gather(*(s.open() for s in stores))
+    assert [await ask(s, "a") for s in stores] == [2, 3, 4, 5]
+    for s in stores:
+        await s.close()
+    assert target.version() == SCHEMA_VERSION

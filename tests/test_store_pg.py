@@ -279,9 +279,9 @@ async def test_an_unreachable_database_fails_open_without_its_password() -> None
 
 # A step as another feature would append it: a column, an index, a table, types of both.
 EXTRA_STEP = (
-    "ALTER TABLE messages ADD COLUMN instance TEXT;"
-    " CREATE INDEX IF NOT EXISTS messages_by_instance ON messages (instance);"
-    " CREATE TABLE snapshots (snapshot_id TEXT PRIMARY KEY, body TEXT NOT NULL,"
+    "ALTER TABLE messages ADD COLUMN region TEXT;"
+    " CREATE INDEX IF NOT EXISTS messages_by_region ON messages (region);"
+    " CREATE TABLE feedback (feedback_id TEXT PRIMARY KEY, body TEXT NOT NULL,"
     " created REAL NOT NULL, size INTEGER);"
 )
 
@@ -304,6 +304,6 @@ async def test_a_plain_sql_step_appended_to_migrations_runs_on_both(
     finally:
         await store.close()
     assert target.version() == SCHEMA_VERSION + 1
-    target.sql("INSERT INTO snapshots VALUES ('s1', '{}', 1700000000.123456, 2)")
-    assert target.sql("SELECT created FROM snapshots") == [(1700000000.123456,)]  # 8 bytes
-    assert target.sql("SELECT count(instance) FROM messages") == [(0,)]
+    target.sql("INSERT INTO feedback VALUES ('f1', '{}', 1700000000.123456, 2)")
+    assert target.sql("SELECT created FROM feedback") == [(1700000000.123456,)]  # 8 bytes
+    assert target.sql("SELECT count(region) FROM messages") == [(0,)]

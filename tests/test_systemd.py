@@ -344,3 +344,82 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     # The check is not vacuous: verify does report a bad line of this unit.
     unit.write_text(text.replace(old, f"ExecStart={sys.executable} -m lean ") + "Bogus=1\n")
     assert analyze(unit)[1] != []
+
+
+# --- systemd/lean@.service: one instance per %i (docs/deploy.md "More than one instance") ---
+
+TEMPLATE = ROOT / "systemd" / "lean@.service"
+# What the template may set differently from lean.service; every other line is the same.
+PER_INSTANCE = {
+    ("Unit", "Description"),
+    ("Unit", "PartOf"),
+    ("Service", "ExecStart"),
+    ("Service", "SyslogIdentifier"),
+    ("Service", "User"),
+    ("Service", "Group"),
+    ("Service", "MemoryHigh"),
+    ("Service", "MemoryMax"),
+    ("Install", "WantedBy"),
+}
+
+
+def test_template_differs_from_the_single_unit_only_per_instance() -> None:
+    single, template = unit_settings(UNIT.read_text()), unit_settings(TEMPLATE.read_text())
+    differ = {
+        key for key in single.keys() | template.keys() if single.get(key) != template.get(key)
+    }
+    assert differ == PER_INSTANCE
+
+
+def test_template_names_each_instance_and_shares_one_user() -> None:
+    settings = unit_settings(TEMPLATE.read_text())
+    service = {
+        key: values[-1] for (section, key), values in settings.items() if section == "Service"
+    }
+    assert service["ExecStart"] == (
+        "/opt/lean/.venv/bin/lean serve --config /etc/lean/config.ini --instance %i"
+    )
+    # One user for every instance: one state directory, and SO_REUSEPORT needs one uid.
+    assert (service["DynamicUser"], service["User"], service["StateDirectory"]) == (
+        "yes",
+        "lean",
+        "lean",
+    )
+    # Two of them fit the single unit's budget on a 768 MB VPS.
+    assert 2 * megabytes(service["MemoryMax"]) <= megabytes(
+        unit_settings(UNIT.read_text())[("Service", "MemoryMax")][-1]
+    )
+    assert megabytes(service["MemoryHigh"]) < megabytes(service["MemoryMax"])
+    assert settings[("Install", "WantedBy")] == ["lean.target"]
+    assert unit_settings((ROOT / "systemd" / "lean.target").read_text())[
+        ("Install", "WantedBy")
+    ] == ["multi-user.target"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
+def test_template_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    text = TEMPLATE.read_text()
+    old = "ExecStart=/opt/lean/.venv/bin/lean "
+    assert old in text
+    text = text.replace(old, f"ExecStart={sys.executable} -m lean ")
+    (tmp_path / "lean.target").write_text((ROOT / "systemd" / "lean.target").read_text())
+    template, instance = tmp_path / "lean@.service", tmp_path / "lean@1.service"
+    template.write_text(text)
+    assert analyze(instance)[0] == 0  # verify reads the template for the instance ...
+    assert [line for line in _verify_output(instance) if "lean@" in line] == []
+    template.write_text(text + "Bogus=1\n")  # ... and does report a bad line of it
+    assert any("Bogus" in line for line in _verify_output(instance))
+
+
+def _verify_output(unit: Path) -> list[str]:
+    tool = shutil.which("systemd-analyze")
+    assert tool is not None
+    result = subprocess.run(
+        [tool, "verify", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env={**os.environ, "SYSTEMD_LOG_COLOR": "0", "SYSTEMD_PAGER": ""},
+    )
+    return (result.stdout + result.stderr).split("\n")
