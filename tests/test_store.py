@@ -401,6 +401,7 @@ async def test_loop_keeps_ticking_while_rows_are_written(store: Store) -> None:
 
     ticker = asyncio.create_task(tick())
     await asyncio.sleep(0.01)
+    began = time.perf_counter()
     big = "x" * 2000
     for turn in range(1, 5001):
         await store.save_assistant(answer("a", turn, big))
@@ -409,10 +410,13 @@ async def test_loop_keeps_ticking_while_rows_are_written(store: Store) -> None:
     reading = asyncio.create_task(store.messages("a", limit=5000))
     await store.flush()
     assert all(m.conversation_id == "a" for m in await reading)  # read beside the writes
+    elapsed = time.perf_counter() - began
     stop.set()
     await ticker
     assert len(gaps) > 3
-    assert max(gaps) < 0.25
+    # Writes on the loop would stop it for the whole stretch; a busy machine (the suite's other
+    # worker, other work) may delay one tick, never a quarter of it.
+    assert max(gaps) < max(0.25, elapsed / 4), (max(gaps), elapsed)
 
 
 # -- the file ---------------------------------------------------------------------------------
