@@ -7,8 +7,8 @@ stops reading, which stops the upstream read: TCP backpressure end to end, one e
 held per run).
 
 The answer is saved as it grows: a `streaming` row when the run starts, its text rewritten
-every `[store] flush_interval` (`lean.progress`), and the final save is committed before
-the last event goes out, so `done` says whether it was (`saved`).
+every `[store] flush_interval` (`lean.progress`), and the final save (`lean.run_save`) is
+committed before the last event goes out, so `done` says whether it was (`saved`).
 
 How a run ends, and the status saved with the assistant message (decided in `lean.core`,
 as an `Ending`):
@@ -27,17 +27,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
-import time
 import uuid
 from typing import Any, Literal, Protocol
 
 import msgspec
 
-from lean import events
+from lean import events, run_save
 from lean.client_io import ClientGone
 from lean.config import ModelConfig, SceneConfig
-from lean.core import Ending, RunCore
+from lean.core import RunCore
 from lean.errors import (
     BadRequest,
     Cancelled,
@@ -46,7 +44,6 @@ from lean.errors import (
     SlowClient,
 )
 from lean.guard import Guard
-from lean.messages import MessageRecord, utc_now
 from lean.providers.base import Piece, Usage
 from lean.relay import Relay
 from lean.services import Services
@@ -190,7 +187,7 @@ class Run:
         core = self.core
         final: events.Event | None = None
         try:
-            await self.services.store.save_assistant(self._record(), wait=False)  # streaming
+            await self.services.store.save_assistant(run_save.record(self), wait=False)  # streaming
             self.services.progress.add(self.message_id, core.text, core.reasoning)
             await self._emit(self._start_event())
             fallback = False
@@ -234,7 +231,7 @@ class Run:
             # Committed before the last event goes out: `done` tells whether the answer is
             # saved, a client that starts its next turn on `done` finds it in the history,
             # and a kill -9 after `done` loses nothing.
-            saved = await self._save()
+            saved = await run_save.save(self, self._prompt)
         if isinstance(final, events.Done) and not saved:
             final = msgspec.structs.replace(final, saved=False)
         if final is not None:
@@ -379,70 +376,3 @@ class Run:
             message=error.message,
             retryable=error.retryable,
         )
-
-    def _record(self, status: str = "streaming") -> MessageRecord:
-        """The answer as it stands, with `status`."""
-        core = self.core
-        usage = core.usage
-        return MessageRecord(
-            message_id=self.message_id,
-            conversation_id=self.conversation_id,
-            role="assistant",
-            content=core.text.text(),
-            status=status,
-            created_at=utc_now(),
-            turn=self.turn,
-            scene=self.scene.name,
-            model=self.model.alias,
-            reasoning=core.reasoning.text(),
-            tool_calls=[call.saved() for call in core.calls],
-            finish_reason=core.finish if core.ending is Ending.COMPLETE else None,
-            error_code=core.error.code if core.error else None,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            first_token_ms=core.first_token_ms,
-            duration_ms=(time.monotonic() - core.started) * 1000,
-            run_id=self.run_id,
-        )
-
-    async def _save(self) -> bool:
-        """Save the answer for good and log the run; whether the save was committed."""
-        record = self._record(self.core.saved_status.value)
-        first_token_ms = record.first_token_ms
-        self.services.metrics.run_ended(
-            "scene",
-            self.scene.name,
-            record.status,
-            self.order.seq,
-            None if first_token_ms is None else first_token_ms / 1000,
-        )
-        store_error: str | None = None
-        try:  # the store counts a failed write (lean_store_failures_total)
-            await self.services.store.save_assistant(record)
-        except sqlite3.Error as exc:  # a full disk, a read-only file: no traceback
-            store_error = str(exc)
-        except Exception as exc:
-            log.exception("run %s: saving the answer failed", self.run_id)
-            store_error = str(exc) or type(exc).__name__
-        fields: dict[str, Any] = {
-            "endpoint": "scene",
-            "scene": self.scene.name,
-            "model": self.model.alias,
-            "run_id": self.run_id,
-            "status": record.status,
-            "code": record.error_code,
-            "first_token_ms": None if first_token_ms is None else round(first_token_ms),
-            "duration_ms": round(record.duration_ms or 0),
-            "prompt_tokens": record.prompt_tokens,
-            "completion_tokens": record.completion_tokens,
-            "tool_calls": len(record.tool_calls) or None,
-        }
-        if store_error is not None:  # the run's status stays its outcome; this says the rest
-            fields["saved"] = False
-            fields["store_error"] = store_error
-        if self.services.config.server.log_prompts:
-            fields["prompt"] = self._prompt
-        log.log(
-            logging.INFO if store_error is None else logging.ERROR, "run", extra={"fields": fields}
-        )
-        return store_error is None
