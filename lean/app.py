@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import WSCloseCode, web
 
-from lean import handlers, scene_handlers, static, ws
+from lean import handlers, resume_handlers, scene_handlers, static, ws
 from lean.config import Config, ConfigError
 from lean.connections import Connections
 from lean.errors import (
@@ -160,6 +160,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_post("/v1/scenes/{scene}/stream", scene_handlers.stream_scene)
     app.router.add_get("/v1/scenes/{scene}/stream", scene_handlers.stream_scene)
     app.router.add_post("/v1/runs/{run_id}/cancel", scene_handlers.cancel_run)
+    app.router.add_get("/v1/runs/{run_id}/stream", resume_handlers.resume_stream)
     app.router.add_post("/v1/runs/{run_id}/tool-results", scene_handlers.tool_result)
     app.router.add_get(
         "/v1/conversations/{conversation_id}/messages", scene_handlers.conversation_messages

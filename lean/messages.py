@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-SCHEMA_VERSION = 3  # kept in PRAGMA user_version; a newer file is refused, not guessed at
+SCHEMA_VERSION = 4  # kept in PRAGMA user_version; a newer file is refused, not guessed at
 
 # Version 2: status `streaming` (a run's answer while it runs, flushed as it grows) and
 # `run_id`. SQLite cannot change a CHECK in place, so a version-1 table is copied into a new
@@ -23,6 +23,8 @@ SCHEMA_VERSION = 3  # kept in PRAGMA user_version; a newer file is refused, not 
 # a plain chat stores its text once; a version-2 row (whose `content` was the filled template)
 # gets NULL too, and reads back as before. A nullable column added at the end needs no copy
 # (MIGRATE_FROM_2).
+# Version 4: an index on `run_id`, so a resume of a run lean no longer buffers finds its
+# saved answer without reading the whole table (lean.resume).
 _TABLE = """
 CREATE TABLE {name} (
     message_id TEXT PRIMARY KEY,
@@ -49,7 +51,8 @@ CREATE TABLE {name} (
 );
 """
 _INDEX = "CREATE INDEX IF NOT EXISTS messages_by_turn ON messages (conversation_id, turn);"
-SCHEMA = _TABLE.format(name="IF NOT EXISTS messages") + _INDEX
+_RUN_INDEX = "CREATE INDEX IF NOT EXISTS messages_by_run ON messages (run_id);"
+SCHEMA = _TABLE.format(name="IF NOT EXISTS messages") + _INDEX + _RUN_INDEX
 _V1_COLUMNS = (
     "message_id, conversation_id, turn, role, content, status, created_at, scene, model,"
     " reasoning, tool_calls, finish_reason, error_code, prompt_tokens, completion_tokens,"
@@ -61,9 +64,17 @@ MIGRATE_FROM_1 = (
     + f"INSERT INTO messages_new ({_V1_COLUMNS}) SELECT {_V1_COLUMNS} FROM messages;"
     + "DROP TABLE messages; ALTER TABLE messages_new RENAME TO messages;"
     + _INDEX
+    + _RUN_INDEX
 )
-MIGRATE_FROM_2 = "ALTER TABLE messages ADD COLUMN prompt TEXT;"
-MIGRATIONS = {0: SCHEMA, 1: MIGRATE_FROM_1, 2: MIGRATE_FROM_2, SCHEMA_VERSION: ""}
+MIGRATE_FROM_2 = "ALTER TABLE messages ADD COLUMN prompt TEXT;" + _RUN_INDEX
+MIGRATE_FROM_3 = _RUN_INDEX
+MIGRATIONS = {
+    0: SCHEMA,
+    1: MIGRATE_FROM_1,
+    2: MIGRATE_FROM_2,
+    3: MIGRATE_FROM_3,
+    SCHEMA_VERSION: "",
+}
 # At start-up no run is running: a row still `streaming` is an answer cut by a crash, and
 # keeps the text flushed before it.
 END_STREAMING = "UPDATE messages SET status = 'incomplete' WHERE status = 'streaming'"
@@ -117,6 +128,11 @@ SELECT_HISTORY = (  # the user's side as the model saw it: the filled template
     " ORDER BY a.turn DESC LIMIT ?"
 )
 SELECT_EXISTS = "SELECT 1 FROM messages WHERE conversation_id = ? LIMIT 1"
+# A run's answer (a WebSocket's run ids are its client's: the latest of that id).
+SELECT_RUN = (
+    f"SELECT {_COLUMNS} FROM messages WHERE run_id = ? AND role = 'assistant'"
+    " ORDER BY created_at DESC LIMIT 1"
+)
 # A running answer's text so far; a row its run has already saved for good is left alone.
 UPDATE_STREAMING = (
     "UPDATE messages SET content = ?, reasoning = ? WHERE message_id = ? AND status = 'streaming'"

@@ -46,6 +46,7 @@ from lean.errors import (
 from lean.guard import Guard
 from lean.providers.base import Piece, Usage
 from lean.relay import Relay
+from lean.resume import Replay
 from lean.services import Services
 from lean.tool_round import Call, ToolRound
 from lean.tools import openai_tools
@@ -132,6 +133,8 @@ class Run:
             body["tools"] = openai_tools([services.config.tools[name] for name in scene.tools])
         self.task: asyncio.Task[None] | None = None
         self.guard: Guard | None = None
+        self.replay: Replay | None = None  # its recent events, for a resume (lean.resume)
+        self._grace: asyncio.TimerHandle | None = None  # on_disconnect waits for a reader
 
     def start(self, *, register: bool = True) -> None:
         """Admit and start the run (synchronously: no other run can slip in between).
@@ -147,6 +150,7 @@ class Run:
         self.services.streams.add(self.guard)
         if register:
             self.services.runs.add(self)
+        self.replay = self.services.replays.open(self.run_id, self.message_id, self)
 
     def _new_guard(self, *, heartbeats: bool = True) -> Guard:
         config = self.services.config
@@ -165,10 +169,36 @@ class Run:
             self.guard.interrupt(reason or Cancelled("the run was cancelled"))
 
     def client_left(self) -> None:
-        """The transport's peer is gone: detach (`finish`) or cancel (`cancel`)."""
+        """The transport's peer is gone (`readers_changed`)."""
         self.sink = None
-        if self.scene.on_disconnect == "cancel":
+        self.readers_changed()
+
+    def readers_changed(self) -> None:
+        """A reader came or went (the sink, a resume). With none left, `on_disconnect`
+        applies: at once, or after `resume_grace` for a resumable run (docs/protocol.md §6)."""
+        if self.sink is not None or (self.replay is not None and self.replay.readers):
+            if self._grace is not None:
+                self._grace.cancel()
+                self._grace = None
+            return
+        if self.scene.on_disconnect == "finish" or self._grace is not None:
+            return
+        grace = self.scene.resume_grace if self.replay is not None else 0.0
+        if grace:
+            self._grace = asyncio.get_running_loop().call_later(grace, self._abandoned)
+        else:
             self.cancel(Cancelled("the client left"))
+
+    def _abandoned(self) -> None:
+        self._grace = None
+        self.cancel(Cancelled("the client left"))
+
+    def shown_text(self) -> str:
+        """The answer's text written as events so far (a resume's restart, lean.resume)."""
+        text = self.core.text.text()
+        if self._held and self._held_part != "thinking":  # the tail, not written yet
+            return text[: len(text) - sum(map(len, self._held))]
+        return text
 
     async def _ping(self) -> None:
         if self.sink is not None:
@@ -182,6 +212,16 @@ class Run:
         return self.sink.pending() if self.sink is not None else 0
 
     async def _execute(self) -> None:
+        try:
+            await self._steps()
+        finally:
+            if self._grace is not None:
+                self._grace.cancel()
+                self._grace = None
+            if self.replay is not None:
+                self.services.replays.ended(self.replay)
+
+    async def _steps(self) -> None:
         assert self.guard is not None
         guard = self.guard
         core = self.core
@@ -335,10 +375,16 @@ class Run:
         """Write `event` without waiting; True when the client is behind (`_drain`)."""
         seq = self.order.check(event)
         sink = self.sink
+        replay = self.replay
+        if sink is None and replay is None:
+            return False
+        payload = events.encode(event)
+        if replay is not None:
+            replay.add(event, seq, payload)
         if sink is None:
             return False
         try:
-            return sink.write(events.event_name(event), seq, events.encode(event))
+            return sink.write(events.event_name(event), seq, payload)
         except ClientGone as gone:
             self._lost_client(gone.reason)
             return False
@@ -362,8 +408,13 @@ class Run:
 
     def _lost_client(self, reason: LeanError) -> None:
         self.sink = None
-        if self.scene.on_disconnect != "finish":
-            raise ClientGone(reason)
+        if self.scene.on_disconnect == "finish":
+            return
+        replay = self.replay
+        if replay is not None and (replay.readers or self.scene.resume_grace):
+            self.readers_changed()  # others read on, or the client may come back
+            return
+        raise ClientGone(reason)
 
     def _fail(self, error: LeanError) -> events.Error | None:
         """Record how the run failed; the `error` event to send, if any."""

@@ -54,6 +54,7 @@ from lean.messages import (
     SELECT_EXISTS,
     SELECT_HISTORY,
     SELECT_MESSAGES,
+    SELECT_RUN,
     MessageRecord,
     history,
     records,
@@ -288,6 +289,11 @@ class Store:
         if turns <= 0:
             return []
         return await self._query(SELECT_HISTORY, (conversation_id, turns), history)
+
+    async def run_answer(self, run_id: str) -> MessageRecord | None:
+        """The answer the run `run_id` saved (the latest, for a reused id), or None."""
+        found = await self._query(SELECT_RUN, (run_id,), records)
+        return found[0] if found else None
 
     async def conversation_exists(self, conversation_id: str) -> bool:
         return await self._query(SELECT_EXISTS, (conversation_id,), bool)

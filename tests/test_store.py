@@ -543,8 +543,10 @@ async def test_a_version_1_database_is_migrated_and_keeps_its_messages(tmp_path:
     assert [(m.status, m.run_id) for m in await s.messages("a")][-1] == ("streaming", "run_1")
     await s.close()
     with sqlite3.connect(db(tmp_path)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        indexes = {row[1] for row in conn.execute("PRAGMA index_list(messages)")}
+        assert "messages_by_run" in indexes  # a resume finds a saved run by its id
     conn.close()
 
 
