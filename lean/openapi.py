@@ -99,7 +99,8 @@ def _paths() -> dict[str, Any]:
             NDJSON: {
                 "schema": {
                     **ref("SceneEvent"),
-                    "description": 'one SceneEvent per line; `{"type":"ping"}` heartbeats',
+                    "description": "one SceneEvent per line with `seq` (its cursor) added;"
+                    ' `{"type":"ping"}` heartbeats',
                 }
             },
         },
@@ -201,6 +202,35 @@ def _paths() -> dict[str, Any]:
                 },
             },
         },
+        "/v1/runs/{runId}/stream": {
+            "parameters": [_RUN],
+            "get": {
+                "summary": "resume a run: its events after a cursor, then the live ones"
+                " (docs/protocol.md §6); SSE, or NDJSON with Accept: application/x-ndjson",
+                "description": "The cursor is the `Last-Event-ID` header (what an EventSource"
+                " sends when it reconnects; it wins) or `after`. A cursor lean can no longer"
+                " honour restarts the answer: `start` again, one `delta` with the text so far,"
+                " then the rest. A run no longer buffered is served from its saved answer.",
+                "security": _GET_AUTH,
+                "parameters": [
+                    {
+                        "name": "after",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 0, "default": 0},
+                    },
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "schema": {"type": "integer", "minimum": 0},
+                    },
+                ],
+                "responses": {
+                    "200": scene_stream,
+                    "204": {"description": "the cursor is at the finished run's last event"},
+                    **_errors("400", "404", "503"),
+                },
+            },
+        },
         "/v1/runs/{runId}/tool-results": {
             "parameters": [_RUN],
             "post": {
@@ -254,7 +284,8 @@ def _paths() -> dict[str, Any]:
             "get": {
                 "summary": "a WebSocket carrying many runs (docs/protocol.md §3)",
                 "description": "Client frames: `run` (a SceneRequest with `type`, `runId`,"
-                " `scene`), `cancel`, `tool_result`. Server frames: SceneEvent with `runId`."
+                " `scene`), `cancel`, `tool_result`, `resume` (`runId`, `after`). Server"
+                " frames: SceneEvent with `runId` and `seq`."
                 " A browser sends its token as the subprotocol `lean.bearer.<token>` beside"
                 " `lean`, or as `access_token`.",
                 "security": _GET_AUTH,

@@ -147,7 +147,7 @@ def shape(events: list[Event]) -> list[tuple[str, int, str]]:
 @pytest.mark.parametrize("how", ["last-event-id", "after", "ndjson"])
 async def test_resume_gives_exactly_the_missing_events_then_the_live_ones(how: str) -> None:
     async with FakeOpenAI() as fake, running(config(fake)) as lean, aiohttp.ClientSession() as http:
-        fake.push(drip(), drip())
+        fake.push(text_stream(TEXT), drip(delay=0.01))
         full = await reference_run(lean, http)
         async with begun(lean, http, read=5) as (run_id, first):
             pass  # the client left mid-answer; the run goes on (resume_grace)
