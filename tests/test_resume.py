@@ -185,9 +185,7 @@ def test_saved_events_end_as_the_answer_was_saved() -> None:
         "model": "default",
     }
     done = saved_events(
-        MessageRecord(
-            **base, content="hi", status="complete", prompt_tokens=5, completion_tokens=2
-        )
+        MessageRecord(**base, content="hi", status="complete", prompt_tokens=5, completion_tokens=2)
     )
     assert events.decode(done[0][2]) == events.Start("run_1", M, "chat", "default", "c1")
     assert events.decode(done[-1][2]) == events.Done(M, "stop", events.Usage(5, 2), "hi")

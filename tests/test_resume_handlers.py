@@ -413,3 +413,32 @@ async def test_an_eventsource_resumes_by_itself_with_last_event_id() -> None:
                         proxy.cut()
     assert reconnects == 1
     assert_whole(first + seen)
+
+
+# --- browsers --------------------------------------------------------------------------------
+
+
+async def test_a_resume_follows_the_origin_and_token_rules_of_every_route() -> None:
+    env = {"LEAN_TOKENS": "tok-1"}
+    async with FakeOpenAI() as fake:
+        fake.push(drip(delay=0.005))
+        cfg = lean_config(
+            fake.base_url, extra=SCENES, server="cors_origins = https://app.example", environ=env
+        )
+        async with running(cfg) as lean, aiohttp.ClientSession() as http:
+            auth = {"Authorization": "Bearer tok-1"}
+            async with http.post(
+                f"{lean.url}/v1/scenes/chat/stream", json={"message": "hi"}, headers=auth
+            ) as resp:
+                run_id = parse_sse(await resp.read())[0][2]["runId"]
+            url = f"{lean.url}/v1/runs/{run_id}/stream"
+            async with http.get(url) as resp:
+                assert resp.status == 401
+            async with http.get(url, headers={**auth, "Origin": "https://evil.example"}) as resp:
+                assert resp.status == 403
+            # An EventSource on a listed origin: the token as access_token, CORS on the stream.
+            listed = {"Origin": "https://app.example", "Last-Event-ID": "2"}
+            async with http.get(url + "?access_token=tok-1", headers=listed) as resp:
+                assert resp.status == 200
+                assert resp.headers["Access-Control-Allow-Origin"] == "https://app.example"
+                assert parse_sse(await resp.read())[0][1] == 3
