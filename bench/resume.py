@@ -1,7 +1,7 @@
 """What resumable runs cost: lean with its resume buffer against the same lean without.
 
     python -m bench.resume [--rounds 6] [--streams 400] [--chunks 200] [--interval 0.025]
-                           [--finished 1000] [--wire scene-sse|scene-ndjson|scene-ws]
+                           [--finished 1000] [--wire scene-sse|scene-ndjson]
 
 Three figures (issue 12's targets in brackets):
 - **Memory per stream** of the buffer, measured in-process with tracemalloc: a buffer fed
@@ -11,11 +11,13 @@ Three figures (issue 12's targets in brackets):
   target core, `[limits] resume_buffer_kb` 64 (on) and 0 (off), the load alternating in
   ABBA order as `bench.cpu_ab` does (separate runs of one lean differ by up to ±15% on this
   VM; paired rounds show a few percent) [<= 1.05x].
-- **RSS with `--finished` finished runs buffered**: both leans run that many streams (in
-  batches of `--streams`), then their RSS is read once the streams ended, with the buffers
-  (resume_ttl 120 s) still held by the one that keeps them; and the peak RSS (VmHWM) of
-  each after the CPU rounds.
-On the wire: the load is `--wire` (scene runs: only they are resumable).
+  The "on" lean drops a run's buffer at its end (`resume_ttl = 0`), so the peak RSS
+  (VmHWM) of both after the rounds compares running streams only.
+- **RSS with `--finished` finished runs buffered**: a third lean with the defaults
+  (`resume_ttl = 120`) and the "off" one run that many more streams (in batches of
+  `--streams`); their RSS is read once the streams ended, the buffers still held.
+The load is `--wire`: scene runs, the resumable ones (not `scene-ws`: the load names every
+socket's run `r1`, and only one running run can hold an id).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from bench.harness.targets import Lean, Mock
 from lean import events
 from lean.resume import Replay
 
-WIRES = ("scene-sse", "scene-ndjson", "scene-ws")
+WIRES = ("scene-sse", "scene-ndjson")
 
 
 def buffer_bytes(chunks: int) -> tuple[int, int]:
@@ -106,13 +108,16 @@ def main() -> None:
                  log=workdir / "mock.log")  # fmt: skip
     leans: dict[str, tuple[Child, int]] = {}
     try:
-        for name, kb in (("off", 0), ("on", 64)):
+        # off: no buffer; on: buffers dropped at the run's end (resume_ttl = 0), so its peak
+        # RSS is the running streams'; kept: the defaults, finished runs kept 120 s.
+        for name, kb, ttl in (("off", 0, 0), ("on", 64, 0), ("kept", 64, 120)):
             port = free_port()
             config = Lean().config(
                 SCENARIOS["realistic"](False), Mock(mock, mock_port, 0, None), port, workdir,
                 f"resume-{name}",
             )  # fmt: skip
-            config = config.replace("[limits]\n", f"[limits]\nresume_buffer_kb = {kb}\n")
+            limits = f"[limits]\nresume_buffer_kb = {kb}\nresume_ttl = {ttl}\n"
+            config = config.replace("[limits]\n", limits)
             (workdir / f"{name}.ini").write_text(config)
             argv = python("lean", "serve", "--config", str(workdir / f"{name}.ini"))
             child = Child(name, argv, core=target_core, log=workdir / f"{name}.log",
@@ -123,28 +128,7 @@ def main() -> None:
             wait_http(child, port)
             uvloop.run(load(*targets_of(args.wire, port), 4))  # warm up
 
-        # RSS with the finished runs still buffered (the "on" lean keeps them 120 s).
-        rss: dict[str, int] = {}
-        for name, (child, port) in leans.items():
-            left = args.finished
-            while left > 0:
-                batch = min(left, args.streams)
-                uvloop.run(load(*targets_of(args.wire, port), batch))
-                left -= batch
-            time.sleep(1.5)  # the upkeep's trim after a busy spell (lean.upkeep)
-            rss[name] = memory_kb(child.pid).get("VmRSS", 0)
-        buffers = scrape(leans["on"][1], "lean_resume_buffers")
-        finished_bytes = scrape(leans["on"][1], "lean_resume_finished_bytes")
-        print(
-            f"after {args.finished} runs: RSS off {rss['off'] / 1024:.1f} MB, on"
-            f" {rss['on'] / 1024:.1f} MB (+{(rss['on'] - rss['off']) / 1024:.1f} MB,"
-            f" {(rss['on'] - rss['off']) / max(1, args.finished):.1f} KB per finished run);"
-            f" the on lean holds {buffers:.0f} buffers, {finished_bytes / 1024:.0f} KB by"
-            " its own count",
-            flush=True,
-        )
-
-        per_chunk: dict[str, list[float]] = {name: [] for name in leans}
+        per_chunk: dict[str, list[float]] = {"off": [], "on": []}
         for round_number in range(1, args.rounds + 1):
             order = ("off", "on") if round_number % 4 in (1, 0) else ("on", "off")  # ABBA
             for name in order:
@@ -162,13 +146,37 @@ def main() -> None:
             f"median: off {statistics.median(per_chunk['off']):.1f} µs/chunk, on"
             f" {statistics.median(per_chunk['on']):.1f} µs/chunk; on/off"
             f" {statistics.median(ratios):.3f}x (rounds {min(ratios):.3f}-{max(ratios):.3f}x;"
-            " target <= 1.05x)"
+            " target <= 1.05x)",
+            flush=True,
         )
-        hwm = {name: memory_kb(child.pid).get("VmHWM", 0) for name, (child, _) in leans.items()}
+        hwm = {name: memory_kb(leans[name][0].pid).get("VmHWM", 0) for name in ("off", "on")}
         print(
             f"peak RSS: off {hwm['off'] / 1024:.1f} MB, on {hwm['on'] / 1024:.1f} MB"
             f" ({(hwm['on'] - hwm['off']) / args.streams:+.1f} KB per stream at"
-            f" {args.streams} streams)"
+            f" {args.streams} streams; noisy: the allocator's peak, not the buffers alone)",
+            flush=True,
+        )
+
+        # RSS once `--finished` runs ended, their buffers still held by `kept`.
+        rss: dict[str, int] = {}
+        for name in ("off", "kept"):
+            child, port = leans[name]
+            left = args.finished
+            while left > 0:
+                batch = min(left, args.streams)
+                uvloop.run(load(*targets_of(args.wire, port), batch))
+                left -= batch
+            time.sleep(1.5)  # the upkeep's trim after a busy spell (lean.upkeep)
+            rss[name] = memory_kb(child.pid).get("VmRSS", 0)
+        buffers = scrape(leans["kept"][1], "lean_resume_buffers")
+        finished_bytes = scrape(leans["kept"][1], "lean_resume_finished_bytes")
+        print(
+            f"after {args.finished} more runs: RSS off {rss['off'] / 1024:.1f} MB, kept"
+            f" {rss['kept'] / 1024:.1f} MB (+{(rss['kept'] - rss['off']) / 1024:.1f} MB,"
+            f" {(rss['kept'] - rss['off']) / max(1, args.finished):.1f} KB per finished run);"
+            f" kept holds {buffers:.0f} buffers, {finished_bytes / 1024:.0f} KB by its own"
+            " count",
+            flush=True,
         )
     finally:
         mock.stop()

@@ -206,7 +206,7 @@ def _paths() -> dict[str, Any]:
             "parameters": [_RUN],
             "get": {
                 "summary": "resume a run: its events after a cursor, then the live ones"
-                " (docs/protocol.md §6); SSE, or NDJSON with Accept: application/x-ndjson",
+                " (docs/protocol.md §2); SSE, or NDJSON with Accept: application/x-ndjson",
                 "description": "The cursor is the `Last-Event-ID` header (what an EventSource"
                 " sends when it reconnects; it wins) or `after`. A cursor lean can no longer"
                 " honour restarts the answer: `start` again, one `delta` with the text so far,"

@@ -1,4 +1,4 @@
-"""Resumable runs (docs/protocol.md §6): each run's recent events, bounded, and the readers
+"""Resumable runs (docs/protocol.md §2): each run's recent events, bounded, and the readers
 that resume it from a cursor.
 
 What a reader gets
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import time
 from array import array
 from collections.abc import Awaitable, Callable
@@ -72,13 +73,22 @@ _KIND: Final[dict[type, int]] = {
 }
 # What follows a delta's text in its payload (msgspec writes the fields in order).
 _TAILS: Final = tuple(b'","part":"%b"}' % part.encode() for part in _PART)
-_TAIL_SIZES: Final = tuple(len(tail) for tail in _TAILS)
-# A stored event's bookkeeping: its kind (1 byte) and where its bytes end (8).
-ENTRY_BYTES = 9
+# A stored event's bookkeeping: where its bytes end and its kind, in one 8-byte integer.
+ENTRY_BYTES = 8
+_KIND_BITS = 4
 # All finished runs' buffers together: 1,000 runs of a 64 KiB buffer, well inside
 # systemd/lean.service's MemoryMax=384M beside 2,000 running streams. Most runs hold far
 # less (a 200-chunk answer: ~3 KB), so this binds only under a flood of long answers.
 FINISHED_BYTES = 64 * 1024 * 1024
+
+
+_Delta: Final = events.Delta
+
+
+@functools.cache
+def _text_slices(head: int) -> tuple[slice, ...]:
+    """Where a delta payload's escaped text is, by part, after a head of `head` bytes."""
+    return tuple(slice(head, -len(tail)) for tail in _TAILS)
 
 
 class Live(Protocol):
@@ -104,8 +114,8 @@ class Replay:
         "_data",
         "_ends",
         "_head",
-        "_kinds",
         "_shift",
+        "_slices",
         "_start",
         "_waiters",
         "bound",
@@ -128,9 +138,11 @@ class Replay:
         self.final = False  # the last event (done/error) is in
         self.ended_at: float | None = None  # time.monotonic() of the run's end
         self._head = b'{"type":"delta","messageId":%b,"text":"' % msgspec.json.encode(message_id)
+        self._slices = _text_slices(len(self._head))  # a delta payload's text, by part
         self._start: bytes | None = None
-        self._kinds = bytearray()
-        self._ends = array("Q")  # each event's end in _data, counted from the first byte ever
+        # Per event: (end << _KIND_BITS) | kind, its end in _data counted from the first
+        # byte ever stored (so a trim renumbers nothing).
+        self._ends = array("Q")
         self._data = bytearray()  # deleting at the front is O(1) for a bytearray
         self._shift = 0  # bytes dropped from the front of _data so far
         self._waiters: list[asyncio.Future[None]] = []
@@ -138,15 +150,16 @@ class Replay:
     @property
     def size(self) -> int:
         """Bytes held, as the bound counts them."""
-        return len(self._data) + ENTRY_BYTES * len(self._kinds) + len(self._start or b"")
+        return len(self._data) + ENTRY_BYTES * len(self._ends) + len(self._start or b"")
 
     # --- the run's side: once per event ---
 
     def add(self, event: events.Event, seq: int, payload: bytes) -> None:
         """The run wrote `event` as its `seq`-th, encoded as `payload`."""
-        if type(event) is events.Delta:
+        data = self._data
+        if type(event) is _Delta:
             kind = _PART[event.part]
-            self._data += payload[len(self._head) : -_TAIL_SIZES[kind]]
+            data += payload[self._slices[kind]]
         else:
             kind = _KIND[type(event)]
             if kind == START:
@@ -155,28 +168,30 @@ class Replay:
                 if self._waiters:
                     self._wake()
                 return
-            self._data += payload
+            data += payload
             self.final = kind >= DONE
-        self._kinds.append(kind)
-        self._ends.append(self._shift + len(self._data))
+        ends = self._ends
+        ends.append((self._shift + len(data)) << _KIND_BITS | kind)
         self.last = seq
-        if len(self._data) + ENTRY_BYTES * len(self._kinds) > self.bound:
+        if len(data) + ENTRY_BYTES * len(ends) > self.bound:
             self._trim()
         if self._waiters:
             self._wake()
 
     def _trim(self) -> None:
         """Drop the oldest events to 3/4 of the bound, keeping the newest."""
-        kinds, ends = self._kinds, self._ends
-        count = len(kinds)
+        ends = self._ends
+        count = len(ends)
         target = self.bound * 3 // 4
         end = self._shift + len(self._data)
-        drop = 1  # events dropped: keep the bytes after ends[drop - 1]
-        while drop < count - 1 and end - ends[drop - 1] + ENTRY_BYTES * (count - drop) > target:
+        drop = 1  # events dropped: keep the bytes after the end of event drop - 1
+        while (
+            drop < count - 1
+            and end - (ends[drop - 1] >> _KIND_BITS) + ENTRY_BYTES * (count - drop) > target
+        ):
             drop += 1
-        cut = ends[drop - 1] - self._shift
-        del self._data[:cut]
-        del kinds[:drop]
+        cut = (ends[drop - 1] >> _KIND_BITS) - self._shift
+        del self._data[:cut]  # O(1): a bytearray moves its start
         del ends[:drop]
         self._shift += cut
 
@@ -186,7 +201,6 @@ class Replay:
         self.ended_at = time.monotonic()
         # Exact-size copies: an appended-to bytearray keeps spare room and dropped space.
         self._data = bytearray(self._data)
-        self._kinds = bytearray(self._kinds)
         self._ends = array("Q", self._ends)
         self._wake()
 
@@ -209,13 +223,14 @@ class Replay:
         if cursor == 0:
             assert self._start is not None, "start is the first event"
             return (1, "start", self._start)
-        first = self.last - len(self._kinds) + 1
+        first = self.last - len(self._ends) + 1
         if cursor < first - 1:
             return False
         index = cursor + 1 - first
-        kind = self._kinds[index]
-        begin = (self._ends[index - 1] if index else self._shift) - self._shift
-        data = self._data[begin : self._ends[index] - self._shift]
+        entry = self._ends[index]
+        kind = entry & (1 << _KIND_BITS) - 1
+        begin = (self._ends[index - 1] >> _KIND_BITS if index else self._shift) - self._shift
+        data = self._data[begin : (entry >> _KIND_BITS) - self._shift]
         payload = self._head + data + _TAILS[kind] if kind <= REFUSAL else bytes(data)
         return (cursor + 1, _NAMES[kind], payload)
 

@@ -1,5 +1,5 @@
 """`GET /v1/runs/{runId}/stream`: a run's events after a cursor, then the live ones, as SSE
-or NDJSON (docs/protocol.md §6); and `pump`, which writes a subscription to a sink, for this
+or NDJSON (docs/protocol.md §2); and `pump`, which writes a subscription to a sink, for this
 route and the WebSocket's `resume` frame.
 
 The cursor is `Last-Event-ID` or `?after=`, and the header wins: an `EventSource` that

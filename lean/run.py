@@ -175,7 +175,7 @@ class Run:
 
     def readers_changed(self) -> None:
         """A reader came or went (the sink, a resume). With none left, `on_disconnect`
-        applies: at once, or after `resume_grace` for a resumable run (docs/protocol.md §6)."""
+        applies: at once, or after `resume_grace` for a resumable run (docs/protocol.md §2)."""
         if self.sink is not None or (self.replay is not None and self.replay.readers):
             if self._grace is not None:
                 self._grace.cancel()
