@@ -18,8 +18,8 @@ What a reader gets
 
 Bounds (style rule 5)
 - Per run: the most recent events whose stored bytes (plus `ENTRY_BYTES` each) stay under
-  `[limits] resume_buffer_kb`; older ones are dropped, a quarter of the bound at a time so
-  a trim is not paid per event. Two exceptions, both bounded elsewhere: `start` is kept
+  `[limits] resume_buffer_kb`; older ones are dropped, a quarter of them at a time so a
+  trim is not paid per event. Two exceptions, both bounded elsewhere: `start` is kept
   aside (every restart needs it; ~150 bytes), and the newest event is never dropped (one
   tool result may be larger than the bound: `max_response_bytes`; `done` carries the
   whole answer). So a finished run holds at most max(bound, its `done`).
@@ -179,21 +179,15 @@ class Replay:
             self._wake()
 
     def _trim(self) -> None:
-        """Drop the oldest events to 3/4 of the bound, keeping the newest."""
-        ends = self._ends
-        count = len(ends)
-        target = self.bound * 3 // 4
-        end = self._shift + len(self._data)
-        drop = 1  # events dropped: keep the bytes after the end of event drop - 1
-        while (
-            drop < count - 1
-            and end - (ends[drop - 1] >> _KIND_BITS) + ENTRY_BYTES * (count - drop) > target
-        ):
-            drop += 1
-        cut = (ends[drop - 1] >> _KIND_BITS) - self._shift
-        del self._data[:cut]  # O(1): a bytearray moves its start
-        del ends[:drop]
-        self._shift += cut
+        """Drop the oldest quarter of the events until back under the bound, keeping the
+        newest: a few operations per trim, whatever the events' sizes."""
+        data, ends = self._data, self._ends
+        while len(data) + ENTRY_BYTES * len(ends) > self.bound and len(ends) > 1:
+            drop = max(1, (len(ends) - 1) // 4)
+            cut = (ends[drop - 1] >> _KIND_BITS) - self._shift
+            del data[:cut]  # O(1): a bytearray moves its start
+            del ends[:drop]
+            self._shift += cut
 
     def end(self) -> None:
         """The run is over: no more events; its readers learn it now."""
