@@ -442,3 +442,37 @@ async def test_a_resume_follows_the_origin_and_token_rules_of_every_route() -> N
                 assert resp.status == 200
                 assert resp.headers["Access-Control-Allow-Origin"] == "https://app.example"
                 assert parse_sse(await resp.read())[0][1] == 3
+
+
+# --- runs that cannot be resumed -------------------------------------------------------------
+
+
+async def test_a_websocket_run_whose_id_is_taken_runs_but_is_not_resumable() -> None:
+    async with FakeOpenAI() as fake, running(config(fake)) as lean, aiohttp.ClientSession() as http:
+        fake.push(drip(delay=0.03), text_stream("second"))
+        async with (
+            http.ws_connect(lean.url + "/v1/ws") as one,
+            http.ws_connect(lean.url + "/v1/ws") as two,
+        ):
+            await one.send_json({"type": "run", "runId": "r1", "scene": "chat", "message": "a"})
+            assert (await one.receive_json(timeout=5))["type"] == "start"
+            # Another client names its run r1 too: it runs, as before resumable runs.
+            await two.send_json({"type": "run", "runId": "r1", "scene": "chat", "message": "b"})
+            frames = [await two.receive_json(timeout=5)]
+            while frames[-1]["type"] not in ("done", "error"):
+                frames.append(await two.receive_json(timeout=5))
+            assert frames[-1]["type"] == "done" and frames[-1]["text"] == "second"
+            # A resume of r1 reads the run that holds the id: the first one.
+            status, rest = await resumed(lean, http, "r1", after=0)
+        assert status == 200 and rest[-1][0] == "done" and rest[-1][2]["text"] == TEXT
+
+
+async def test_with_no_buffer_runs_are_not_resumable_and_leaving_cancels_at_once() -> None:
+    async with FakeOpenAI() as fake, running(config(fake, "resume_buffer_kb = 0")) as lean:
+        fake.push(drip(delay=0.05))
+        async with aiohttp.ClientSession() as http:
+            async with begun(lean, http, read=3) as (run_id, _):
+                status, _ = await resumed(lean, http, run_id, after=3)
+                assert status == 404  # running, but nothing kept to resume from
+            await fake.wait_disconnect(0, timeout=1)  # no grace without a buffer
+            assert (await saved(lean, http, "c1"))["status"] == "cancelled"
