@@ -30,6 +30,7 @@ import tempfile
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import uvloop
 
@@ -39,26 +40,48 @@ from bench.harness.sampler import memory_kb
 from bench.harness.scenarios import SCENARIOS
 from bench.harness.targets import Lean, Mock
 from lean import events
-from lean.resume import Replay
+from lean.replay import Replay
 
 WIRES = ("scene-sse", "scene-ndjson")
+
+
+class _Run:
+    """The text a run keeps anyway (`lean.replay.Live`): not the buffer's."""
+
+    tools: Any = None
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def texts(self) -> tuple[str, str]:
+        return self.text, ""
+
+    def text_slice(self, thinking: bool, begin: int, end: int) -> str:
+        return "" if thinking else self.text[begin:end]
+
+    def readers_changed(self) -> None: ...
+
+    def cancel(self) -> None: ...
 
 
 def buffer_bytes(chunks: int) -> tuple[int, int]:
     """Bytes a buffer holds (running: after the last delta; finished: after `done`).
 
     Payloads are encoded before measuring, as lean encodes them for the client anyway; a
-    delta's payload is not kept (its text is copied), `start`'s and `done`'s are: they
-    count at their full size."""
+    delta's payload is not kept, `start`'s and `done`'s are: they count at their full size,
+    and so does the copy of the answer's text a finished buffer keeps."""
     message_id = "bench:c_6f1d2e3a4b5c6d7e8f90:1"
     text = "lore"  # the mock's 4-character chunks
     start = events.Start("run_0123456789abcdef0123", message_id, "bench", "mock", "c_6f")
     delta = events.Delta(message_id=message_id, text=text)
     done = events.Done(message_id, "stop", events.Usage(8, chunks), text * chunks)
-    start_payload, delta_payload, done_payload = map(events.encode, (start, delta, done))
+    start_payload = events.encode(start)
+    delta_payload = events.encode(delta)
+    done_payload = events.encode(done)
+    run = _Run(text * chunks)
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
-    replay = Replay(start.run_id, message_id, 64 * 1024, None)
+    replay = Replay(start.run_id, message_id, 64 * 1024, run)
     replay.add(start, 1, start_payload)
     for seq in range(2, chunks + 2):
         replay.add(delta, seq, delta_payload)

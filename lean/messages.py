@@ -7,6 +7,7 @@ as JSON text).
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 from datetime import UTC, datetime
 from typing import Any
@@ -221,6 +222,25 @@ class TextBuffer:
         if len(recent) >= self.FOLD:
             self._joined.append("".join(recent))
             recent.clear()
+
+    def slice(self, begin: int, end: int) -> str:
+        """`text()[begin:end]`, walking the pieces back from the end: a slice near the end
+        (a resumed reader's live delta) costs its own length, not the whole text's. One far
+        back joins the text once, as `text()` does, and the next ones then start there."""
+        parts: list[str] = []
+        stop = self.size  # where the piece looked at ends
+        pieces = itertools.chain(reversed(self._recent), reversed(self._joined))
+        for walked, piece in enumerate(pieces):
+            if walked == self.FOLD * 4:
+                return self.text()[begin:end]
+            start = stop - len(piece)
+            if start < end:
+                parts.append(piece[max(begin - start, 0) : end - start])
+            if start <= begin:
+                break
+            stop = start
+        parts.reverse()
+        return "".join(parts)
 
     def text(self) -> str:
         """All of it; afterwards held as that one string (shared with the caller)."""

@@ -1,5 +1,5 @@
-"""Resumable runs (docs/protocol.md §2): each run's recent events, bounded, and the readers
-that resume it from a cursor.
+"""Resumable runs (docs/protocol.md §2, "Resuming a run"): the readers that resume a run
+from a cursor, and the registry of the runs' buffers (`lean.replay`).
 
 What a reader gets
 - A run's events are numbered from 1 (`seq`, the SSE `id:`, the cursor). A subscription
@@ -15,230 +15,29 @@ What a reader gets
   `error` made from the saved status. The thinking and tool events of the skipped stretch
   are not replayed (the saved message keeps them). A client that sees `start` again
   clears what it showed for the run.
-
-Bounds (style rule 5)
-- Per run: the most recent events whose stored bytes (plus `ENTRY_BYTES` each) stay under
-  `[limits] resume_buffer_kb`; older ones are dropped, a quarter of them at a time so a
-  trim is not paid per event. Two exceptions, both bounded elsewhere: `start` is kept
-  aside (every restart needs it; ~150 bytes), and the newest event is never dropped (one
-  tool result may be larger than the bound: `max_response_bytes`; `done` carries the
-  whole answer). So a finished run holds at most max(bound, its `done`).
-- Finished runs stay `[limits] resume_ttl` seconds, and together at most
+- Finished runs' buffers stay `[limits] resume_ttl` seconds, and together at most
   `FINISHED_BYTES`; past either the oldest go first.
-- A delta is stored as its JSON-escaped text alone (~5 bytes a token instead of its
-  ~80-byte payload), cut out of the payload the run encoded, and put back between the
-  run's fixed head and the part's tail when replayed: a resumed reader gets the same bytes
-  the first one got, and a run costs a few KB for hundreds of chunks
-  (`python -m bench.resume`).
 
-The hot path (`Replay.add`, once per event) slices, appends and compares lengths; it wakes
-waiting readers only when there are some. Nothing here does I/O but the store lookup of a
-run no longer buffered.
+Nothing here does I/O but the store lookup of a run no longer buffered.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import functools
 import time
-from array import array
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Final, Literal, Protocol
-
-import msgspec
 
 from lean import events
 from lean.errors import BadRequest, NotFound, clip
 from lean.messages import MessageRecord
+from lean.replay import Item, Live, Replay
 
-if TYPE_CHECKING:
-    from lean.tool_round import ToolRound
+__all__ = ["FINISHED_BYTES", "Replays", "Subscription", "saved_events"]
 
-__all__ = ["FINISHED_BYTES", "Live", "Replay", "Replays", "Subscription", "saved_events"]
-
-Item = tuple[int, str, bytes]  # (seq, event name, payload: one line of JSON)
-
-# Stored kinds: the three delta parts, then the other events in their order.
-CONTENT, THINKING, REFUSAL, START, TOOL_START, TOOL_END, WAITING, DONE, ERROR = range(9)
-_NAMES: Final = ("delta",) * 3 + ("start", "tool_start", "tool_end", "waiting", "done", "error")
-_PART: Final = {"content": CONTENT, "thinking": THINKING, "refusal": REFUSAL}
-_KIND: Final[dict[type, int]] = {
-    events.Start: START,
-    events.ToolStart: TOOL_START,
-    events.ToolEnd: TOOL_END,
-    events.Waiting: WAITING,
-    events.Done: DONE,
-    events.Error: ERROR,
-}
-# What follows a delta's text in its payload (msgspec writes the fields in order).
-_TAILS: Final = tuple(b'","part":"%b"}' % part.encode() for part in _PART)
-# A stored event's bookkeeping: where its bytes end and its kind, in one 8-byte integer.
-ENTRY_BYTES = 8
-_KIND_BITS = 4
 # All finished runs' buffers together: 1,000 runs of a 64 KiB buffer, well inside
 # systemd/lean.service's MemoryMax=384M beside 2,000 running streams. Most runs hold far
 # less (a 200-chunk answer: ~3 KB), so this binds only under a flood of long answers.
 FINISHED_BYTES = 64 * 1024 * 1024
-
-
-_Delta: Final = events.Delta
-
-
-@functools.cache
-def _text_slices(head: int) -> tuple[slice, ...]:
-    """Where a delta payload's escaped text is, by part, after a head of `head` bytes."""
-    return tuple(slice(head, -len(tail)) for tail in _TAILS)
-
-
-class Live(Protocol):
-    """The running run behind a buffer (`lean.run.Run`)."""
-
-    tools: ToolRound  # answers its `waiting` events
-
-    def shown_text(self) -> str:
-        """The answer's text the run has written as events so far."""
-        ...
-
-    def readers_changed(self) -> None:
-        """A subscription came or went (`Replay.readers`)."""
-        ...
-
-    def cancel(self) -> None: ...
-
-
-class Replay:
-    """One run's recent events (see the module's docstring for the bounds)."""
-
-    __slots__ = (
-        "_data",
-        "_ends",
-        "_head",
-        "_shift",
-        "_slices",
-        "_start",
-        "_waiters",
-        "bound",
-        "ended_at",
-        "final",
-        "last",
-        "message_id",
-        "readers",
-        "run",
-        "run_id",
-    )
-
-    def __init__(self, run_id: str, message_id: str, bound: int, run: Live | None) -> None:
-        self.run_id = run_id
-        self.message_id = message_id
-        self.run = run  # None once the run ended
-        self.bound = bound
-        self.readers = 0  # open subscriptions while the run runs
-        self.last = 0  # the newest event's seq
-        self.final = False  # the last event (done/error) is in
-        self.ended_at: float | None = None  # time.monotonic() of the run's end
-        self._head = b'{"type":"delta","messageId":%b,"text":"' % msgspec.json.encode(message_id)
-        self._slices = _text_slices(len(self._head))  # a delta payload's text, by part
-        self._start: bytes | None = None
-        # Per event: (end << _KIND_BITS) | kind, its end in _data counted from the first
-        # byte ever stored (so a trim renumbers nothing).
-        self._ends = array("Q")
-        self._data = bytearray()  # deleting at the front is O(1) for a bytearray
-        self._shift = 0  # bytes dropped from the front of _data so far
-        self._waiters: list[asyncio.Future[None]] = []
-
-    @property
-    def size(self) -> int:
-        """Bytes held, as the bound counts them."""
-        return len(self._data) + ENTRY_BYTES * len(self._ends) + len(self._start or b"")
-
-    # --- the run's side: once per event ---
-
-    def add(self, event: events.Event, seq: int, payload: bytes) -> None:
-        """The run wrote `event` as its `seq`-th, encoded as `payload`."""
-        data = self._data
-        if type(event) is _Delta:
-            kind = _PART[event.part]
-            data += payload[self._slices[kind]]
-        else:
-            kind = _KIND[type(event)]
-            if kind == START:
-                self._start = payload
-                self.last = seq
-                if self._waiters:
-                    self._wake()
-                return
-            data += payload
-            self.final = kind >= DONE
-        ends = self._ends
-        ends.append((self._shift + len(data)) << _KIND_BITS | kind)
-        self.last = seq
-        if len(data) + ENTRY_BYTES * len(ends) > self.bound:
-            self._trim()
-        if self._waiters:
-            self._wake()
-
-    def _trim(self) -> None:
-        """Drop the oldest quarter of the events until back under the bound, keeping the
-        newest: a few operations per trim, whatever the events' sizes."""
-        data, ends = self._data, self._ends
-        while len(data) + ENTRY_BYTES * len(ends) > self.bound and len(ends) > 1:
-            drop = max(1, (len(ends) - 1) // 4)
-            cut = (ends[drop - 1] >> _KIND_BITS) - self._shift
-            del data[:cut]  # O(1): a bytearray moves its start
-            del ends[:drop]
-            self._shift += cut
-
-    def end(self) -> None:
-        """The run is over: no more events; its readers learn it now."""
-        self.run = None
-        self.ended_at = time.monotonic()
-        # Exact-size copies: an appended-to bytearray keeps spare room and dropped space.
-        self._data = bytearray(self._data)
-        self._ends = array("Q", self._ends)
-        self._wake()
-
-    def _wake(self) -> None:
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._waiters.clear()
-
-    # --- the readers' side ---
-
-    @property
-    def ended(self) -> bool:
-        return self.ended_at is not None
-
-    def after(self, cursor: int) -> Item | Literal[False] | None:
-        """The event after `cursor`; None: not written yet; False: no longer buffered."""
-        if cursor >= self.last:
-            return None
-        if cursor == 0:
-            assert self._start is not None, "start is the first event"
-            return (1, "start", self._start)
-        first = self.last - len(self._ends) + 1
-        if cursor < first - 1:
-            return False
-        index = cursor + 1 - first
-        entry = self._ends[index]
-        kind = entry & (1 << _KIND_BITS) - 1
-        begin = (self._ends[index - 1] >> _KIND_BITS if index else self._shift) - self._shift
-        data = self._data[begin : (entry >> _KIND_BITS) - self._shift]
-        payload = self._head + data + _TAILS[kind] if kind <= REFUSAL else bytes(data)
-        return (cursor + 1, _NAMES[kind], payload)
-
-    def start_event(self) -> Item:
-        assert self._start is not None, "start is the first event"
-        return (1, "start", self._start)
-
-    async def wait(self) -> None:
-        """Until the run writes another event or ends."""
-        if self.ended:
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        await waiter
 
 
 class Subscription:
@@ -297,7 +96,7 @@ class Subscription:
             self._items.extend(await self._saved())
             return
         self._items.append(replay.start_event())
-        text = run.shown_text()
+        text = replay.shown_text()
         if text:
             delta = events.Delta(message_id=replay.message_id, text=text)
             self._items.append((replay.last, "delta", events.encode(delta)))

@@ -46,7 +46,7 @@ from lean.errors import (
 from lean.guard import Guard
 from lean.providers.base import Piece, Usage
 from lean.relay import Relay
-from lean.resume import Replay
+from lean.replay import Replay
 from lean.services import Services
 from lean.tool_round import Call, ToolRound
 from lean.tools import openai_tools
@@ -193,12 +193,12 @@ class Run:
         self._grace = None
         self.cancel(Cancelled("the client left"))
 
-    def shown_text(self) -> str:
-        """The answer's text written as events so far (a resume's restart, lean.resume)."""
-        text = self.core.text.text()
-        if self._held and self._held_part != "thinking":  # the tail, not written yet
-            return text[: len(text) - sum(map(len, self._held))]
-        return text
+    def texts(self) -> tuple[str, str]:
+        """The answer's text and reasoning so far: what a resume replays (lean.resume)."""
+        return self.core.text.text(), self.core.reasoning.text()
+
+    def text_slice(self, thinking: bool, begin: int, end: int) -> str:
+        return (self.core.reasoning if thinking else self.core.text).slice(begin, end)
 
     async def _ping(self) -> None:
         if self.sink is not None:

@@ -20,7 +20,7 @@ from lean.config import SceneConfig
 from lean.errors import BadRequest, NotFound, StoreUnavailable, clip
 from lean.handlers import SSE_HEADERS, read_json, services_key
 from lean.inbound import ClientId, decode
-from lean.resume import Live
+from lean.replay import Live
 from lean.run import Run, Sink, new_run_id
 from lean.scenes import SceneRequest, chat_body, new_conversation_id, render, typed
 from lean.services import Services

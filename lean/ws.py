@@ -34,7 +34,7 @@ from lean.client_io import TextFrames, bound_send_buffer, reset
 from lean.errors import BadRequest, LeanError, NotFound, Overloaded
 from lean.handlers import services_key
 from lean.inbound import ClientId, decode, is_client_id
-from lean.resume import Live
+from lean.replay import Live
 from lean.resume_handlers import MAX_CURSOR, pump
 from lean.run import Run
 from lean.scene_handlers import new_run

@@ -1,5 +1,6 @@
-"""lean.resume fed directly: a run's buffer replays the exact bytes it was given, stays in its
-bound, and its subscriptions give every event after a cursor once, live ones included."""
+"""lean.replay and lean.resume fed directly: a run's buffer replays the exact bytes the run
+wrote, stays in its bound, and its subscriptions give every event after a cursor once, live
+ones included."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 
 from lean import events
 from lean.messages import MessageRecord
-from lean.resume import ENTRY_BYTES, Item, Replay, Replays, Subscription, saved_events
+from lean.replay import ENTRY_BYTES, Item, Replay
+from lean.resume import Replays, Subscription, saved_events
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -33,16 +35,21 @@ def run_events(words: int = 20) -> list[events.Event]:
 
 
 class FakeRun:
-    """What a buffer asks of its run (`lean.resume.Live`)."""
+    """What a buffer asks of its run (`lean.replay.Live`): its text as lean.run keeps it."""
 
     def __init__(self) -> None:
         self.text = ""
+        self.reasoning = ""
         self.changes: list[int] = []
         self.replay: Replay | None = None
         self.cancelled = False
+        self.tools: Any = None
 
-    def shown_text(self) -> str:
-        return self.text
+    def texts(self) -> tuple[str, str]:
+        return self.text, self.reasoning
+
+    def text_slice(self, thinking: bool, begin: int, end: int) -> str:
+        return (self.reasoning if thinking else self.text)[begin:end]
 
     def readers_changed(self) -> None:
         assert self.replay is not None
@@ -51,11 +58,22 @@ class FakeRun:
     def cancel(self) -> None:
         self.cancelled = True
 
+    def write(self, event: events.Event, seq: int) -> None:
+        """As lean.run does: the text joins the answer, then the event is written."""
+        if isinstance(event, events.Delta):
+            if event.part == "thinking":
+                self.reasoning += event.text
+            else:
+                self.text += event.text
+        assert self.replay is not None
+        self.replay.add(event, seq, events.encode(event))
 
-def fed(evs: list[events.Event], bound: int = 1 << 20, run: Any = None) -> Replay:
-    replay = Replay("run_1", M, bound, run)
+
+def fed(evs: list[events.Event], bound: int = 1 << 20) -> Replay:
+    run = FakeRun()
+    replay = run.replay = Replay("run_1", M, bound, run)
     for seq, event in enumerate(evs, 1):
-        replay.add(event, seq, events.encode(event))
+        run.write(event, seq)
     return replay
 
 
@@ -70,42 +88,53 @@ async def collect(subscription: Subscription) -> list[Item]:
 def test_every_event_comes_back_as_the_bytes_the_run_wrote() -> None:
     evs = run_events()
     replay = fed(evs)
-    for cursor in range(len(evs)):
-        assert replay.after(cursor) == (
-            cursor + 1,
-            events.event_name(evs[cursor]),
-            events.encode(evs[cursor]),
-        )
-    assert replay.after(len(evs)) is None
-    assert replay.final and replay.last == len(evs)
+    for ended in (False, True):  # from the run's text, then from the stretch copied out
+        assert replay.ended is ended
+        for cursor in range(len(evs)):
+            assert replay.after(cursor) == (
+                cursor + 1,
+                events.event_name(evs[cursor]),
+                events.encode(evs[cursor]),
+            )
+        assert replay.after(len(evs)) is None
+        assert replay.final and replay.last == len(evs)
+        replay.end()
 
 
-def test_a_delta_costs_its_text_not_its_payload() -> None:
-    evs = [events.Start("run_1", M, "chat", "default", "c1")]
+def test_a_delta_costs_an_entry_and_its_characters_count_in_the_bound() -> None:
+    evs: list[events.Event] = [events.Start("run_1", M, "chat", "default", "c1")]
     evs += [events.Delta(M, "word ") for _ in range(200)]
     replay = fed(evs)
-    payloads = sum(len(events.encode(e)) for e in evs[1:])
     assert replay.size - len(events.encode(evs[0])) == 200 * (len("word ") + ENTRY_BYTES)
-    assert replay.size < payloads / 4
+    assert replay._ends.itemsize * len(replay._ends) == 200 * ENTRY_BYTES  # all it holds
 
 
 def test_the_bound_drops_the_oldest_and_keeps_start_and_the_newest() -> None:
-    evs = [events.Start("run_1", M, "chat", "default", "c1")]
-    evs += [events.Delta(M, f"word{i:04} ") for i in range(1000)]
+    evs: list[events.Event] = [events.Start("run_1", M, "chat", "default", "c1")]
+    for i in range(1000):
+        evs.append(events.Delta(M, f"word{i:04} ", "thinking" if i % 7 == 3 else "content"))
+        if i % 100 == 50:
+            evs.append(events.ToolStart(M, f"call_{i}", "clock", "{}"))
     bound = 1024
-    replay = Replay("run_1", M, bound, None)
+    run = FakeRun()
+    replay = run.replay = Replay("run_1", M, bound, run)
     for seq, event in enumerate(evs, 1):
-        replay.add(event, seq, events.encode(event))
+        run.write(event, seq)
         assert replay.size - len(events.encode(evs[0])) <= bound
-    assert replay.after(0) == (1, "start", events.encode(evs[0]))  # start is kept aside
-    assert replay.after(1) is False  # long gone
-    kept = [replay.after(c) for c in range(1, len(evs)) if replay.after(c) is not False]
-    assert len(kept) > 40  # most of the bound holds deltas, not bookkeeping
-    seqs = [item[0] for item in kept if isinstance(item, tuple)]
-    assert seqs == list(range(seqs[0], len(evs) + 1))  # contiguous up to the newest
-    for seq in seqs:
-        assert replay.after(seq - 1) == (seq, "delta", events.encode(evs[seq - 1]))
+    for ended in (False, True):
+        assert replay.ended is ended
+        assert replay.after(0) == (1, "start", events.encode(evs[0]))  # kept aside
+        assert replay.after(1) is False  # long gone
+        kept = [replay.after(c) for c in range(1, len(evs)) if replay.after(c) is not False]
+        assert len(kept) > 40  # most of the bound holds deltas, not bookkeeping
+        seqs = [item[0] for item in kept if isinstance(item, tuple)]
+        assert seqs == list(range(seqs[0], len(evs) + 1))  # contiguous up to the newest
+        for seq in seqs:
+            event = evs[seq - 1]
+            assert replay.after(seq - 1) == (seq, events.event_name(event), events.encode(event))
+        replay.end()
     # One event larger than the bound is still kept while it is the newest.
+    replay = fed(evs, bound)
     big = events.ToolEnd(M, "call_1", "clock", "x" * 4000, 1.0, False)
     replay.add(big, len(evs) + 1, events.encode(big))
     assert replay.after(len(evs)) == (len(evs) + 1, "tool_end", events.encode(big))
@@ -116,13 +145,13 @@ async def test_a_subscription_gets_the_buffered_events_then_the_live_ones_once()
     run = FakeRun()
     replay = run.replay = Replay("run_1", M, 1 << 20, run)
     for seq, event in enumerate(evs[:10], 1):
-        replay.add(event, seq, events.encode(event))
+        run.write(event, seq)
     subscription = Subscription(replay, 4, nothing_saved)
     assert run.changes == [1]  # a reader joined
     reader = asyncio.create_task(collect(subscription))
     for seq, event in enumerate(evs[10:], 11):
         await asyncio.sleep(0)
-        replay.add(event, seq, events.encode(event))
+        run.write(event, seq)
     got = await asyncio.wait_for(reader, 2)
     expected = [(s, events.event_name(e), events.encode(e)) for s, e in enumerate(evs, 1)]
     assert got == expected[4:]  # nothing twice, nothing missing, then it ends
@@ -133,17 +162,18 @@ async def test_a_cursor_out_of_the_buffer_restarts_the_answer_from_the_shown_tex
     run = FakeRun()
     replay = run.replay = Replay("run_1", M, 512, run)
     start = events.Start("run_1", M, "chat", "default", "c1")
-    replay.add(start, 1, events.encode(start))
+    run.write(start, 1)
     for seq in range(2, 200):
-        replay.add(events.Delta(M, "abc "), seq, events.encode(events.Delta(M, "abc ")))
-    run.text = "abc " * 198
+        run.write(events.Delta(M, "abc "), seq)
+    run.text += "held, not written yet"
     subscription = Subscription(replay, 3, nothing_saved)
     first = await anext(subscription)
     second = await anext(subscription)
     assert first == (1, "start", events.encode(start))  # the client starts over
-    assert second == (199, "delta", events.encode(events.Delta(M, run.text)))
-    done = events.Done(M, "stop", events.Usage(), run.text)
-    replay.add(done, 200, events.encode(done))
+    shown = "abc " * 198
+    assert second == (199, "delta", events.encode(events.Delta(M, shown)))
+    done = events.Done(M, "stop", events.Usage(), shown)
+    run.write(done, 200)
     assert await anext(subscription) == (200, "done", events.encode(done))
     with pytest.raises(StopAsyncIteration):
         await anext(subscription)
@@ -236,9 +266,30 @@ async def test_subscribing_to_an_unknown_run_or_past_the_newest_event_is_refused
     replay = replays.open("run_1", M, run)
     assert replay is not None
     run.replay = replay
-    start = events.Start("run_1", M, "chat", "default", "c1")
-    replay.add(start, 1, events.encode(start))
+    run.write(events.Start("run_1", M, "chat", "default", "c1"), 1)
     with pytest.raises(BadRequest, match="after"):
         await replays.subscribe("run_1", 5)
     (await replays.subscribe("run_1", 1)).close()
     assert run.changes == [1, 0]
+
+
+def test_a_text_slice_near_the_end_is_the_same_as_the_whole_text_sliced() -> None:
+    import random
+
+    from lean.messages import TextBuffer
+
+    rng = random.Random(12)
+    buffer = TextBuffer()
+    whole = ""
+    for i in range(2000):
+        piece = "é" * rng.randrange(0, 7) + f"{i} "
+        buffer.add(piece)
+        whole += piece
+        if i % 97 == 0:
+            buffer.text()  # as a save or a resume far back does
+        for _ in range(3):
+            end = rng.randrange(max(0, len(whole) - 400), len(whole) + 1)
+            begin = rng.randrange(max(0, end - 50), end + 1)
+            assert buffer.slice(begin, end) == whole[begin:end]
+    assert buffer.slice(0, 10) == whole[:10]  # far back: joined once
+    assert buffer.slice(len(whole) - 3, len(whole)) == whole[-3:]
