@@ -65,8 +65,8 @@ class Live(Protocol):
     tools: ToolRound  # answers its `waiting` events
 
     def texts(self) -> tuple[str, str]:
-        """The answer's text (content and refusals) and its reasoning, as the run has them;
-        what its deltas wrote is where each begins."""
+        """The answer's text (content and refusals) and its reasoning as the run has them:
+        what its deltas wrote so far, then any text held back for a client that is behind."""
         ...
 
     def text_slice(self, thinking: bool, begin: int, end: int) -> str:
