@@ -476,3 +476,15 @@ async def test_with_no_buffer_runs_are_not_resumable_and_leaving_cancels_at_once
                 assert status == 404  # running, but nothing kept to resume from
             await fake.wait_disconnect(0, timeout=1)  # no grace without a buffer
             assert (await saved(lean, http, "c1"))["status"] == "cancelled"
+
+
+async def test_a_second_reader_beside_the_first_gets_the_same_events() -> None:
+    async with FakeOpenAI() as fake, running(config(fake)) as lean, aiohttp.ClientSession() as http:
+        fake.push(drip(delay=0.01))
+        async with http.post(f"{lean.url}/v1/scenes/chat/stream", json={"message": "hi"}) as resp:
+            first = await sse_events(resp, 3)
+            status, other = await resumed(lean, http, first[0][2]["runId"])  # from the start
+            first += parse_sse(await resp.read())
+    assert status == 200
+    assert_whole(first)
+    assert other == first  # a reader beside the first one: the same events, the same bytes
