@@ -15,17 +15,22 @@ from typing import TYPE_CHECKING, Any
 
 from lean.core import Ending
 from lean.messages import MessageRecord, utc_now
+from lean.providers.base import Usage
 
 if TYPE_CHECKING:
     from lean.run import Run
 
 log = logging.getLogger("lean.run")
+_NO_USAGE = Usage()
 
 
 def record(run: Run, status: str = "streaming") -> MessageRecord:
-    """The run's answer as it stands, with `status`."""
+    """The run's answer as it stands, with `status`. Token counts are the upstream's so far
+    (a cancelled run keeps what the upstream had reported), None when it reported none:
+    never invented zeros."""
     core = run.core
     usage = core.usage
+    known = usage != _NO_USAGE
     return MessageRecord(
         message_id=run.message_id,
         conversation_id=run.conversation_id,
@@ -40,8 +45,8 @@ def record(run: Run, status: str = "streaming") -> MessageRecord:
         tool_calls=[call.saved() for call in core.calls],
         finish_reason=core.finish if core.ending is Ending.COMPLETE else None,
         error_code=core.error.code if core.error else None,
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
+        prompt_tokens=usage.prompt_tokens if known else None,
+        completion_tokens=usage.completion_tokens if known else None,
         first_token_ms=core.first_token_ms,
         duration_ms=(time.monotonic() - core.started) * 1000,
         run_id=run.run_id,

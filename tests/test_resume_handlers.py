@@ -296,6 +296,17 @@ async def test_explicit_cancel_stops_at_once_and_saves_cancelled_with_the_usage_
     assert words >= 5 and row["completionTokens"] in (words, words + 1)
 
 
+async def test_a_cancelled_run_whose_upstream_reported_no_usage_saves_none_not_zeros() -> None:
+    async with FakeOpenAI() as fake, running(config(fake)) as lean, aiohttp.ClientSession() as http:
+        fake.push(drip(delay=0.05))  # usage only in the last chunk, which never comes
+        async with begun(lean, http, read=4) as (run_id, _):
+            async with http.post(f"{lean.url}/v1/runs/{run_id}/cancel") as resp:
+                assert resp.status == 202
+        row = await saved(lean, http, "c1")
+    assert row["status"] == "cancelled" and row["content"].startswith("w0")
+    assert row["promptTokens"] is None and row["completionTokens"] is None
+
+
 async def test_the_running_answer_is_listed_streaming_with_its_run_id() -> None:
     async with FakeOpenAI() as fake, running(config(fake)) as lean, aiohttp.ClientSession() as http:
         fake.push(drip())
