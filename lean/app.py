@@ -13,7 +13,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import WSCloseCode, web
 
-from lean import anthropic_routes, handlers, scene_handlers, static, ui_handlers, ws
+from lean import (
+    anthropic_routes,
+    handlers,
+    resume_handlers,
+    scene_handlers,
+    static,
+    ui_handlers,
+    ws,
+)
 from lean.clients import Client, client_key
 from lean.config import Config, ConfigError
 from lean.connections import Connections
@@ -194,6 +202,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_post("/v1/scenes/{scene}/ui", ui_handlers.stream_ui)
     app.router.add_get("/v1/scenes/{scene}/ui/{chat_id}/stream", ui_handlers.resume_ui)
     app.router.add_post("/v1/runs/{run_id}/cancel", scene_handlers.cancel_run)
+    app.router.add_get("/v1/runs/{run_id}/stream", resume_handlers.resume_stream)
     app.router.add_post("/v1/runs/{run_id}/tool-results", scene_handlers.tool_result)
     app.router.add_get(
         "/v1/conversations/{conversation_id}/messages", scene_handlers.conversation_messages

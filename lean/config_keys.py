@@ -184,6 +184,8 @@ KEYS: dict[str, dict[str, _Parser]] = {
         "send_buffer_bytes": _int(0),
         "fallback_budget_mb": _COUNT,
         "tool_threads": _COUNT,
+        "resume_buffer_kb": _int(0),
+        "resume_ttl": _float(zero_ok=True),
     },
     "provider": {
         "kind": _choice(*get_args(ProviderKind)),
@@ -223,6 +225,7 @@ KEYS: dict[str, dict[str, _Parser]] = {
         "max_tool_rounds": _int(0),
         "history_turns": _int(0),
         "on_disconnect": _choice("cancel", "finish"),
+        "resume_grace": _float(zero_ok=True),
     },
     "client": {  # lean.config_clients
         "token_env": _str,

@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 
 from lean import __version__
+from lean.openapi_resume import resume_path
 from lean.openapi_schemas import ref, schemas
 
 __all__ = ["document", "encoded"]
@@ -114,7 +115,8 @@ def _paths() -> dict[str, Any]:
             NDJSON: {
                 "schema": {
                     **ref("SceneEvent"),
-                    "description": 'one SceneEvent per line; `{"type":"ping"}` heartbeats',
+                    "description": "one SceneEvent per line with `seq` (its cursor) added;"
+                    ' `{"type":"ping"}` heartbeats',
                 }
             },
         },
@@ -292,6 +294,7 @@ def _paths() -> dict[str, Any]:
                 },
             },
         },
+        "/v1/runs/{runId}/stream": resume_path(_RUN, _GET_AUTH, scene_stream, _errors),
         "/v1/runs/{runId}/tool-results": {
             "parameters": [_RUN],
             "post": {
@@ -345,7 +348,8 @@ def _paths() -> dict[str, Any]:
             "get": {
                 "summary": "a WebSocket carrying many runs (docs/protocol.md §3)",
                 "description": "Client frames: `run` (a SceneRequest with `type`, `runId`,"
-                " `scene`), `cancel`, `tool_result`. Server frames: SceneEvent with `runId`."
+                " `scene`), `cancel`, `tool_result`, `resume` (`runId`, `after`). Server"
+                " frames: SceneEvent with `runId` and `seq`."
                 " A browser sends its token as the subprotocol `lean.bearer.<token>` beside"
                 " `lean`, or as `access_token`.",
                 "security": _GET_AUTH,

@@ -23,6 +23,7 @@ from lean.driver import SSE_HEADERS
 from lean.errors import BadRequest, NotFound, StoreUnavailable, clip
 from lean.handlers import read_json, services_key
 from lean.inbound import ClientId, decode
+from lean.replay import Live
 from lean.run import Run, Sink, new_run_id
 from lean.scenes import SceneRequest, chat_body, new_conversation_id, render, typed
 from lean.services import Services
@@ -80,7 +81,7 @@ class NDJSONSink(_HttpSink):
 
     @staticmethod
     def frame(name: str, seq: int, payload: bytes) -> bytes:
-        return events.ndjson_frame(payload)
+        return events.ndjson_frame(payload, seq)
 
 
 # Seconds a client refused with `store_unavailable` is asked to wait: lean probes the store
@@ -223,9 +224,14 @@ async def stream_scene(request: web.Request) -> web.StreamResponse:
     return response
 
 
+def _running(services: Services, run_id: str, client: Client) -> Live | None:
+    """`client`'s run started over HTTP, or any resumable one of its (a WebSocket's too)."""
+    return services.runs.get(run_id, client) or services.replays.running(run_id, client)
+
+
 async def cancel_run(request: web.Request) -> web.Response:
     run_id = request.match_info["run_id"]
-    run = request.app[services_key].runs.get(run_id, client_of(request))
+    run = _running(request.app[services_key], run_id, client_of(request))
     if run is None:
         raise NotFound(f"run '{clip(run_id)}' is not running")
     run.cancel()
@@ -244,7 +250,7 @@ async def tool_result(request: web.Request) -> web.Response:
     """Answers a `waiting` event: `{"toolCallId", "result"}`."""
     run_id = request.match_info["run_id"]
     answer = decode(_decode_tool_result, await read_json(request))
-    run = request.app[services_key].runs.get(run_id, client_of(request))
+    run = _running(request.app[services_key], run_id, client_of(request))
     if run is None:
         raise NotFound(f"run '{clip(run_id)}' is not running")
     run.tools.answer(answer.tool_call_id, answer.result)

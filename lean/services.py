@@ -11,6 +11,7 @@ from lean.config import Config, ConfigError
 from lean.limits import Streams
 from lean.metrics import Metrics
 from lean.progress import Progress
+from lean.resume import Replays
 from lean.store import Store, StoreError
 from lean.tools import Tools
 from lean.upkeep import Upkeep
@@ -77,7 +78,14 @@ class Services:
         # Imports python tools: a bad path stops start-up.
         self.tools = Tools(config.tools, threads=config.limits.tool_threads, metrics=self.metrics)
         self.runs = Runs()
+        limits = config.limits
+        self.replays = Replays(
+            buffer_bytes=limits.resume_buffer_kb * 1024,
+            ttl=limits.resume_ttl,
+            find=self.store.run_answer,
+        )
         self.upkeep = Upkeep(self.metrics, lambda: len(self.streams))
+        self.upkeep.chores.append(self.replays.sweep)  # finished buffers past their ttl
         self.metrics.gauges += [
             (
                 "lean_tool_threads_busy",
@@ -88,6 +96,16 @@ class Services:
                 "lean_whole_answer_bytes",
                 "Bytes of whole (non-streaming) answers held now; bounded by fallback_budget_mb.",
                 lambda: self.upstream.budget.held,
+            ),
+            (
+                "lean_resume_buffers",
+                "Runs whose recent events lean keeps for a resume, running and finished.",
+                lambda: len(self.replays),
+            ),
+            (
+                "lean_resume_finished_bytes",
+                "Bytes the buffers of finished runs hold; bounded (lean.resume.FINISHED_BYTES).",
+                lambda: self.replays.finished_bytes,
             ),
         ]
         self.sockets: set[web.WebSocketResponse] = set()  # closed with 1001 on shutdown

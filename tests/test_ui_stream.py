@@ -62,12 +62,14 @@ parameters = {"type": "object", "properties": {"question": {"type": "string"}}}
 model = default
 template = {message}
 history_turns = 4
+resume_grace = 0  ; leaving cancels at once (test_resume_handlers.py: the grace)
 
 [scene.helper]
 model = default
 template = {message}
 tools = clock, boom, ask_user
 max_tool_rounds = 2
+resume_grace = 0
 
 [scene.report]
 model = default
