@@ -499,3 +499,87 @@ async def test_a_second_reader_beside_the_first_gets_the_same_events() -> None:
     assert status == 200
     assert_whole(first)
     assert other == first  # a reader beside the first one: the same events, the same bytes
+
+
+# --- ownership (docs/protocol.md §8) ----------------------------------------------------------
+
+OWNERS = """
+[client.alpha]
+token_env = ALPHA_TOKENS
+
+[client.beta]
+token_env = BETA_TOKENS
+"""
+OWNER_TOKENS = {"LEAN_TOKENS": "op-token", "ALPHA_TOKENS": "alpha-token", "BETA_TOKENS": "beta"}
+ALPHA = {"Authorization": "Bearer alpha-token"}
+OTHERS = ({"Authorization": "Bearer beta"}, {"Authorization": "Bearer op-token"})
+
+
+async def test_another_clients_run_is_404_to_resume_running_buffered_or_saved() -> None:
+    """To another client (a named one, or the operator's default) a run does not exist: the
+    resume route and the WebSocket's resume frame say 404 in the words of an unknown id,
+    while it runs, once it ended (still buffered), and once only the store has it."""
+    async with FakeOpenAI() as fake:
+        cfg = lean_config(
+            fake.base_url, extra=SCENES + OWNERS, environ=OWNER_TOKENS, limits="resume_ttl = 0.3"
+        )
+        fake.push(drip(delay=0.03))
+        async with running(cfg) as lean, aiohttp.ClientSession() as http:
+
+            async def status_of(run_id: str, headers: dict[str, str]) -> tuple[int, str]:
+                url = f"{lean.url}/v1/runs/{run_id}/stream?after=1"
+                async with http.get(url, headers=headers) as resp:
+                    body = await resp.read()
+                    message = json.loads(body)["error"]["message"] if resp.status == 404 else ""
+                    return resp.status, message
+
+            resp = await http.post(
+                f"{lean.url}/v1/scenes/chat/stream", json={"message": "hi"}, headers=ALPHA
+            )
+            first = await sse_events(resp, 3)
+            resp.close()  # alpha left: the run goes on within its grace
+            run_id = first[0][2]["runId"]
+            unknown = await status_of("run_nope", ALPHA)
+            assert unknown[0] == 404
+            for headers in OTHERS:
+                assert await status_of(run_id, headers) == (
+                    404,
+                    unknown[1].replace("run_nope", run_id),
+                )
+                token = headers["Authorization"].removeprefix("Bearer ")
+                async with http.ws_connect(f"{lean.url}/v1/ws?access_token={token}") as ws:
+                    await ws.send_json({"type": "resume", "runId": run_id, "after": 0})
+                    frame = await ws.receive_json(timeout=5)
+                    assert (frame["type"], frame["code"], frame["runId"]) == (
+                        "error",
+                        "not_found",
+                        run_id,
+                    )
+                    await ws.send_json({"type": "cancel", "runId": run_id})
+                    frame = await ws.receive_json(timeout=5)
+                    assert (frame["type"], frame["code"]) == ("error", "not_found")
+                async with http.post(f"{lean.url}/v1/runs/{run_id}/cancel", headers=headers) as r:
+                    assert r.status == 404
+            # its own client gets the rest, live, untouched by the others' attempts
+            async with http.get(
+                f"{lean.url}/v1/runs/{run_id}/stream", headers={**ALPHA, "Last-Event-ID": "3"}
+            ) as resp:
+                assert resp.status == 200
+                rest = parse_sse(await resp.read())
+            assert_whole(first + rest)
+            for headers in OTHERS:  # ended, still buffered
+                assert (await status_of(run_id, headers))[0] == 404
+            await asyncio.sleep(0.5)  # past resume_ttl: only the store has it now
+            for headers in OTHERS:
+                assert (await status_of(run_id, headers))[0] == 404
+            status, served = await resumed_as(lean, http, run_id, ALPHA)
+    assert status == 200
+    assert [(t, seq) for t, seq, _ in served] == [("start", 1), ("delta", 2), ("done", 3)]
+    assert served[1][2]["text"] == TEXT
+
+
+async def resumed_as(
+    lean: Server, http: aiohttp.ClientSession, run_id: str, headers: dict[str, str]
+) -> tuple[int, list[Event]]:
+    async with http.get(f"{lean.url}/v1/runs/{run_id}/stream?after=1", headers=headers) as resp:
+        return resp.status, parse_sse(await resp.read()) if resp.status == 200 else []
