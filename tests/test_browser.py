@@ -155,7 +155,11 @@ def get(url: str, token: str | None = TOKEN) -> Any:
 
 class Cutter:
     """A TCP relay in front of lean that a page can cut: `GET /__cut` on it closes every
-    other connection through it at once, as a network that drops would (never sent on)."""
+    other connection through it at once, as a network that drops would (never sent on).
+    The browser may send `/__cut` on a kept-alive connection it used before, so every
+    request the relay passes on is looked at, not only a connection's first."""
+
+    CUT = b"GET /__cut"
 
     def __init__(self, port: int) -> None:
         self.port = port
@@ -167,28 +171,30 @@ class Cutter:
         self.server = await asyncio.start_server(self.relay, "127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
 
+    async def cut(self, writer: asyncio.StreamWriter) -> None:
+        for other in list(self.open - {writer}):
+            other.transport.abort()
+        writer.write(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.transport.abort()
+
     async def relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        first = await reader.read(65536)
-        if first.startswith(b"GET /__cut"):
-            for other in list(self.open):
-                other.transport.abort()
-            writer.write(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
-            await writer.drain()
-            writer.close()
-            return
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
         self.open |= {writer, up_writer}
-        up_writer.write(first)
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, page: bool) -> None:
             with contextlib.suppress(ConnectionError):
                 while data := await src.read(65536):
+                    if page and data.startswith(self.CUT):
+                        self.open -= {writer}
+                        await self.cut(writer)
+                        break
                     dst.write(data)
                     await dst.drain()
             dst.transport.abort()
 
         try:
-            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+            await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
         finally:
             self.open -= {writer, up_writer}
 

@@ -22,8 +22,8 @@
 //   `access_token` query parameter of the upgrade. lean.js never logs a token.
 // - Resume (docs/protocol.md §6): a `SceneStream` whose connection drops (a network
 //   failure, a proxy's timeout, a stream cut before its final event) reconnects by itself to
-//   `GET /v1/runs/{runId}/stream` with `Last-Event-ID` = the last `seq` it yielded, and goes
-//   on with the next event: nothing twice, nothing missing. lean keeps a run going for
+//   `GET /v1/runs/{runId}/stream?after=N`, N the last `seq` it yielded, and goes on with the
+//   next event: nothing twice, nothing missing (`204`: it had the run's last event already). lean keeps a run going for
 //   `resume_grace` seconds without a reader. Each running stream's run id and cursor are kept
 //   in `sessionStorage` (`lean.runs`), so after a reload `unfinished()` tells which runs
 //   were being read and `resume(runId)` reads them again (from the start, or from `after`).
@@ -608,7 +608,9 @@ export class Session {
     return run;
   }
 
-  /** Read a run again on this socket: its events after `after`, then the live ones. */
+  /** Read a run again on this socket: its events after `after`, then the live ones. At a
+   * finished run's last event lean sends nothing more: resume from a cursor you have not
+   * seen the end of (the HTTP `resume()` gets `204` there and simply ends). */
   resume(runId, { after = 0 } = {}) {
     if (this.runs.has(runId)) throw new Error(`run id '${runId}' is already read on this session`);
     const run = new SessionRun(this, runId);
