@@ -36,7 +36,8 @@ _ERRORS = {
     "403": "a foreign Origin or Host (docs/protocol.md §6)",
     "404": "unknown model, scene, run or conversation; or one the client may not use or does"
     " not own (docs/protocol.md §8)",
-    "409": "an answer of the chat is running and lean cannot replay it yet (still_running)",
+    "409": "an answer of the chat is running and lean keeps no events to replay it"
+    " (still_running: [limits] resume_buffer_kb = 0)",
     "413": "body larger than [server] max_body_bytes",
     "415": "a body that is not JSON",
     "429": "a client's limit (docs/protocol.md §8): rate_limited, or quota_exceeded; Retry-After",
