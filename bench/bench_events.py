@@ -69,15 +69,15 @@ def main() -> None:
             "  alt inline: join",
             lambda: b"".join((head, b"%d" % 42, b"\ndata: ", payload, b"\n\n")),
         ),
-        ("ndjson_frame", lambda: ndjson_frame(payload)),
-        ("ws_frame (as shipped, %-format)", lambda: ws_frame("r-5f0c2a", payload)),
+        ("ndjson_frame", lambda: ndjson_frame(payload, 7)),
+        ("ws_frame (as shipped, %-format)", lambda: ws_frame("r-5f0c2a", payload, 7)),
         (
             "  alt inline: concat",
             lambda: b'{"runId":' + raw("r-5f0c2a") + b"," + payload[1:],
         ),
         ("encode + sse_frame", lambda: sse_frame("delta", 42, encode(ascii_delta))),
-        ("encode + ndjson_frame", lambda: ndjson_frame(encode(ascii_delta))),
-        ("encode + ws_frame", lambda: ws_frame("r-5f0c2a", encode(ascii_delta))),
+        ("encode + ndjson_frame", lambda: ndjson_frame(encode(ascii_delta), 7)),
+        ("encode + ws_frame", lambda: ws_frame("r-5f0c2a", encode(ascii_delta), 7)),
     ]
     print(f"$ {sys.executable} -m bench.bench_events")
     print(f"python {sys.version.split()[0]}, msgspec {msgspec.__version__}; ns per call,")

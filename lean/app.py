@@ -17,6 +17,7 @@ from lean import (
     anthropic_routes,
     handlers,
     responses_route,
+    resume_handlers,
     scene_handlers,
     static,
     ui_handlers,
@@ -204,6 +205,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_post("/v1/scenes/{scene}/ui", ui_handlers.stream_ui)
     app.router.add_get("/v1/scenes/{scene}/ui/{chat_id}/stream", ui_handlers.resume_ui)
     app.router.add_post("/v1/runs/{run_id}/cancel", scene_handlers.cancel_run)
+    app.router.add_get("/v1/runs/{run_id}/stream", resume_handlers.resume_stream)
     app.router.add_post("/v1/runs/{run_id}/tool-results", scene_handlers.tool_result)
     app.router.add_get(
         "/v1/conversations/{conversation_id}/messages", scene_handlers.conversation_messages

@@ -133,6 +133,10 @@ class LimitsConfig(msgspec.Struct, frozen=True, kw_only=True):
     # Streams across every instance sharing [cluster] redis_url; 0: no bound but each
     # instance's max_streams (docs/protocol.md §7).
     cluster_max_streams: int = 0
+    # Resumable runs (lean.resume): each run's recent events, up to this many KiB, kept
+    # `resume_ttl` s after its end; 0 KiB: no run is resumable.
+    resume_buffer_kb: int = 64
+    resume_ttl: float = 120.0
 
 
 class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -187,6 +191,7 @@ class SceneConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_tool_rounds: int = 4
     history_turns: int = 10
     on_disconnect: Literal["cancel", "finish"] = "cancel"
+    resume_grace: float = 30.0  # seconds a resumable run goes on without a reader
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):

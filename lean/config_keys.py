@@ -186,6 +186,8 @@ KEYS: dict[str, dict[str, _Parser]] = {
         "fallback_budget_mb": _COUNT,
         "tool_threads": _COUNT,
         "cluster_max_streams": _int(0),
+        "resume_buffer_kb": _int(0),
+        "resume_ttl": _float(zero_ok=True),
     },
     "cluster": {"instance": _str, "redis_url": _str, "lease": _POSITIVE},  # lean.config_cluster
     "provider": {
@@ -226,6 +228,7 @@ KEYS: dict[str, dict[str, _Parser]] = {
         "max_tool_rounds": _int(0),
         "history_turns": _int(0),
         "on_disconnect": _choice("cancel", "finish"),
+        "resume_grace": _float(zero_ok=True),
     },
     "client": {  # lean.config_clients
         "token_env": _str,

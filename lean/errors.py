@@ -62,7 +62,8 @@ class NotFound(LeanError):
 
 
 class StillRunning(LeanError):
-    # A resume of a chat whose answer is running, that lean cannot replay (docs/protocol.md §6).
+    # A resume of a chat whose answer is running, that lean cannot replay: it keeps no events
+    # (`resume_buffer_kb = 0`, docs/protocol.md §6).
     status, code, openai_type, retryable = 409, "still_running", "invalid_request_error", True
 
 

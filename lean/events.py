@@ -9,10 +9,12 @@
 # (msgspec writes the tag field first). Each transport wraps those same bytes into one new bytes
 # object, written once (never a reused bytearray: see notes/measured-facts.md):
 #   SSE     `event: <name>\nid: <seq>\ndata: <payload>\n\n`
-#   NDJSON  `<payload>\n` (the payload already carries "type")
-#   WS      `{"runId":<id>,` + payload[1:]. Safe because payload[1:] starts with `"type"`, and only
-#           Start has a runId key, so the result is one JSON object without duplicate keys; Start
-#           goes out unchanged.
+#   NDJSON  payload[:-1] + `,"seq":<seq>}\n` (the payload already carries "type")
+#   WS      `{"runId":<id>,` + payload[1:-1] + `,"seq":<seq>}`. Safe because payload[1:] starts
+#           with `"type"`, and only Start has a runId key, so the result is one JSON object
+#           without duplicate keys; Start keeps its own runId. An error frame about a client
+#           frame (no run's event) has no seq.
+# `seq` is the event's cursor (docs/protocol.md §6): the SSE `id:`, a field elsewhere.
 # One line really means one line for every reader: msgspec escapes control characters, and
 # `encode` also escapes U+0085, U+2028 and U+2029, which it leaves raw and which str.splitlines()
 # (httpx's iter_lines, for one) treats as line ends. The escape runs only on non-ASCII payloads.
@@ -172,15 +174,18 @@ def sse_frame(name: str, seq: int, payload: bytes) -> bytes:
     return b"event: %b\nid: %d\ndata: %b\n\n" % (name_bytes, seq, payload)
 
 
-def ndjson_frame(payload: bytes) -> bytes:
-    return payload + b"\n"
+def ndjson_frame(payload: bytes, seq: int) -> bytes:
+    return b'%b,"seq":%d}\n' % (payload[:-1], seq)
 
 
-def ws_frame(run_id: str | None, payload: bytes) -> bytes:
-    """`run_id` None gives `"runId":null`, for an error about a frame that named no run (§3)."""
+def ws_frame(run_id: str | None, payload: bytes, seq: int | None = None) -> bytes:
+    """`run_id` None gives `"runId":null`, for an error about a frame that named no run (§3);
+    `seq` None (such an error) leaves the cursor out."""
     if payload.startswith(_START_PREFIX):
-        return payload
-    return b'{"runId":%b,%b' % (_encoder.encode(run_id), payload[1:])
+        return payload if seq is None else b'%b,"seq":%d}' % (payload[:-1], seq)
+    if seq is None:
+        return b'{"runId":%b,%b' % (_encoder.encode(run_id), payload[1:])
+    return b'{"runId":%b,%b,"seq":%d}' % (_encoder.encode(run_id), payload[1:-1], seq)
 
 
 class RunEvents:

@@ -8,6 +8,7 @@ as JSON text).
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,7 +31,7 @@ import msgspec
 # gets NULL too, and reads back as before. A nullable column added at the end needs no copy.
 # Version 4: `client`, the `[client.NAME]` that owns the conversation (docs/protocol.md §8);
 # NULL for the default client, which so owns every row written before. Not a field of
-# `MessageRecord`: it is never shown, only compared (`next_turn`, SELECT_EXISTS).
+# `MessageRecord`: it is never shown, only compared (`next_turn`, SELECT_EXISTS, SELECT_RUN).
 # Version 5: the `responses` table (lean.saved_responses has its SQL): saved Responses
 # answers, for `previous_response_id` (docs/protocol.md §1), each owned by its `client`
 # (NULL: the default client) as conversations are.
@@ -38,6 +39,8 @@ import msgspec
 # so the start-up sweep of `streaming` rows touches only the starting instance's own answers
 # while other instances sharing the database keep running theirs (docs/protocol.md §4). NULL
 # on user rows and on rows from before version 6. Not a field of `MessageRecord` either.
+# Version 7: an index on `run_id`, so a resume of a run lean no longer buffers finds its
+# saved answer without reading the whole table (lean.resume).
 _V1_COLUMNS = (
     "message_id, conversation_id, turn, role, content, status, created_at, scene, model,"
     " reasoning, tool_calls, finish_reason, error_code, prompt_tokens, completion_tokens,"
@@ -94,8 +97,10 @@ CREATE TABLE responses (
 """,
     # 5 -> 6
     "ALTER TABLE messages ADD COLUMN instance TEXT;",
+    # 6 -> 7
+    "CREATE INDEX IF NOT EXISTS messages_by_run ON messages (run_id);",
 ]
-SCHEMA_VERSION = len(MIGRATIONS)  # 6
+SCHEMA_VERSION = len(MIGRATIONS)  # 7
 SCHEMA = "".join(MIGRATIONS)  # a new database's schema, every step in one script
 # At start-up no run of this instance is running: a row of its own still `streaming` is an
 # answer cut by a crash, and keeps the text flushed before it. Rows of other instances
@@ -164,6 +169,12 @@ SELECT_HISTORY = (  # the user's side as the model saw it: the filled template
 # A conversation exists for a client when it owns it ('' for the default client's NULL).
 SELECT_EXISTS = (
     "SELECT 1 FROM messages WHERE conversation_id = ? AND coalesce(client, '') = ? LIMIT 1"
+)
+# A run's answer, when `client` owns it ('' for the default client's NULL); a WebSocket's run
+# ids are its client's: the latest of that id.
+SELECT_RUN = (
+    f"SELECT {_COLUMNS} FROM messages WHERE run_id = ? AND role = 'assistant'"
+    " AND coalesce(client, '') = ? ORDER BY created_at DESC LIMIT 1"
 )
 # A running answer's text so far; a row its run has already saved for good is left alone.
 UPDATE_STREAMING = (
@@ -271,6 +282,25 @@ class TextBuffer:
         if len(recent) >= self.FOLD:
             self._joined.append("".join(recent))
             recent.clear()
+
+    def slice(self, begin: int, end: int) -> str:
+        """`text()[begin:end]`, walking the pieces back from the end: a slice near the end
+        (a resumed reader's live delta) costs its own length, not the whole text's. One far
+        back joins the text once, as `text()` does, and the next ones then start there."""
+        parts: list[str] = []
+        stop = self.size  # where the piece looked at ends
+        pieces = itertools.chain(reversed(self._recent), reversed(self._joined))
+        for walked, piece in enumerate(pieces):
+            if walked == self.FOLD * 4:
+                return self.text()[begin:end]
+            start = stop - len(piece)
+            if start < end:
+                parts.append(piece[max(begin - start, 0) : end - start])
+            if start <= begin:
+                break
+            stop = start
+        parts.reverse()
+        return "".join(parts)
 
     def text(self) -> str:
         """All of it; afterwards held as that one string (shared with the caller)."""

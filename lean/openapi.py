@@ -22,6 +22,7 @@ import msgspec
 
 from lean import __version__
 from lean.openapi_dialects import dialect_paths
+from lean.openapi_resume import resume_path
 from lean.openapi_schemas import JSON, NDJSON, POST_AUTH, SSE, error_refs, ref, schemas
 
 __all__ = ["document", "encoded"]
@@ -33,7 +34,8 @@ _ERRORS = {
     "403": "a foreign Origin or Host (docs/protocol.md §6)",
     "404": "unknown model, scene, run or conversation; or one the client may not use or does"
     " not own (docs/protocol.md §8)",
-    "409": "an answer of the chat is running and lean cannot replay it yet (still_running)",
+    "409": "an answer of the chat is running and lean keeps no events to replay it"
+    " (still_running: [limits] resume_buffer_kb = 0)",
     "413": "body larger than [server] max_body_bytes",
     "415": "a body that is not JSON",
     "429": "a client's limit (docs/protocol.md §8): rate_limited, or quota_exceeded; Retry-After",
@@ -95,7 +97,8 @@ def _paths() -> dict[str, Any]:
             NDJSON: {
                 "schema": {
                     **ref("SceneEvent"),
-                    "description": 'one SceneEvent per line; `{"type":"ping"}` heartbeats',
+                    "description": "one SceneEvent per line with `seq` (its cursor) added;"
+                    ' `{"type":"ping"}` heartbeats',
                 }
             },
         },
@@ -239,6 +242,7 @@ def _paths() -> dict[str, Any]:
                 },
             },
         },
+        "/v1/runs/{runId}/stream": resume_path(_RUN, _GET_AUTH, scene_stream, error_refs),
         "/v1/runs/{runId}/tool-results": {
             "parameters": [_RUN],
             "post": {
@@ -292,7 +296,8 @@ def _paths() -> dict[str, Any]:
             "get": {
                 "summary": "a WebSocket carrying many runs (docs/protocol.md §3)",
                 "description": "Client frames: `run` (a SceneRequest with `type`, `runId`,"
-                " `scene`), `cancel`, `tool_result`. Server frames: SceneEvent with `runId`."
+                " `scene`), `cancel`, `tool_result`, `resume` (`runId`, `after`). Server"
+                " frames: SceneEvent with `runId` and `seq`."
                 " A browser sends its token as the subprotocol `lean.bearer.<token>` beside"
                 " `lean`, or as `access_token`.",
                 "security": _GET_AUTH,

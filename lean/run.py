@@ -7,8 +7,8 @@ stops reading, which stops the upstream read: TCP backpressure end to end, one e
 held per run).
 
 The answer is saved as it grows: a `streaming` row when the run starts, its text rewritten
-every `[store] flush_interval` (`lean.progress`), and the final save is committed before
-the last event goes out, so `done` says whether it was (`saved`).
+every `[store] flush_interval` (`lean.progress`), and the final save (`lean.run_save`) is
+committed before the last event goes out, so `done` says whether it was (`saved`).
 
 How a run ends, and the status saved with the assistant message (decided in `lean.core`,
 as an `Ending`):
@@ -27,24 +27,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from typing import Any, Literal, Protocol
 
 import msgspec
 
-from lean import events
+from lean import events, run_save
 from lean.client_io import ClientGone
 from lean.clients import Ticket, estimate
 from lean.config import ModelConfig, SceneConfig
-from lean.core import Ending, RunCore
+from lean.core import RunCore
 from lean.errors import BadRequest, Cancelled, Internal, LeanError, SlowClient
 from lean.guard import Guard
-from lean.messages import MessageRecord, utc_now
 from lean.providers.base import Piece, Usage
 from lean.relay import Relay
+from lean.replay import Replay
 from lean.services import Services
-from lean.store import StoreWriteError
 from lean.tool_round import Call, ToolRound
 from lean.tools import openai_tools
 
@@ -133,6 +131,8 @@ class Run:
             body["tools"] = openai_tools([services.config.tools[name] for name in scene.tools])
         self.task: asyncio.Task[None] | None = None
         self.guard: Guard | None = None
+        self.replay: Replay | None = None  # its recent events, for a resume (lean.resume)
+        self._grace: asyncio.TimerHandle | None = None  # on_disconnect waits for a reader
 
     def start(self, *, register: bool = True) -> None:
         """Admit and start the run (synchronously: no other run can slip in between).
@@ -148,6 +148,7 @@ class Run:
         self.services.streams.add(self.guard)
         if register:
             self.services.runs.add(self)
+        self.replay = self.services.replays.open(self.run_id, self.message_id, self, self.client)
 
     def _new_guard(self, *, heartbeats: bool = True) -> Guard:
         config = self.services.config
@@ -166,10 +167,36 @@ class Run:
             self.guard.interrupt(reason or Cancelled("the run was cancelled"))
 
     def client_left(self) -> None:
-        """The transport's peer is gone: detach (`finish`) or cancel (`cancel`)."""
+        """The transport's peer is gone (`readers_changed`)."""
         self.sink = None
-        if self.scene.on_disconnect == "cancel":
+        self.readers_changed()
+
+    def readers_changed(self) -> None:
+        """A reader came or went (the sink, a resume). With none left, `on_disconnect`
+        applies: at once, or after `resume_grace` for a resumable run (docs/protocol.md §2)."""
+        if self.sink is not None or (self.replay is not None and self.replay.readers):
+            if self._grace is not None:
+                self._grace.cancel()
+                self._grace = None
+            return
+        if self.scene.on_disconnect == "finish" or self._grace is not None:
+            return
+        grace = self.scene.resume_grace if self.replay is not None else 0.0
+        if grace:
+            self._grace = asyncio.get_running_loop().call_later(grace, self._abandoned)
+        else:
             self.cancel(Cancelled("the client left"))
+
+    def _abandoned(self) -> None:
+        self._grace = None
+        self.cancel(Cancelled("the client left"))
+
+    def texts(self) -> tuple[str, str]:
+        """The answer's text and reasoning so far: what a resume replays (lean.resume)."""
+        return self.core.text.text(), self.core.reasoning.text()
+
+    def text_slice(self, thinking: bool, begin: int, end: int) -> str:
+        return (self.core.reasoning if thinking else self.core.text).slice(begin, end)
 
     async def _ping(self) -> None:
         if self.sink is not None:
@@ -183,13 +210,25 @@ class Run:
         return self.sink.pending() if self.sink is not None else 0
 
     async def _execute(self) -> None:
+        try:
+            await self._steps()
+        finally:
+            if self._grace is not None:
+                self._grace.cancel()
+                self._grace = None
+            if self.replay is not None:
+                self.services.replays.ended(self.replay)
+
+    async def _steps(self) -> None:
         assert self.guard is not None
         guard = self.guard
         core = self.core
         final: events.Event | None = None
         try:
             owner = self.client.owner  # its `streaming` row, owned as the final one
-            await self.services.store.save_assistant(self._record(), wait=False, client=owner)
+            await self.services.store.save_assistant(
+                run_save.record(self), wait=False, client=owner
+            )
             self.services.progress.add(self.message_id, core.text, core.reasoning)
             await self._emit(self._start_event())
             fallback = False
@@ -234,7 +273,7 @@ class Run:
             # Committed before the last event goes out: `done` tells whether the answer is
             # saved, a client that starts its next turn on `done` finds it in the history,
             # and a kill -9 after `done` loses nothing.
-            saved = await self._save()
+            saved = await run_save.save(self, self._prompt)
         if isinstance(final, events.Done) and not saved:
             final = msgspec.structs.replace(final, saved=False)
         if final is not None:
@@ -338,10 +377,16 @@ class Run:
         """Write `event` without waiting; True when the client is behind (`_drain`)."""
         seq = self.order.check(event)
         sink = self.sink
+        replay = self.replay
+        if sink is None and replay is None:
+            return False
+        payload = events.encode(event)
+        if replay is not None:
+            replay.add(event, seq, payload)
         if sink is None:
             return False
         try:
-            return sink.write(events.event_name(event), seq, events.encode(event))
+            return sink.write(events.event_name(event), seq, payload)
         except ClientGone as gone:
             self._lost_client(gone.reason)
             return False
@@ -365,8 +410,13 @@ class Run:
 
     def _lost_client(self, reason: LeanError) -> None:
         self.sink = None
-        if self.scene.on_disconnect != "finish":
-            raise ClientGone(reason)
+        if self.scene.on_disconnect == "finish":
+            return
+        replay = self.replay
+        if replay is not None and (replay.readers or self.scene.resume_grace):
+            self.readers_changed()  # others read on, or the client may come back
+            return
+        raise ClientGone(reason)
 
     def _fail(self, error: LeanError) -> events.Error | None:
         """Record how the run failed; the `error` event to send, if any."""
@@ -379,71 +429,3 @@ class Run:
             message=error.message,
             retryable=error.retryable,
         )
-
-    def _record(self, status: str = "streaming") -> MessageRecord:
-        """The answer as it stands, with `status`."""
-        core = self.core
-        usage = core.usage
-        return MessageRecord(
-            message_id=self.message_id,
-            conversation_id=self.conversation_id,
-            role="assistant",
-            content=core.text.text(),
-            status=status,
-            created_at=utc_now(),
-            turn=self.turn,
-            scene=self.scene.name,
-            model=self.model.alias,
-            reasoning=core.reasoning.text(),
-            tool_calls=[call.saved() for call in core.calls],
-            finish_reason=core.finish if core.ending is Ending.COMPLETE else None,
-            error_code=core.error.code if core.error else None,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            first_token_ms=core.first_token_ms,
-            duration_ms=(time.monotonic() - core.started) * 1000,
-            run_id=self.run_id,
-        )
-
-    async def _save(self) -> bool:
-        """Save the answer for good and log the run; whether the save was committed."""
-        record = self._record(self.core.saved_status.value)
-        first_token_ms = record.first_token_ms
-        self.services.metrics.run_ended(
-            "scene",
-            self.scene.name,
-            record.status,
-            self.order.seq,
-            None if first_token_ms is None else first_token_ms / 1000,
-        )
-        store_error: str | None = None
-        try:  # the store counts a failed write (lean_store_failures_total)
-            await self.services.store.save_assistant(record, client=self.client.owner)
-        except StoreWriteError as exc:  # a full disk, a database gone: no traceback
-            store_error = str(exc)
-        except Exception as exc:
-            log.exception("run %s: saving the answer failed", self.run_id)
-            store_error = str(exc) or type(exc).__name__
-        fields: dict[str, Any] = {
-            "endpoint": "scene",
-            "client": self.client.name,
-            "scene": self.scene.name,
-            "model": self.model.alias,
-            "run_id": self.run_id,
-            "status": record.status,
-            "code": record.error_code,
-            "first_token_ms": None if first_token_ms is None else round(first_token_ms),
-            "duration_ms": round(record.duration_ms or 0),
-            "prompt_tokens": record.prompt_tokens,
-            "completion_tokens": record.completion_tokens,
-            "tool_calls": len(record.tool_calls) or None,
-        }
-        if store_error is not None:  # the run's status stays its outcome; this says the rest
-            fields["saved"] = False
-            fields["store_error"] = store_error
-        if self.services.config.server.log_prompts:
-            fields["prompt"] = self._prompt
-        log.log(
-            logging.INFO if store_error is None else logging.ERROR, "run", extra={"fields": fields}
-        )
-        return store_error is None

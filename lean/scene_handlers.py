@@ -28,6 +28,7 @@ from lean.encoders.chat import error_response
 from lean.errors import BadRequest, LeanError, NotFound, StoreUnavailable, clip
 from lean.handlers import read_json, services_key
 from lean.inbound import ClientId, decode
+from lean.replay import Live
 from lean.run import Run, Sink, new_run_id
 from lean.scenes import SceneRequest, chat_body, new_conversation_id, render, typed
 from lean.services import Services
@@ -85,7 +86,7 @@ class NDJSONSink(_HttpSink):
 
     @staticmethod
     def frame(name: str, seq: int, payload: bytes) -> bytes:
-        return events.ndjson_frame(payload)
+        return events.ndjson_frame(payload, seq)
 
 
 # Seconds a client refused with `store_unavailable` is asked to wait: lean probes the store
@@ -230,6 +231,12 @@ async def stream_scene(request: web.Request) -> web.StreamResponse:
     return response
 
 
+def _running(services: Services, run_id: str, client: Client | str) -> Live | None:
+    """`client`'s run started over HTTP, or any resumable one of its (a WebSocket's too);
+    `client` by name for a request another instance routed here."""
+    return services.runs.get(run_id, client) or services.replays.running(run_id, client)
+
+
 async def cancel_run(request: web.Request) -> web.Response:
     run_id = request.match_info["run_id"]
     return await _on_owner(request, RunRequest("cancel", run_id, client_of(request).name))
@@ -264,7 +271,7 @@ async def _on_owner(request: web.Request, run_request: RunRequest) -> web.Respon
     is 404 here, never routed), else by the instance that has it, which checks the client
     the same way."""
     services = request.app[services_key]
-    if run_request.run_id in services.runs:
+    if run_request.run_id in services.runs or services.replays.is_running(run_request.run_id):
         return _act(services, run_request)
     status, body = await services.cluster.route(run_request)
     return web.Response(status=status, body=body, content_type="application/json")
@@ -272,7 +279,7 @@ async def _on_owner(request: web.Request, run_request: RunRequest) -> web.Respon
 
 def _act(services: Services, run_request: RunRequest) -> web.Response:
     run_id = run_request.run_id
-    run = services.runs.get(run_id, run_request.client)
+    run = _running(services, run_id, run_request.client)
     if run is None:
         raise NotFound(f"run '{clip(run_id)}' is not running")
     if run_request.op == "cancel":

@@ -12,6 +12,7 @@ from lean.config import Config, ConfigError
 from lean.limits import Streams
 from lean.metrics import Metrics
 from lean.progress import Progress
+from lean.resume import Replays
 from lean.store import Store, StoreError
 from lean.tools import Tools
 from lean.upkeep import Upkeep
@@ -97,7 +98,14 @@ class Services:
         # Imports python tools: a bad path stops start-up.
         self.tools = Tools(config.tools, threads=config.limits.tool_threads, metrics=self.metrics)
         self.runs = Runs(self.cluster)
+        limits = config.limits
+        self.replays = Replays(
+            buffer_bytes=limits.resume_buffer_kb * 1024,
+            ttl=limits.resume_ttl,
+            find=self.store.run_answer,
+        )
         self.upkeep = Upkeep(self.metrics, lambda: len(self.streams))
+        self.upkeep.chores.append(self.replays.sweep)  # finished buffers past their ttl
         self.metrics.gauges += [
             (
                 "lean_tool_threads_busy",
@@ -113,6 +121,16 @@ class Services:
                 "lean_cluster_up",
                 "1 while this instance reaches the cluster's Redis ([cluster] redis_url).",
                 lambda: 1 if self.cluster.up else 0,
+            ),
+            (
+                "lean_resume_buffers",
+                "Runs whose recent events lean keeps for a resume, running and finished.",
+                lambda: len(self.replays),
+            ),
+            (
+                "lean_resume_finished_bytes",
+                "Bytes the buffers of finished runs hold; bounded (lean.resume.FINISHED_BYTES).",
+                lambda: self.replays.finished_bytes,
             ),
         ]
         self.sockets: set[web.WebSocketResponse] = set()  # closed with 1001 on shutdown

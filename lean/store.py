@@ -57,6 +57,7 @@ from lean.messages import (
     SELECT_EXISTS,
     SELECT_HISTORY,
     SELECT_MESSAGES,
+    SELECT_RUN,
     MessageRecord,
     history,
     records,
@@ -349,6 +350,12 @@ class Store:
         if turns <= 0:
             return []
         return await self._query(SELECT_HISTORY, (conversation_id, turns), history)
+
+    async def run_answer(self, run_id: str, client: str | None = None) -> MessageRecord | None:
+        """The answer the run `run_id` saved (the latest, for a reused id) when `client` owns
+        it (None: the default client), or None: another client's run is not there for it."""
+        found = await self._query(SELECT_RUN, (run_id, client or ""), records)
+        return found[0] if found else None
 
     async def conversation_exists(self, conversation_id: str, client: str | None = None) -> bool:
         """Whether the conversation has messages and `client` owns it (None: the default

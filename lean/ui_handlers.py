@@ -5,14 +5,15 @@ the resume route `useChat` calls after a reload.
 (`scene_handlers.new_run`: everything a request can get wrong is an HTTP error before the
 response starts) and writes its events through `UISink`, which frames them with
 `ui_stream.UIParts`. `GET /v1/scenes/{scene}/ui/{chatId}/stream` answers 204 unless an
-answer of that chat is running; then it is meant to replay it through the same sink, which
-waits for the per-run event buffer (`replay`, the seam): 409 `still_running` meanwhile.
+answer of that chat is running; then it replays it from its `start` and goes on live, from
+the run's event buffer (`lean.resume`: `subscribe(run_id, 0)`, written by
+`resume_handlers.pump` through the same sink, with its heartbeats and slow-client limit).
+A buffer that restarts the answer for a reader that fell behind cuts that reader (`UISink`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -23,16 +24,13 @@ from lean.config import Config, SceneConfig
 from lean.driver import SSE_HEADERS
 from lean.errors import BadRequest, Cancelled, StillRunning
 from lean.handlers import read_json, services_key
+from lean.resume_handlers import pump
 from lean.run import Run, new_run_id
 from lean.scene_handlers import new_run
 from lean.services import Services
 from lean.ui_stream import HEADER, UIParts, parse_chat, scene_request
 
 UI_HEADERS = {**SSE_HEADERS, HEADER[0]: HEADER[1]}
-
-# What one run's scene events are, from its first: (seq, name, encoded event), as a per-run
-# event buffer gives them (`subscribe(run_id, after=0)`).
-SceneEvents = AsyncIterator[tuple[int, str, bytes]]
 
 
 class UISink:
@@ -116,18 +114,9 @@ def running_answer(
     return services.runs.of_conversation(chat_id, scene.name, client)
 
 
-async def replay(services: Services, run: Run) -> SceneEvents | None:
-    """SEAM (resume): the run's events from its first, then the live ones, from the per-run
-    event buffer of docs/protocol.md §6 (`subscribe(run.run_id, after=0)`). lean has no such
-    buffer yet, so a running answer cannot be replayed: None, and the route says 409. Once the
-    buffer is merged, return its subscription here (and close it when `stream_events` returns);
-    `stream_events` does the rest. It has no heartbeat nor slow-client limit of its own: the
-    buffer's reader must bring them."""
-    return None
-
-
 async def resume_ui(request: web.Request) -> web.StreamResponse:
-    """`GET /v1/scenes/{scene}/ui/{chatId}/stream`: the chat's running answer, or 204."""
+    """`GET /v1/scenes/{scene}/ui/{chatId}/stream`: the chat's running answer replayed from its
+    `start`, then live (the run's event buffer, `lean.resume`), or 204."""
     services = request.app[services_key]
     client = client_of(request)
     scene = services.clients.scene(client, request.match_info["scene"])
@@ -137,28 +126,21 @@ async def resume_ui(request: web.Request) -> web.StreamResponse:
     run = running_answer(services, scene, chat_id, client)
     if run is None:  # nothing running (or it has ended): `useChat` shows what it has
         return web.Response(status=204)
-    source = await replay(services, run)
-    if source is None:
+    if run.replay is None:  # resume_buffer_kb = 0: lean keeps no events to replay
         raise StillRunning(
-            f"an answer of chat '{chat_id}' is running (run '{run.run_id}') and lean cannot "
-            "replay it yet: its messages are at /v1/conversations/{id}/messages once it ends"
+            f"an answer of chat '{chat_id}' is running (run '{run.run_id}') and lean keeps no "
+            "events to replay it: its messages are at /v1/conversations/{id}/messages once it ends"
         )
-    sink = UISink(request, UIParts(client_tools(services.config, scene)))
-    return await stream_events(request, sink, source)
-
-
-async def stream_events(
-    request: web.Request, sink: UISink, source: SceneEvents
-) -> web.StreamResponse:
-    """Scene events from `source` (one run's, from its `start`) as a UI message stream, until
-    the source ends or the client is gone. Once the buffer is merged, its `pump` (which adds
-    heartbeats, the slow-client limit and `max_streams`) does this with the same `UISink`."""
-    response = web.StreamResponse(headers=UI_HEADERS)
-    sink.body = await BodyWriter.start(request, response)
+    services.streams.check()
+    subscription = await services.replays.subscribe(run.run_id, 0, client)
     try:
-        async for seq, name, payload in source:
-            if sink.write(name, seq, payload):
-                await sink.drain()
-    except ClientGone:
-        pass
-    return response
+        if subscription.empty:  # ended meanwhile without an event: nothing to show
+            return web.Response(status=204)
+        response = web.StreamResponse(headers=UI_HEADERS)
+        sink = UISink(request, UIParts(client_tools(services.config, scene)))
+        bound_send_buffer(request, services.config.limits.send_buffer_bytes)
+        sink.body = await BodyWriter.start(request, response)
+        await pump(services, subscription, sink)
+        return response
+    finally:
+        subscription.close()

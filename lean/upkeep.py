@@ -6,6 +6,8 @@
   which is logged (a warning naming the likely cause) and counted
   (`lean_loop_stalls_total`).
 - **Memory back to the OS after a burst.** See `Upkeep.trim`.
+- **Chores**: cheap checks others hand in (`chores`), e.g. dropping the resume buffers of
+  runs past their ttl (`lean.resume`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class Upkeep:
         self._quiet = 0  # ticks in a row without a stream
         self.trims = 0
         self.auto_trim = True  # bench/bursts.py turns it off to measure what it gives
+        self.chores: list[Callable[[], None]] = []  # run every tick: must be cheap
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="lean-upkeep")
@@ -73,6 +76,8 @@ class Upkeep:
                     "so it runs on a tool thread",
                     late,
                 )
+            for chore in self.chores:
+                chore()
             self.trim()
 
     def trim(self) -> None:

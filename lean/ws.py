@@ -1,12 +1,15 @@
 """`GET /v1/ws`: one WebSocket, several concurrent runs (docs/protocol.md §3).
 
-Client frames are `run`, `cancel` and `tool_result`; server frames are the
-events of §2 with `runId` added. Each run writes its own frames, each in one
-`transport.write()` (`client_io.TextFrames`), so runs never interleave inside a
-frame; a client that stops reading blocks those writes and each run's guard cuts
-it as on SSE. A bad frame gets an `error` frame for its run (or with `runId`
-null) and the socket stays open. Compression is off: permessage-deflate costs
-~100 KB per socket.
+Client frames are `run`, `cancel`, `tool_result` and `resume`; server frames are the
+events of §2 with `runId` and `seq` added. A `resume` frame subscribes the socket to a
+run's events after a cursor (`lean.resume`; any run lean buffers, begun on this socket,
+another or over HTTP), multiplexed with the socket's own runs and counted with them;
+`cancel` and `tool_result` reach a resumed run as they reach the socket's own.
+Each run writes its own frames, each in one `transport.write()`
+(`client_io.TextFrames`), so runs never interleave inside a frame; a client that stops
+reading blocks those writes and each run's guard cuts it as on SSE. A bad frame gets an
+`error` frame for its run (or with `runId` null) and the socket stays open. Compression
+is off: permessage-deflate costs ~100 KB per socket.
 
 A browser cannot set headers on the upgrade: it sends its token as `?access_token=`
 or, kept out of URLs (and so out of proxies' access logs), as a subprotocol:
@@ -17,9 +20,10 @@ handshake: aiohttp would log the offered list, which may hold a token.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from aiohttp import WSMsgType, web
@@ -31,6 +35,8 @@ from lean.clients import client_of
 from lean.errors import BadRequest, LeanError, NotFound, Overloaded
 from lean.handlers import services_key
 from lean.inbound import ClientId, decode, is_client_id
+from lean.replay import Live
+from lean.resume_handlers import MAX_CURSOR, pump
 from lean.run import Run
 from lean.scene_handlers import new_run
 from lean.services import Services
@@ -74,7 +80,11 @@ class ToolResultFrame(_Frame, tag="tool_result"):
     result: Any = None
 
 
-_decode = msgspec.json.Decoder(RunFrame | CancelFrame | ToolResultFrame)
+class ResumeFrame(_Frame, tag="resume"):
+    after: Annotated[int, msgspec.Meta(ge=0, le=MAX_CURSOR)] = 0
+
+
+_decode = msgspec.json.Decoder(RunFrame | CancelFrame | ToolResultFrame | ResumeFrame)
 _decode_loose = msgspec.json.Decoder(dict[str, Any])
 
 
@@ -87,7 +97,7 @@ class WSSink:
         self._run_id = run_id
 
     def write(self, name: str, seq: int, payload: bytes) -> bool:
-        return self._frames.write(events.ws_frame(self._run_id, payload))
+        return self._frames.write(events.ws_frame(self._run_id, payload, seq))
 
     async def drain(self) -> None:
         await self._frames.drain()
@@ -116,6 +126,8 @@ class Socket:
         self.request = request
         self.client = client_of(request)  # a socket's runs are its client's (lean.clients)
         self.runs: dict[str, Run] = {}
+        # Runs this socket resumed: the task writing them, and the run while it runs.
+        self.resumed: dict[str, tuple[asyncio.Task[None], Live | None]] = {}
 
     async def error(self, run_id: str | None, error: LeanError) -> None:
         after = error.retry_after_seconds()
@@ -140,6 +152,8 @@ class Socket:
         try:
             if isinstance(frame, RunFrame):
                 await self._run(frame)
+            elif isinstance(frame, ResumeFrame):
+                await self._resume(frame)
             elif isinstance(frame, CancelFrame):
                 self._find(frame.run_id).cancel()
             else:
@@ -147,19 +161,37 @@ class Socket:
         except LeanError as exc:
             await self.error(frame.run_id, exc)
 
-    def _find(self, run_id: str) -> Run:
-        run = self.runs.get(run_id)
+    def _find(self, run_id: str) -> Live:
+        run: Live | None = self.runs.get(run_id)
+        if run is None and run_id in self.resumed:
+            run = self.resumed[run_id][1]
         if run is None:
             raise NotFound(f"run '{run_id}' is not running on this socket")
         return run
 
+    def _check_room(self, run_id: str) -> None:
+        limit = self.services.config.limits.max_runs_per_socket
+        if run_id in self.runs or run_id in self.resumed:
+            raise BadRequest(f"run id '{run_id}' is already running")
+        if len(self.runs) + len(self.resumed) >= limit:
+            raise Overloaded(f"this socket already carries its limit of {limit} runs")
+
+    async def _resume(self, frame: ResumeFrame) -> None:
+        services = self.services
+        run_id = frame.run_id
+        self._check_room(run_id)
+        subscription = await services.replays.subscribe(run_id, frame.after, self.client)
+        if subscription.empty:  # the client has the whole answer already
+            subscription.close()
+            return
+        sink = WSSink(self.frames, self.request, run_id)
+        task = asyncio.create_task(pump(services, subscription, sink))
+        self.resumed[run_id] = (task, services.replays.running(run_id, self.client))
+        task.add_done_callback(lambda _: self.resumed.pop(run_id, None))
+
     async def _run(self, frame: RunFrame) -> None:
         services = self.services
-        limit = services.config.limits.max_runs_per_socket
-        if frame.run_id in self.runs:
-            raise BadRequest(f"run id '{frame.run_id}' is already running")
-        if len(self.runs) >= limit:
-            raise Overloaded(f"this socket already carries its limit of {limit} runs")
+        self._check_room(frame.run_id)
         scene = services.clients.scene(self.client, frame.scene)
         request = scenes.SceneRequest(
             inputs=frame.inputs, message=frame.message, conversation_id=frame.conversation_id
@@ -185,6 +217,8 @@ class Socket:
     def close(self) -> None:
         for run in list(self.runs.values()):
             run.client_left()
+        for task, _ in list(self.resumed.values()):
+            task.cancel()  # its subscription closes: the run may wait for another reader
 
 
 def _run_id_of(data: str | bytes) -> str | None:

@@ -1,7 +1,8 @@
 """The real AI SDK reads lean's UI message stream (docs/protocol.md §6): tests/aisdk/chat.mjs
 runs the `ai` package's Chat (what `useChat` wraps) with its DefaultChatTransport against
 lean's `POST /v1/scenes/{scene}/ui`, answers a client tool from `onToolCall`, asks for a
-resume (lean: 204), and prints the chat. lean runs in-process against FakeOpenAI.
+resume (lean: 204), and prints the chat; or, as a page reloaded mid-answer, resumes a chat
+whose answer is running. lean runs in-process against FakeOpenAI.
 
 Skips, saying why, without node or tests/aisdk/node_modules (`npm ci --prefix tests/aisdk`,
 which `make test` and .ci/run do; nothing is downloaded at test time).
@@ -15,6 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from lean.app import Server
@@ -135,3 +137,36 @@ async def test_an_error_after_the_first_byte_is_the_chat_s_error() -> None:
     assert seen["finishes"] == [{"isAbort": False, "isError": True, "isDisconnect": False}]
     answer = seen["messages"][-1]
     assert answer["metadata"]["error"]["code"] == "bad_request"
+
+
+async def test_the_ai_sdk_resumes_a_running_answer_after_a_reload() -> None:
+    """useChat's `resume: true` after a reload: the page left mid-answer (lean keeps the run
+    for its resume_grace) and a new Chat of that id assembles the whole answer from lean's
+    replay of its start, then the live parts."""
+    words = " ".join(f"w{i}" for i in range(40))
+    answer = text_stream(words)
+    answer.delay = 0.03
+    async with FakeOpenAI() as fake, running(lean_config(fake.base_url, extra=SCENES)) as lean:
+        fake.push(answer)
+        async with aiohttp.ClientSession() as http:
+            body = {
+                "id": "aisdkChat3",
+                "messages": [
+                    {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "Go"}]}
+                ],
+            }
+            async with http.post(f"{lean.url}/v1/scenes/helper/ui", json=body) as resp:
+                assert resp.status == 200
+                for _ in range(4):  # start, start-step, text-start, a delta: then the reload
+                    await resp.content.readuntil(b"\n\n")
+        seen = await chat(lean, "aisdkChat3", "--resume")
+    assert seen["status"] == "ready" and seen["error"] is None, seen
+    assert seen["errors"] == []
+    assert seen["finishes"] == [{"isAbort": False, "isError": False, "isDisconnect": False}]
+    (message,) = seen["messages"]  # the reloaded page had nothing: the answer alone
+    assert message["role"] == "assistant" and message["id"] == "helper:aisdkChat3:1"
+    assert message["metadata"]["finishReason"] == "stop"
+    assert message["parts"] == [
+        {"type": "step-start"},
+        {"type": "text", "text": words, "state": "done"},
+    ]

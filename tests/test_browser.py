@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -152,13 +153,66 @@ def get(url: str, token: str | None = TOKEN) -> Any:
         return json.loads(body) if response.headers["Content-Type"].endswith("json") else body
 
 
+class Cutter:
+    """A TCP relay in front of lean that a page can cut: `GET /__cut` on it closes every
+    other connection through it at once, as a network that drops would (never sent on).
+    The browser may send `/__cut` on a kept-alive connection it used before, so every
+    request the relay passes on is looked at, not only a connection's first."""
+
+    CUT = b"GET /__cut"
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = ""
+        self.open: set[asyncio.StreamWriter] = set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self.relay, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def cut(self, writer: asyncio.StreamWriter) -> None:
+        for other in list(self.open - {writer}):
+            other.transport.abort()
+        writer.write(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.transport.abort()
+
+    async def relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.open |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, page: bool) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await src.read(65536):
+                    if page and data.startswith(self.CUT):
+                        self.open -= {writer}
+                        await self.cut(writer)
+                        break
+                    dst.write(data)
+                    await dst.drain()
+            dst.transport.abort()
+
+        try:
+            await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
+        finally:
+            self.open -= {writer, up_writer}
+
+    async def close(self) -> None:
+        for writer in list(self.open):
+            writer.transport.abort()
+        if self.server is not None:
+            self.server.close()
+
+
 class Lean(Background):
-    """lean (tokens on, no cors_origins) and its fake upstream."""
+    """lean (tokens on, no cors_origins) and its fake upstream; `cutter` relays to it."""
 
     def __init__(self) -> None:
         super().__init__()
         self.url = ""
         self.fake: FakeOpenAI | None = None
+        self.cutter: Cutter | None = None
 
     async def serve(self, done: asyncio.Event) -> None:
         async with FakeOpenAI() as fake:
@@ -167,8 +221,13 @@ class Lean(Background):
             config = lean_config(fake.base_url, extra=SCENES, environ={"LEAN_TOKENS": TOKEN})
             async with running(config) as server:
                 self.url = server.url
+                self.cutter = Cutter(int(server.url.rsplit(":", 1)[1]))
+                await self.cutter.start()
                 self.ready.set()
-                await done.wait()
+                try:
+                    await done.wait()
+                finally:
+                    await self.cutter.close()
 
     def get(self, path: str) -> Any:
         return get(self.url + path)
@@ -237,7 +296,8 @@ def elsewhere() -> Iterator[Elsewhere]:
     servers.stop()
 
 
-SCENARIOS = ["chat", "xss", "stop", "waiting", "tools", "inputs", "history", "phone", "leanjs"]
+SCENARIOS = ["chat", "xss", "stop", "reload", "dropped", "waiting", "tools", "inputs", "history"]
+SCENARIOS += ["phone", "leanjs"]
 SCENARIOS += ["crossOrigin", "crossOriginRefused", "unlistedLoopback"]
 
 
@@ -248,6 +308,8 @@ def seen(
     """What the browser saw, per scenario (one browser, one run of run.mjs)."""
     shots = os.environ.get("LEAN_SCREENSHOTS") or str(tmp_path_factory.mktemp("shots"))
     cross = {"page": elsewhere.page, "listed": elsewhere.listed, "open": elsewhere.open}
+    assert lean.cutter is not None
+    cross["cutter"] = lean.cutter.url
     args = {"url": lean.url, "token": TOKEN, "shots": shots, "scenarios": SCENARIOS, "cross": cross}
     assert NODE is not None
     done = subprocess.run(
@@ -308,6 +370,26 @@ def test_stop_cancels_the_run_and_lean_saves_it_cancelled(lean: Lean, seen: dict
     saved = saved_answer(lean, result["conversationId"])
     assert saved["status"] == "cancelled"
     assert SLOW.startswith(saved["content"]) and saved["content"].startswith(result["text"])
+
+
+@needs_browser
+def test_a_reload_mid_answer_reads_the_answer_again_to_its_end(
+    lean: Lean, seen: dict[str, Any]
+) -> None:
+    result = scenario(seen, "reload")
+    assert 0 < len(result["before"]) < len(SLOW)  # reloaded mid-answer
+    assert result["status"] == "complete" and result["text"] == SLOW  # whole, nothing twice
+    assert result["answers"] == 1
+    saved = saved_answer(lean, result["conversationId"])
+    assert saved["status"] == "complete" and saved["content"] == SLOW  # the run went on
+
+
+@needs_browser
+def test_lean_js_resumes_a_dropped_stream_by_itself(seen: dict[str, Any]) -> None:
+    result = scenario(seen, "dropped")
+    assert result["resumes"] >= 1  # the connection was cut and lean.js came back
+    assert result["last"] == "done" and result["text"] == SLOW
+    assert result["seqs"] == list(range(1, len(result["seqs"]) + 1))  # nothing twice or missing
 
 
 @needs_browser

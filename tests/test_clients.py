@@ -50,6 +50,7 @@ parameters = {"type": "object", "properties": {"question": {"type": "string"}}}
 [scene.chat]
 model = default
 template = {message}
+resume_grace = 0  ; leaving cancels at once (test_resume_handlers.py: the grace)
 
 [scene.costly]
 model = other

@@ -301,7 +301,9 @@ async def test_the_ui_route_is_limited_and_its_chat_owned_by_its_client(
     # the running chat is alpha's: resume finds it for alpha only
     resume = f"{lean.url}/v1/scenes/chat/ui/chatOwn1/stream"
     async with http.get(resume, headers=ALPHA) as resp:
-        assert resp.status == 409  # running, not replayable yet (docs/protocol.md §6)
+        assert resp.status == 200  # replayed from its start (docs/protocol.md §6)
+        replayed = parse((await resp.content.readuntil(b"\n\n")).decode())
+        assert replayed[0]["messageMetadata"]["conversationId"] == "chatOwn1"
     async with http.get(resume, headers=BETA) as resp:
         assert resp.status == 204  # to beta nothing of that chat runs
     async with http.get(resume, headers=LEGACY) as resp:

@@ -106,7 +106,7 @@ async def test_a_preflight_from_a_listed_origin_is_answered_without_auth_on_ever
     async with running(config(fake)) as lean, aiohttp.ClientSession() as http:
         routes = [("POST", path) for path in POST_ROUTES]
         routes += [("GET", "/v1/models"), ("GET", "/v1/scenes/chat/stream"), ("GET", "/v1/ws")]
-        routes += [("GET", "/v1/scenes/chat/ui/chat1/stream")]
+        routes += [("GET", "/v1/scenes/chat/ui/chat1/stream"), ("GET", "/v1/runs/run_1/stream")]
         for method, path in routes:
             for origin in (LISTED, OTHER):
                 async with http.options(

@@ -175,22 +175,25 @@ def test_sse_frame_other_names_and_ping() -> None:
 
 @pytest.mark.parametrize(("event", "name", "keys"), EXAMPLES)
 def test_ndjson_frame(event: Event, name: str, keys: set[str]) -> None:
-    line = ndjson_frame(encode(event))
+    line = ndjson_frame(encode(event), 12)
     assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert loads(line) == {**loads(encode(event)), "seq": 12}
     assert loads(line)["type"] == name
     assert NDJSON_PING.endswith(b"\n") and NDJSON_PING.count(b"\n") == 1
 
 
 @pytest.mark.parametrize(("event", "name", "keys"), EXAMPLES)
-def test_ws_frame_adds_run_id(event: Event, name: str, keys: set[str]) -> None:
+def test_ws_frame_adds_run_id_and_seq(event: Event, name: str, keys: set[str]) -> None:
     payload = encode(event)
-    frame = ws_frame("r1", payload)
+    frame = ws_frame("r1", payload, 3)
     obj = loads(frame)
-    assert obj == {**loads(payload), "runId": "r1"}
-    if isinstance(event, Start):
-        assert frame is payload
+    if isinstance(event, Start):  # its own runId, not the frame's
+        assert obj == {**loads(payload), "seq": 3}
+        assert ws_frame("r1", payload) is payload
     else:
-        assert frame == b'{"runId":"r1",' + payload[1:]
+        assert obj == {**loads(payload), "runId": "r1", "seq": 3}
+        assert frame == b'{"runId":"r1",' + payload[1:-1] + b',"seq":3}'
+        assert loads(ws_frame("r1", payload)) == {**loads(payload), "runId": "r1"}  # no seq
 
 
 def test_ws_frame_escapes_run_id_and_allows_null() -> None:

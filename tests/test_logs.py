@@ -167,6 +167,8 @@ def check_run(line: dict[str, Any], endpoint: str, status: str = "complete") -> 
     fields = SCENE_FIELDS if endpoint == "scene" else RUN_FIELDS
     if status != "complete":
         fields = fields - {"first_token_ms"}  # no token came: the field is absent (or null)
+        # Nor any usage: the token counts are absent too, never invented zeros.
+        fields = fields - {"prompt_tokens", "completion_tokens"}
     assert fields <= set(line), line
     assert line["endpoint"] == endpoint and line["model"] == "default", line
     assert line["status"] == status, line

@@ -28,6 +28,7 @@ model = default
 system = Be brief.
 template = {message}
 history_turns = 2
+resume_grace = 0  ; leaving cancels at once (test_resume.py: the grace)
 
 [scene.summary]
 model = default

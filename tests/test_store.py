@@ -31,12 +31,12 @@ async def store(target: Target) -> AsyncIterator[Store]:
 
 def answer(cid: str, turn: int, content: str = "", **kw: Any) -> MessageRecord:
     kw.setdefault("status", "complete")
+    kw.setdefault("created_at", AT)
     return MessageRecord(
         message_id=f"chat:{cid}:{turn}",
         conversation_id=cid,
         role="assistant",
         content=content or f"answer {turn}",
-        created_at=AT,
         turn=turn,
         scene="chat",
         **kw,
@@ -45,6 +45,13 @@ def answer(cid: str, turn: int, content: str = "", **kw: Any) -> MessageRecord:
 
 async def ask(store: Store, cid: str, text: str = "q") -> int:
     return await store.begin_turn(conversation_id=cid, scene="chat", user_content=text)
+
+
+def indexes(target: Target) -> set[str]:
+    if target.kind == "sqlite":
+        return {row[1] for row in target.sql("PRAGMA index_list(messages)")}
+    rows = target.sql("SELECT indexname FROM pg_indexes WHERE tablename = 'messages'")
+    return {row[0] for row in rows}
 
 
 def wal_left(target: Target) -> bool:
@@ -521,7 +528,8 @@ async def test_a_version_1_database_is_migrated_and_keeps_its_messages(target: T
     await s.save_assistant(answer("a", 2, status="streaming", run_id="run_1"))
     assert [(m.status, m.run_id) for m in await s.messages("a")][-1] == ("streaming", "run_1")
     await s.close()
-    assert target.version() == SCHEMA_VERSION == 6
+    assert target.version() == SCHEMA_VERSION == 7
+    assert "messages_by_run" in indexes(target)  # a resume finds a saved run by its id
     if target.kind == "sqlite":
         assert target.sql("PRAGMA integrity_check")[0][0] == "ok"
 
@@ -648,6 +656,27 @@ async def test_a_store_that_cannot_write_says_so_counts_it_and_recovers_by_itsel
 # -- schema 4: a conversation's owner (docs/protocol.md §8) ------------------------------------
 
 
+async def test_a_runs_answer_is_found_by_its_run_id_and_only_for_its_client(store: Store) -> None:
+    """What a resume of a run lean no longer buffers reads (schema 7: the run_id index)."""
+    await store.begin_first_turn(conversation_id="a", scene="chat", user_content="q", client="x")
+    await store.save_assistant(answer("a", 1, "first", run_id="r1"), client="x")
+    await store.begin_first_turn(conversation_id="b", scene="chat", user_content="q")
+    # a WebSocket's run ids are its client's: the default client used "r1" too, later
+    late = "2026-11-21T16:41:00.000Z"
+    await store.save_assistant(answer("b", 1, "second", run_id="r1", created_at=late))
+    found = await store.run_answer("r1", "x")
+    assert found is not None and (found.content, found.conversation_id) == ("first", "a")
+    found = await store.run_answer("r1")
+    assert found is not None and found.content == "second"
+    assert await store.run_answer("r1", "y") is None  # another client's: not there for it
+    assert await store.run_answer("r2") is None
+    await store.begin_turn(conversation_id="b", scene="chat", user_content="q")
+    later = "2026-11-21T17:00:00.000Z"
+    await store.save_assistant(answer("b", 2, "third", run_id="r1", created_at=later))
+    found = await store.run_answer("r1")
+    assert found is not None and found.content == "third"  # the latest of a reused id
+
+
 async def test_a_conversation_is_its_clients_and_another_cannot_add_a_turn(store: Store) -> None:
     assert (
         await store.begin_turn(conversation_id="a", scene="chat", user_content="q", client="x") == 1
@@ -691,8 +720,11 @@ async def test_a_version_3_database_is_migrated_and_its_rows_are_the_default_cli
     assert not await s.conversation_exists("a", "x")
     assert await s.begin_turn(conversation_id="a", scene="chat", user_content="q", client="x") == 0
     assert await ask(s, "a") == 2
+    assert (await s.run_answer("run_0") or answer("?", 1)).content == "hello"  # the default's
+    assert await s.run_answer("run_0", "x") is None
     await s.close()
-    assert target.version() == SCHEMA_VERSION == 6
+    assert target.version() == SCHEMA_VERSION == 7
+    assert "messages_by_run" in indexes(target)
     if target.kind == "sqlite":
         assert target.sql("PRAGMA integrity_check")[0][0] == "ok"
 
@@ -759,7 +791,7 @@ async def test_a_version_4_database_gains_the_responses_table(target: Target) ->
     assert await s.response_history("resp_1", "x") == [said("q")]
     assert await s.response_history("resp_1") is None
     await s.close()
-    assert target.version() == SCHEMA_VERSION == 6
+    assert target.version() == SCHEMA_VERSION == 7
     if target.kind == "sqlite":
         assert target.sql("PRAGMA integrity_check")[0][0] == "ok"
 
@@ -852,7 +884,7 @@ async def test_a_version_4_database_gets_the_instance_column(target: Target) -> 
         "b": ("complete", "web-1"),
         "c": ("incomplete", None),
     }
-    assert target.version() == SCHEMA_VERSION == 6
+    assert target.version() == SCHEMA_VERSION == 7
 
 
 async def test_instances_opening_an_older_database_together_migrate_it_once(

@@ -4,8 +4,8 @@ resume route `GET /v1/scenes/{scene}/ui/{chatId}/stream`.
 lean runs for real (tests.support.running) against FakeOpenAI; the client is a real HTTP
 client sending the body `useChat` sends, and each test checks the exact parts. The real
 `ai` package reads the same stream in tests/test_aisdk.py. `UIParts` (the translation,
-pure) is also fed events directly, and `stream_events` (the resume route's replay, which
-waits for a per-run event buffer) is served by a real aiohttp app.
+pure) is also fed events directly, and `UISink` is driven by a real aiohttp app from an
+event source, as the resume route's buffer drives it (a restart cuts the reader).
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from aiohttp.test_utils import TestServer
 
 from lean import events
 from lean.app import Server
+from lean.client_io import BodyWriter, ClientGone
 from lean.config import Config
-from lean.ui_handlers import UISink, stream_events
+from lean.ui_handlers import UI_HEADERS, UISink
 from lean.ui_stream import UIParts
 from tests import toolbox
 from tests.fakes import (
@@ -62,16 +63,22 @@ parameters = {"type": "object", "properties": {"question": {"type": "string"}}}
 model = default
 template = {message}
 history_turns = 4
+resume_grace = 0  ; leaving cancels at once (test_resume_handlers.py: the grace)
 
 [scene.helper]
 model = default
 template = {message}
 tools = clock, boom, ask_user
 max_tool_rounds = 2
+resume_grace = 0
 
 [scene.report]
 model = default
 template = Weather in {city}: {message}
+
+[scene.reload]
+model = default
+template = {message}
 """
 DONE_FRAME = "[DONE]"
 
@@ -478,20 +485,84 @@ async def test_resume_is_204_when_nothing_of_the_chat_runs() -> None:
                 assert resp.status == 404
 
 
-async def test_resume_of_a_running_answer_is_409_until_lean_can_replay_it() -> None:
+def drip(text: str, delay: float = 0.02) -> Stream:
+    stream = text_stream(text)
+    stream.delay = delay
+    return stream
+
+
+def same_message(parts: list[Any]) -> list[Any]:
+    """Parts without the ids that differ between two runs of one answer."""
+    out = []
+    for part in parts:
+        if isinstance(part, dict):
+            part = {k: v for k, v in part.items() if k not in ("messageId", "messageMetadata")}
+        out.append(part)
+    return out
+
+
+async def read_parts(resp: aiohttp.ClientResponse, count: int | None = None) -> list[Any]:
+    """The response's parts: the next `count` of them, or all to its end."""
+    parts: list[Any] = []
+    async for line in resp.content:
+        if line.startswith(b"data: [DONE]"):
+            parts.append(DONE_FRAME)
+        elif line.startswith(b"data: {"):
+            parts.append(json.loads(line[6:]))
+        if count is not None and len(parts) >= count:
+            break
+    return parts
+
+
+async def test_resume_of_a_running_answer_replays_it_from_its_start_then_live() -> None:
+    """useChat's reload: the page left mid-answer (the run goes on for its resume_grace) and
+    the resume route gives the whole message again, its start replayed, then live, to the end;
+    a reader beside the first gets the same parts."""
+    words = " ".join(f"w{i}" for i in range(30))
     async with FakeOpenAI() as fake, running(config(fake)) as lean:
+        fake.push(text_stream(words), drip(words), drip(words))
+        reference = await post_ui(lean, "reload", chat_body("hi", chat_id="chatRef"))
+        async with aiohttp.ClientSession() as http:
+            ui = f"{lean.url}/v1/scenes/reload/ui"
+            async with http.post(ui, json=chat_body("hi", chat_id="chatR2")) as resp:
+                first = await read_parts(resp, 5)  # start, start-step, text-start, 2 deltas
+            # the page reloaded: useChat asks for the chat's stream
+            resume = f"{lean.url}/v1/scenes/reload/ui/chatR2/stream"
+            async with http.get(f"{lean.url}/v1/scenes/helper/ui/chatR2/stream") as resp:
+                assert resp.status == 204  # the chat runs in another scene
+            async with http.get(resume) as resp:
+                assert resp.status == 200
+                assert resp.headers["x-vercel-ai-ui-message-stream"] == "v1"
+                replayed = await read_parts(resp)
+            assert replayed[:5] == first  # the same start, messageId and metadata included
+            assert same_message(replayed) == same_message(reference)
+            rows = await saved_answer(lean, "chatR2")
+            assert rows[-1]["status"] == "complete" and rows[-1]["content"] == words
+            async with http.get(resume) as resp:
+                assert resp.status == 204  # ended: nothing runs
+            # a second reader beside the first: both get the whole message
+            async with http.post(ui, json=chat_body("again", chat_id="chatR3")) as live:
+                head = await read_parts(live, 3)
+                async with http.get(f"{lean.url}/v1/scenes/reload/ui/chatR3/stream") as resp:
+                    beside = await read_parts(resp)
+                whole = head + await read_parts(live)
+    assert beside == whole and whole[-1] == DONE_FRAME
+
+
+async def test_resume_without_a_buffer_is_409_still_running() -> None:
+    """With `resume_buffer_kb = 0` lean keeps no events: a running answer cannot be replayed,
+    and 204 would make useChat think nothing runs (the user would send again)."""
+    async with FakeOpenAI() as fake, running(config(fake, limits="resume_buffer_kb = 0")) as lean:
         fake.push(Stall(seconds=2))
         async with aiohttp.ClientSession() as http:
             post = asyncio.ensure_future(
-                http.post(f"{lean.url}/v1/scenes/chat/ui", json=chat_body("hi", chat_id="chatR2"))
+                http.post(f"{lean.url}/v1/scenes/chat/ui", json=chat_body("hi", chat_id="chatR4"))
             )
             await fake.wait_request()
-            resume = f"{lean.url}/v1/scenes/chat/ui/chatR2/stream"
+            resume = f"{lean.url}/v1/scenes/chat/ui/chatR4/stream"
             async with http.get(resume) as resp:
                 assert resp.status == 409
                 error = (await resp.json())["error"]
-            async with http.get(f"{lean.url}/v1/scenes/helper/ui/chatR2/stream") as resp:
-                assert resp.status == 204  # the chat runs in another scene
             response = await post
             response.close()  # the client leaves: the run is cancelled
             async with asyncio.timeout(5):
@@ -501,7 +572,7 @@ async def test_resume_of_a_running_answer_is_409_until_lean_can_replay_it() -> N
                             break
                     await asyncio.sleep(0.02)
     assert error["code"] == "still_running"
-    assert "chatR2" in error["message"]
+    assert "chatR4" in error["message"]
 
 
 # --- the translation, fed directly ------------------------------------------------------------
@@ -578,8 +649,25 @@ def test_nothing_follows_the_end() -> None:
         parts.feed("delta", events.encode(events.Delta(message_id=MID, text="late")))
 
 
-async def test_stream_events_replays_a_run_from_an_event_source() -> None:
-    """The resume route's replay half: (seq, name, payload) in, the same parts as live out."""
+async def serve_events(
+    request: web.Request, source: AsyncIterator[tuple[int, str, bytes]]
+) -> web.StreamResponse:
+    """`UISink` written from an event source as `resume_handlers.pump` writes it (the resume
+    route), without lean's guard: the sink's own behaviour."""
+    response = web.StreamResponse(headers=UI_HEADERS)
+    sink = UISink(request, UIParts())
+    sink.body = await BodyWriter.start(request, response)
+    try:
+        async for seq, name, payload in source:
+            if sink.write(name, seq, payload):
+                await sink.drain()
+    except ClientGone:
+        pass
+    return response
+
+
+async def test_a_replayed_run_is_the_same_parts_as_live() -> None:
+    """The resume route's half: (seq, name, payload) in, the same parts as live out."""
     evs = run_events(
         events.Delta(message_id=MID, text="Hel"),
         events.Delta(message_id=MID, text="lo"),
@@ -591,7 +679,7 @@ async def test_stream_events_replays_a_run_from_an_event_source() -> None:
             yield seq, events.event_name(event), events.encode(event)
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        return await stream_events(request, UISink(request, UIParts()), source())
+        return await serve_events(request, source())
 
     app = web.Application()
     app.router.add_get("/replay", handler)
@@ -707,7 +795,7 @@ async def test_a_replay_that_restarts_the_answer_cuts_the_connection() -> None:
             yield seq, events.event_name(event), events.encode(event)
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        return await stream_events(request, UISink(request, UIParts()), source())
+        return await serve_events(request, source())
 
     app = web.Application()
     app.router.add_get("/replay", handler)

@@ -33,6 +33,7 @@ SCENES = """
 [scene.chat]
 model = default
 template = {message}
+resume_grace = 0  ; leaving cancels at once (test_resume.py: the grace)
 
 [scene.summary]
 model = default

@@ -1,6 +1,6 @@
 // lean's chat page, on lean.js. Model and tool text is never HTML: every string reaches
 // the page as a text node (textContent, createTextNode), never through innerHTML.
-import { LeanError, cancel, history, scenes, stream, toolResult } from "/lean.js";
+import { LeanError, cancel, forget, history, resume, scenes, stream, toolResult, unfinished } from "/lean.js";
 
 const $ = (id) => document.getElementById(id);
 const TOKEN = "lean.token"; // sessionStorage: the token lives as long as the tab
@@ -82,13 +82,24 @@ async function open(id, scene) {
   const box = $("messages");
   box.replaceChildren();
   status("loading…");
+  let running = null;
   try {
-    for (const m of await history(id, options())) box.append(saved(m));
+    for (const m of await history(id, options())) {
+      // An answer still being written (this page was reloaded, or another tab runs it):
+      // read it live from its start; lean replays what it already said.
+      if (m.role === "assistant" && m.status === "streaming" && m.runId && !running) running = m;
+      else box.append(saved(m));
+    }
     status("");
   } catch (error) {
     failed(error);
   }
   box.scrollTop = box.scrollHeight;
+  if (running) {
+    for (const run of unfinished()) if (run.conversationId === id && run.runId !== running.runId) forget(run.runId);
+    state.abort = new AbortController();
+    await follow(resume(running.runId, { signal: state.abort.signal, ...options() }), new Answer(), "");
+  }
 }
 
 // --- messages ---------------------------------------------------------------------------
@@ -142,6 +153,14 @@ class Answer {
 
   fail(message) {
     this.node.append(el("div", "failure", message));
+  }
+
+  /** Empty again (a resumed run whose answer lean sends again from its start). */
+  clear() {
+    this.node.replaceChildren();
+    this.thinking = null;
+    this.text = null;
+    this.cards = new Map();
   }
 }
 
@@ -244,11 +263,7 @@ async function send(event) {
   // An empty field is left out: lean's 400 then names the input the scene needs.
   for (const input of $("inputs").querySelectorAll("input")) if (input.value) inputs[input.name] = input.value;
 
-  const box = $("messages");
-  box.append(userMessage(message || Object.values(inputs).join(" · ")));
-  const answer = new Answer();
-  box.append(answer.node);
-  box.scrollTop = box.scrollHeight;
+  $("messages").append(userMessage(message || Object.values(inputs).join(" · ")));
   $("message").value = "";
   state.abort = new AbortController();
   const run = stream(scene.name, {
@@ -258,13 +273,22 @@ async function send(event) {
     signal: state.abort.signal,
     ...options(),
   });
+  await follow(run, new Answer(), message, scene.name);
+}
+
+/** Show a run's events in `answer` until its end: a new run, or one resumed. */
+async function follow(run, answer, message, sceneName) {
+  const box = $("messages");
+  box.append(answer.node);
+  box.scrollTop = box.scrollHeight;
   state.run = run;
   busy(true);
   try {
     for await (const e of run) {
       if (e.type === "start") {
+        if (e.restart) answer.clear(); // lean restarted the answer: it sends it whole again
         select(e.conversationId);
-        remember(e.conversationId, message.slice(0, 60), scene.name);
+        if (sceneName) remember(e.conversationId, message.slice(0, 60), sceneName);
         answer.node.dataset.runId = e.runId;
         status("streaming…");
       } else if (e.type === "delta") {
@@ -287,12 +311,13 @@ async function send(event) {
     }
     status("");
   } catch (error) {
-    if (!run.runId && !$("message").value) $("message").value = message; // nothing was sent
+    if (!run.runId && message && !$("message").value) $("message").value = message; // nothing was sent
     answer.end(error.name === "AbortError" ? "cancelled" : "error");
     if (error.name !== "AbortError") answer.fail(error.message);
     failed(error);
   } finally {
     state.run = null;
+    state.abort = null;
     busy(false);
   }
 }

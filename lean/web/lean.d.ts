@@ -24,6 +24,9 @@ interface Base {
 }
 export interface StartEvent extends Base {
   type: "start";
+  /** Set by lean.js on a second `start` of a resumed run: lean restarted the answer (the
+   * cursor could not be honoured); clear what was shown for the run. */
+  restart?: boolean;
   runId: string;
   messageId: string;
   scene: string;
@@ -140,14 +143,21 @@ export function toolResult(
 ): Promise<unknown>;
 
 /** A scene run over fetch: iterate it once. `runId` is set by its `start` event;
- * `cursor` is the last event's `seq` (where a resume will start, once lean serves one). */
+ * `cursor` is the last event's `seq`. A dropped connection is resumed by itself (up to
+ * `RESUME_TRIES` tries in a row), after the cursor: nothing twice, nothing missing. */
 export class SceneStream implements AsyncIterable<SceneEvent> {
-  constructor(scene: string, options?: RunRequest & ClientOptions & { signal?: AbortSignal });
-  readonly scene: string;
+  constructor(
+    scene: string | null,
+    options?: RunRequest &
+      ClientOptions & { signal?: AbortSignal; runId?: string; after?: number },
+  );
+  readonly scene: string | null;
   runId: string | null;
   conversationId: string | null;
   cursor: number;
   ended: boolean;
+  /** Reconnections made so far. */
+  resumes: number;
   [Symbol.asyncIterator](): AsyncGenerator<SceneEvent, void, undefined>;
   cancel(): Promise<unknown>;
   toolResult(toolCallId: string, result: unknown): Promise<unknown>;
@@ -156,6 +166,26 @@ export function stream(
   scene: string,
   options?: RunRequest & ClientOptions & { signal?: AbortSignal },
 ): SceneStream;
+
+export const RESUME_TRIES: number;
+
+/** Read a run again by id: its events after `after` (0, the default: from its start), then
+ * the live ones. A run lean no longer has fails with `LeanError` status 404. */
+export function resume(
+  runId: string,
+  options?: ClientOptions & { after?: number; scene?: string; signal?: AbortSignal },
+): SceneStream;
+
+export interface UnfinishedRun {
+  runId: string;
+  scene: string | null;
+  conversationId: string | null;
+  cursor: number;
+}
+/** The runs this tab was reading when it stopped (kept in sessionStorage), newest first. */
+export function unfinished(): UnfinishedRun[];
+/** Forget a run `unfinished()` lists. */
+export function forget(runId: string): void;
 
 /** OpenAI Chat Completions, streamed: yields each `chat.completion.chunk`. */
 export function chatCompletions(
@@ -182,6 +212,8 @@ export class Session {
   onerror?: (frame: ErrorEvent) => void;
   open(): Promise<Session>;
   run(scene: string, request?: RunRequest & { runId?: string }): SessionRun;
+  /** Read a run again on this socket: its events after `after`, then the live ones. */
+  resume(runId: string, options?: { after?: number }): SessionRun;
   cancel(runId: string): void;
   toolResult(runId: string, toolCallId: string, result: unknown): void;
   close(): void;

@@ -20,9 +20,16 @@
 //   offers its token as the subprotocol `lean.bearer.<token>` beside `lean` (kept out of
 //   URLs, which proxies log), or, for a token that is not a valid subprotocol name, as the
 //   `access_token` query parameter of the upgrade. lean.js never logs a token.
-// - Resume (a run that survives a dropped connection or a reload) is not served by lean
-//   yet: a `SceneStream` keeps `runId` and `cursor` (the last SSE id), which is all a
-//   resume will need.
+// - Resume (docs/protocol.md §6): a `SceneStream` whose connection drops (a network
+//   failure, a proxy's timeout, a stream cut before its final event) reconnects by itself to
+//   `GET /v1/runs/{runId}/stream?after=N`, N the last `seq` it yielded, and goes on with the
+//   next event: nothing twice, nothing missing (`204`: it had the run's last event already). lean keeps a run going for
+//   `resume_grace` seconds without a reader. Each running stream's run id and cursor are kept
+//   in `sessionStorage` (`lean.runs`), so after a reload `unfinished()` tells which runs
+//   were being read and `resume(runId)` reads them again (from the start, or from `after`).
+//   When lean can no longer honour a cursor it restarts the answer: a second `start` event
+//   (yielded with `restart: true`), then the answer so far in one `delta`: a reader clears
+//   what it showed for the run.
 
 /** Largest event the SSE reader holds, in UTF-16 code units. A `done` event carries the
  * whole answer and a `tool_end` a tool result (256 KiB by default): 8 Mi is far above
@@ -226,53 +233,176 @@ export async function toolResult(runId, toolCallId, result, { token, baseUrl } =
   return json(path, { method: "POST", body: { toolCallId, result }, token, baseUrl });
 }
 
-/** A scene run over fetch + SSE. Iterate it once; `runId` is known after `start`. */
+/** How many times in a row a `SceneStream` reconnects before it gives up, and the waits
+ * between tries (ms, doubling up to the cap). An event that arrives resets the count. */
+export const RESUME_TRIES = 6;
+const RESUME_WAIT_MS = 250;
+const RESUME_WAIT_CAP_MS = 4000;
+
+const RUNS = "lean.runs"; // sessionStorage: {runId: {scene, conversationId, cursor, at}}
+
+function storage() {
+  try {
+    return typeof sessionStorage === "undefined" ? null : sessionStorage;
+  } catch {
+    return null; // a sandboxed frame may refuse storage: resume then lasts as long as the page
+  }
+}
+
+function keptRuns() {
+  const store = storage();
+  if (!store) return {};
+  try {
+    const runs = JSON.parse(store.getItem(RUNS) || "{}");
+    return runs && typeof runs === "object" ? runs : {};
+  } catch {
+    return {};
+  }
+}
+
+function keep(runId, entry) {
+  const store = storage();
+  if (!store) return;
+  const runs = keptRuns();
+  if (entry) runs[runId] = entry;
+  else delete runs[runId];
+  try {
+    store.setItem(RUNS, JSON.stringify(runs));
+  } catch {
+    // storage full: resume after a reload is lost, nothing else
+  }
+}
+
+/** The runs this tab was reading when it stopped (a reload, a crash): `[{runId, scene,
+ * conversationId, cursor}]`, newest first. `resume(runId)` reads one again; a run that
+ * ended meanwhile answers from its saved message. */
+export function unfinished() {
+  return Object.entries(keptRuns())
+    .map(([runId, run]) => ({ runId, ...run }))
+    .sort((a, b) => (b.at || 0) - (a.at || 0));
+}
+
+/** Forget a run `unfinished()` listed (a page that will not resume it). */
+export function forget(runId) {
+  keep(runId, null);
+}
+
+function sleep(ms, signal) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(resolve, ms);
+    if (signal)
+      signal.addEventListener(
+        "abort",
+        () => {
+          clearTimeout(timer);
+          reject(signal.reason || new DOMException("aborted", "AbortError"));
+        },
+        { once: true },
+      );
+  });
+}
+
+function aborted(exc) {
+  return exc && exc.name === "AbortError";
+}
+
+/** A scene run over fetch + SSE. Iterate it once; `runId` is known after `start`.
+ * Made by `stream()` (a new run) or `resume()` (a run by id, after a cursor). */
 export class SceneStream {
-  constructor(scene, { message, inputs, conversationId, signal, token, baseUrl } = {}) {
+  constructor(scene, { message, inputs, conversationId, signal, token, baseUrl, runId, after } = {}) {
     this.scene = scene;
     this.request = { inputs: inputs || {}, message: message || "" };
     if (conversationId) this.request.conversationId = conversationId;
     this.options = { token, baseUrl };
     this.signal = signal;
-    this.runId = null;
+    this.runId = runId || null;
     this.conversationId = conversationId || null;
-    this.cursor = 0; // the last event's `seq` (SSE id): where a resume would start
+    this.cursor = after || 0; // the last event's `seq` (SSE id): where a resume starts
     this.ended = false;
+    this.resumes = 0; // reconnections made, for a page that wants to say so
+  }
+
+  /** The response to read: the run's start, or its resume after the cursor. */
+  async open() {
+    if (!this.runId) {
+      return send(`/v1/scenes/${encodeURIComponent(this.scene)}/stream`, {
+        method: "POST",
+        body: this.request,
+        signal: this.signal,
+        accept: "text/event-stream",
+        ...this.options,
+      });
+    }
+    const path = `/v1/runs/${encodeURIComponent(this.runId)}/stream?after=${this.cursor}`;
+    return send(path, { signal: this.signal, accept: "text/event-stream", ...this.options });
   }
 
   async *[Symbol.asyncIterator]() {
     if (this.started) throw new Error("a SceneStream is iterated once");
     this.started = true;
-    const response = await send(`/v1/scenes/${encodeURIComponent(this.scene)}/stream`, {
-      method: "POST",
-      body: this.request,
-      signal: this.signal,
-      accept: "text/event-stream",
-      ...this.options,
-    });
+    let tries = 0;
     try {
-      for await (const message of readSSE(response.body)) {
-        let event;
+      for (;;) {
+        let response;
         try {
-          event = JSON.parse(message.data);
-        } catch {
-          throw new LeanError("lean sent an event that is not JSON", { code: "bad_stream" });
+          response = await this.open();
+        } catch (exc) {
+          // HTTP errors are lean's answer (404: the run is gone); only a network failure of
+          // a run that has an id is tried again.
+          if (exc instanceof LeanError && exc.status === 404 && this.runId) keep(this.runId, null);
+          if (aborted(exc) || !this.runId || (exc instanceof LeanError && exc.status)) throw exc;
+          if (++tries > RESUME_TRIES) throw exc;
+          await sleep(Math.min(RESUME_WAIT_CAP_MS, RESUME_WAIT_MS * 2 ** (tries - 1)), this.signal);
+          continue;
         }
-        event.seq = Number(message.id) || 0;
-        this.cursor = event.seq;
-        if (event.type === "start") {
-          this.runId = event.runId;
-          this.conversationId = event.conversationId;
+        if (response.status === 204) return; // the cursor is at the run's last event: all seen
+        try {
+          for await (const message of readSSE(response.body)) {
+            const event = this.event(message);
+            if (event === null) continue;
+            tries = 0;
+            yield event;
+            if (this.ended) return;
+          }
+        } catch (exc) {
+          if (aborted(exc) || (exc instanceof LeanError && exc.code === "bad_stream")) throw exc;
+          if (!this.runId) throw new LeanError(`the stream broke: ${exc && exc.message}`);
         }
-        if (FINAL.has(event.type)) this.ended = true;
-        yield event;
-        if (this.ended) return;
+        // The connection ended before the run's last event: resume after the cursor.
+        if (!this.runId) throw new LeanError("the stream ended before its start event", { code: "cut" });
+        if (++tries > RESUME_TRIES) {
+          throw new LeanError("the stream ended before its done or error event", { code: "cut" });
+        }
+        this.resumes += 1;
+        await sleep(tries === 1 ? 0 : Math.min(RESUME_WAIT_CAP_MS, RESUME_WAIT_MS * 2 ** (tries - 2)), this.signal);
       }
-    } catch (exc) {
-      if (exc instanceof LeanError || (exc && exc.name === "AbortError")) throw exc;
-      throw new LeanError(`the stream broke: ${exc && exc.message}`);
+    } finally {
+      if (this.ended && this.runId) keep(this.runId, null);
     }
-    throw new LeanError("the stream ended before its done or error event", { code: "cut" });
+  }
+
+  /** One SSE message as a scene event, or null for one already yielded. */
+  event(message) {
+    let event;
+    try {
+      event = JSON.parse(message.data);
+    } catch {
+      throw new LeanError("lean sent an event that is not JSON", { code: "bad_stream" });
+    }
+    event.seq = Number(message.id) || 0;
+    if (event.type === "start") {
+      if (this.cursor > 0) event.restart = true; // lean restarted the answer: clear it
+      this.runId = event.runId;
+      this.conversationId = event.conversationId;
+    } else if (event.seq && event.seq <= this.cursor) {
+      return null; // seen before the connection dropped
+    }
+    this.cursor = event.seq || this.cursor;
+    if (FINAL.has(event.type)) this.ended = true;
+    else if (this.runId) {
+      keep(this.runId, { scene: this.scene, conversationId: this.conversationId, cursor: this.cursor, at: Date.now() });
+    }
+    return event;
   }
 
   /** Stop the run (its stream then yields `error` code `cancelled`). */
@@ -286,6 +416,20 @@ export class SceneStream {
     if (!this.runId) throw new Error("the run has no id before its start event");
     return toolResult(this.runId, toolCallId, result, this.options);
   }
+}
+
+/** Read a run again by id: its events after `after` (0: from its start), then the live
+ * ones, reconnecting as `stream()` does. A run lean no longer has: `LeanError` status 404. */
+export function resume(runId, { after = 0, scene, signal, token, baseUrl } = {}) {
+  const kept = keptRuns()[runId];
+  return new SceneStream(scene || (kept && kept.scene) || null, {
+    runId,
+    after,
+    conversationId: kept && kept.conversationId,
+    signal,
+    token,
+    baseUrl,
+  });
 }
 
 /** A scene run as an async iterator of its events (see SceneStream). */
@@ -461,6 +605,17 @@ export class Session {
     const frame = { type: "run", runId: id, scene, inputs: inputs || {}, message: message || "" };
     if (conversationId) frame.conversationId = conversationId;
     this.sendFrame(frame).catch((error) => run.fail(error));
+    return run;
+  }
+
+  /** Read a run again on this socket: its events after `after`, then the live ones. At a
+   * finished run's last event lean sends nothing more: resume from a cursor you have not
+   * seen the end of (the HTTP `resume()` gets `204` there and simply ends). */
+  resume(runId, { after = 0 } = {}) {
+    if (this.runs.has(runId)) throw new Error(`run id '${runId}' is already read on this session`);
+    const run = new SessionRun(this, runId);
+    this.runs.set(runId, run);
+    this.sendFrame({ type: "resume", runId, after }).catch((error) => run.fail(error));
     return run;
   }
 

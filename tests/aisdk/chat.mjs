@@ -2,6 +2,10 @@
 // @ai-sdk/react's useChat) with DefaultChatTransport pointed at lean's UI route.
 //
 //   node chat.mjs <lean url> <scene> <chat id> <message> [<client tool answer>]
+//   node chat.mjs <lean url> <scene> <chat id> --resume
+//
+// With --resume it is a page reloaded mid-answer: a new Chat of that id, holding nothing,
+// calls resumeStream() (what useChat's `resume: true` does on mount) and prints the same line.
 //
 // Sends the message, answers a client tool (onToolCall) by POSTing to lean's
 // /v1/runs/{runId}/tool-results (the run id is in the message metadata), then asks
@@ -60,11 +64,18 @@ const chat = new Chat({
     seen.finishes.push({ isAbort, isError, isDisconnect }),
 });
 
-await chat.sendMessage({ text });
-const afterSend = { status: chat.status, error: chat.error?.message ?? null };
-await chat.resumeStream(); // lean: 204, nothing is running: the chat stays as it is
+let afterSend = {};
+if (text === "--resume") {
+  await chat.resumeStream(); // lean: the running answer from its start, then live
+} else {
+  await chat.sendMessage({ text });
+  afterSend = { status: chat.status, error: chat.error?.message ?? null };
+  await chat.resumeStream(); // lean: 204, nothing is running: the chat stays as it is
+}
 console.log(
   JSON.stringify({
+    status: chat.status,
+    error: chat.error?.message ?? null,
     ...afterSend,
     statusAfterResume: chat.status,
     messages: chat.messages,

@@ -178,6 +178,61 @@ const run = {
     };
   },
 
+  /** A reload mid-answer: the page reads the running answer again, to its end. */
+  async reload(context) {
+    const p = await page(context);
+    await signIn(p);
+    const answer = await say(p, "slow reload");
+    await p.waitForFunction((a) => a.textContent.trim().length > 0 && a.dataset.runId, answer);
+    const before = await visibleText(answer);
+    const runId = await answer.getAttribute("data-run-id");
+    await p.reload();
+    await p.waitForSelector("html[data-ready]");
+    // The token lives in sessionStorage: kept over the reload, nothing to ask.
+    const resumed = await p.waitForSelector(`article.assistant[data-run-id="${runId}"]`);
+    const status = await settled(p, resumed);
+    const shot = join(shots, "reload.png");
+    await p.screenshot({ path: shot });
+    return {
+      before,
+      status,
+      text: await visibleText(resumed),
+      answers: await p.locator("article.assistant").count(),
+      conversationId: await conversation(p),
+      screenshot: shot,
+      errors: p.errors,
+    };
+  },
+
+  /** lean.js: the network drops mid-answer; the stream resumes by itself. */
+  async dropped(context) {
+    const p = await context.newPage();
+    p.setDefaultTimeout(WAIT);
+    p.errors = [];
+    p.on("pageerror", (error) => p.errors.push(String(error)));
+    await p.goto(cross.cutter + "/"); // lean through a relay the page can cut
+    await p.waitForSelector("html[data-ready]");
+    const out = await p.evaluate(async (token) => {
+      window.__leanDrop = () => fetch("/__cut");
+      const { stream } = await import("/lean.js");
+      const run = stream("chat", { message: "slow drop", token });
+      const seqs = [];
+      let text = "";
+      let cut = false;
+      for await (const e of run) {
+        seqs.push(e.seq);
+        if (e.type === "delta") text += e.text;
+        if (e.type === "delta" && !cut && seqs.length > 5) {
+          cut = true;
+          window.__leanDrop(); // the test's hook: the page's connection to lean is cut
+        }
+        if (e.type === "done" || e.type === "error") return { text, seqs, last: e.type, resumes: run.resumes };
+      }
+      return { text, seqs, last: null, resumes: run.resumes };
+    }, token);
+    return { ...out, errors: p.errors };
+  },
+
   async waiting(context) {
     const p = await page(context);
     await signIn(p);
