@@ -8,7 +8,6 @@ the key and what was expected, never a secret value.
 """
 
 import configparser
-import hmac
 import ipaddress
 import os
 import string
@@ -31,6 +30,7 @@ from lean.config_keys import (
     read_section,
 )
 from lean.config_store import StoreConfig, store_config
+from lean.secret import Secret
 
 __all__ = [
     "AuthConfig",
@@ -52,29 +52,6 @@ __all__ = [
     "load_config",
     "parse_config",
 ]
-
-
-class Secret:
-    """A key or token. Compared in constant time; repr and str never show it."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('****')"
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Secret):
-            return NotImplemented
-        return hmac.compare_digest(self._value.encode(), other._value.encode())
-
-    def __hash__(self) -> int:
-        return hash(self._value)
 
 
 class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):

@@ -54,18 +54,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from lean.messages import (
-    SELECT_EXISTS,
-    SELECT_HISTORY,
-    SELECT_MESSAGES,
-    SELECT_RUN,
     MessageRecord,
-    history,
-    records,
     row,
     utc_now,
 )
-from lean.saved_responses import MAX_CHAIN, SELECT_CHAIN
-from lean.saved_responses import history as chain_messages
 from lean.store_batches import (
     FLUSH,
     PROGRESS,
@@ -84,6 +76,7 @@ from lean.store_batches import (
     StoreReadError,
     StoreWriteError,
 )
+from lean.store_reads import StoreReads
 from lean.store_sqlite import SqliteBackend
 
 __all__ = [
@@ -127,7 +120,7 @@ def backend_for(where: str) -> Backend:
     return SqliteBackend(where)
 
 
-class Store:
+class Store(StoreReads):
     def __init__(
         self,
         where: str | Backend,
@@ -275,14 +268,6 @@ class Store:
         self._check_open()
         await self._put((RESPONSE, row, None))
 
-    async def response_history(
-        self, response_id: str, client: str | None = None
-    ) -> list[dict[str, Any]] | None:
-        """The messages of the chain that ends with `response_id`, oldest first; None when
-        lean saved no such response for `client` (None: the default client)."""
-        args = (response_id, client or "", MAX_CHAIN, client or "")
-        return await self._query(SELECT_CHAIN, args, chain_messages)
-
     async def flush(self, *, report: bool = True) -> None:
         """Wait until everything queued before the call is committed. With `report`, raise
         the first error among saves that failed since the previous flush; without, raise
@@ -332,35 +317,6 @@ class Store:
                         await self._space.wait()
         finally:
             self._blocked -= 1
-
-    async def messages(self, conversation_id: str, *, limit: int = 1000) -> list[MessageRecord]:
-        """The latest `limit` messages, oldest first (by turn, user before assistant)."""
-        if limit <= 0:
-            return []
-        return await self._query(SELECT_MESSAGES, (conversation_id, limit), records)
-
-    async def history(self, conversation_id: str, turns: int) -> list[tuple[str, str]]:
-        """The last `turns` answered turns as [(role, content)], oldest first.
-
-        A turn counts when its assistant message has text, whatever its status (an
-        `incomplete` or `cancelled` answer keeps the text the user saw). A turn without one
-        (an empty error, or still running) is left out whole, user message included, so the
-        result always alternates user/assistant as providers require.
-        """
-        if turns <= 0:
-            return []
-        return await self._query(SELECT_HISTORY, (conversation_id, turns), history)
-
-    async def run_answer(self, run_id: str, client: str | None = None) -> MessageRecord | None:
-        """The answer the run `run_id` saved (the latest, for a reused id) when `client` owns
-        it (None: the default client), or None: another client's run is not there for it."""
-        found = await self._query(SELECT_RUN, (run_id, client or ""), records)
-        return found[0] if found else None
-
-    async def conversation_exists(self, conversation_id: str, client: str | None = None) -> bool:
-        """Whether the conversation has messages and `client` owns it (None: the default
-        client, which owns the rows written before clients existed)."""
-        return await self._query(SELECT_EXISTS, (conversation_id, client or ""), bool)
 
     async def _query(self, sql: str, args: tuple[Any, ...], convert: Callable[[Any], _T]) -> _T:
         """Run one SELECT on the reader thread, after the writes queued before it; `convert`

@@ -41,7 +41,8 @@ def write_config(tmp_path: Path, upstream: str, server: str, store: str = "") ->
         f"[store]\n{store}\nflush_interval = 0.1\n"
         f"[provider.up]\nkind = openai\nbase_url = {upstream}\nread_timeout = 30\n"
         "[model.default]\nprovider = up\nupstream_model = fake-model\n"
-        "[scene.chat]\nmodel = default\n"
+        # A client that leaves cancels at once (no grace for a resume): the tests end runs so.
+        "[scene.chat]\nmodel = default\nresume_grace = 0\n"
     )
     return config
 
