@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 from aiohttp import web
@@ -215,8 +215,22 @@ async def stream_scene(request: web.Request) -> web.StreamResponse:
     run = await new_run(
         services, scene, scene_request, run_id=new_run_id(), sink=sink, client=client
     )
+    return await serve_run(request, run, sink, response)
+
+
+class BodySink(Sink, Protocol):
+    """A sink that writes a streaming HTTP response's body, once it has started."""
+
+    body: BodyWriter | None
+
+
+async def serve_run(
+    request: web.Request, run: Run, sink: BodySink, response: web.StreamResponse
+) -> web.StreamResponse:
+    """Start `run` with `response` as its stream (`sink` writes its body) and wait for its
+    end; a client that leaves is the run's `client_left`."""
     try:
-        bound_send_buffer(request, services.config.limits.send_buffer_bytes)
+        bound_send_buffer(request, request.app[services_key].config.limits.send_buffer_bytes)
         sink.body = await BodyWriter.start(request, response)
         run.start()
     except BaseException:

@@ -13,8 +13,6 @@ A buffer that restarts the answer for a reader that fell behind cuts that reader
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
 
 from lean import events, scenes
@@ -26,7 +24,7 @@ from lean.errors import BadRequest, Cancelled, StillRunning
 from lean.handlers import read_json, services_key
 from lean.resume_handlers import pump
 from lean.run import Run, new_run_id
-from lean.scene_handlers import new_run
+from lean.scene_handlers import new_run, serve_run
 from lean.services import Services
 from lean.ui_stream import HEADER, UIParts, parse_chat, scene_request
 
@@ -89,20 +87,7 @@ async def stream_ui(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers=UI_HEADERS)
     sink = UISink(request, UIParts(client_tools(services.config, scene)))
     run = await new_run(services, scene, scene_req, run_id=new_run_id(), sink=sink, client=client)
-    try:
-        bound_send_buffer(request, services.config.limits.send_buffer_bytes)
-        sink.body = await BodyWriter.start(request, response)
-        run.start()
-    except BaseException:
-        run.ticket.end()  # the run never started: its slot is free again
-        raise
-    assert run.task is not None
-    try:
-        await asyncio.shield(run.task)
-    except asyncio.CancelledError:
-        run.client_left()  # aiohttp cancelled us: the client is gone
-        raise
-    return response
+    return await serve_run(request, run, sink, response)
 
 
 def running_answer(
