@@ -2,7 +2,7 @@
 §8): a `lean.clients.Limiter` used when `[cluster] redis_url` is set.
 
 In Redis (the cluster's database; `<c>` is the client's name):
-- `lean:client:<c>:tat`: the GCRA's theoretical arrival time (ms, Redis' clock, so every
+- `lean:client:<c>:tat`: the GCRA's theoretical arrival time (µs, Redis' clock, so every
   instance reads the same time), expiring when it is in the past.
 - `lean:client:<c>:streams`: instance -> the client's streams it relays; an instance
   whose lease is gone is left out of the sum and forgotten, as `lean.cluster` does with
@@ -63,13 +63,15 @@ if ARGV[4] ~= '' then
 end
 if ARGV[5] ~= '' then
   local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  local interval = 60000 / tonumber(ARGV[5])
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local interval = 60000000 / tonumber(ARGV[5])
   local tolerance = (tonumber(ARGV[6]) - 1) * interval
   local key = c .. 'tat'
   local tat = math.max(tonumber(redis.call('GET', key) or '0'), now)
-  if tat - now > tolerance then return {3, math.ceil(tat - now - tolerance)} end
-  redis.call('SET', key, math.ceil(tat + interval), 'PX', math.ceil(tat + interval - now))
+  if tat - now > tolerance then return {3, math.ceil((tat - now - tolerance) / 1000)} end
+  tat = tat + interval
+  local ms = math.max(1, math.ceil((tat - now) / 1000))
+  redis.call('SET', key, string.format('%.0f', tat), 'PX', string.format('%d', ms))
 end
 if ARGV[4] ~= '' then redis.call('HINCRBY', streams, me, 1) end
 return {0, 0}
