@@ -64,9 +64,10 @@ async def requests(clients: Clients, client: Client, at_once: int) -> tuple[floa
 
 async def measure(
     limits: str, cluster: Cluster | None, probe: RedisConnection | None, at_once: int
-) -> tuple[float, float, float, float, float]:
+) -> tuple[float, float, float, float, float, float]:
     """Median (wall µs, CPU µs) per request; per request: awaited round trips, commands
-    written without waiting, commands run in Redis (the script's own included)."""
+    written without waiting and the writes that carried them, commands run in Redis (the
+    script's own included)."""
     parsed = parse_config(config(limits), environ={"APP": "app-token"})
     limiter = RedisLimiter(cluster) if cluster is not None else None
     clients = Clients(parsed, Metrics(), limiter)
@@ -79,9 +80,10 @@ async def measure(
             sent["awaited"] += 1
             return await call(script, *args)
 
-        def counted_send(*args: str | int | bytes) -> None:
-            sent["written"] += 1
-            send(*args)
+        def counted_send(*commands: tuple[str | int | bytes, ...]) -> None:
+            sent["written"] += len(commands)
+            sent["writes"] += 1 if commands else 0
+            send(*commands)
 
         cluster.call, cluster.send = counted_call, counted_send  # type: ignore[method-assign]
     before = await commands(probe) if probe else {}
@@ -102,6 +104,7 @@ async def measure(
         statistics.median(cpus),
         sent["awaited"] / total,
         sent["written"] / total,
+        sent["writes"] / total,
         ran,
     )
 
@@ -124,7 +127,7 @@ async def main(port: int) -> None:
     print(f"admission + end per request, median of {REPEATS} x {N:,} (uvloop)")
     print(
         f"{'client':26} {'limiter':7} {'at once':>7} {'wall µs':>9} {'CPU µs':>8} "
-        f"{'awaited':>8} {'written':>8} {'in Redis':>8}   (per request)"
+        f"{'awaited':>8} {'written':>8} {'writes':>7} {'in Redis':>8}   (per request)"
     )
     for name, limits in LIMITS.items():
         for at_once in (1, AT_ONCE):
@@ -132,10 +135,10 @@ async def main(port: int) -> None:
                 ("memory", await measure(limits, None, None, at_once)),
                 ("redis", await measure(limits, cluster, probe, at_once)),
             ]
-            for kind, (wall, cpu, awaited, written, ran) in rows:
+            for kind, (wall, cpu, awaited, written, writes, ran) in rows:
                 print(
                     f"{name:26} {kind:7} {at_once:7d} {wall:9.2f} {cpu:8.2f} "
-                    f"{awaited:8.2f} {written:8.2f} {ran:8.2f}"
+                    f"{awaited:8.2f} {written:8.2f} {writes:7.2f} {ran:8.2f}"
                 )
     probe.close()
     await cluster.close()

@@ -12,9 +12,9 @@ In Redis (the cluster's database; `<c>` is the client's name):
 
 Round trips per request: `take` awaits ONE script (`TAKE`: checks the day's tokens, the
 client's streams across the cluster and its rate, and takes a stream and a request of the
-rate only when all three allow it); `give` writes one or three commands without waiting
-(HINCRBY -1 on the streams, INCRBY + EXPIRE on the day's tokens). A client without a limit
-costs no Redis command. Nothing per chunk.
+rate only when all three allow it); `give` writes up to three commands in one write,
+without waiting (HINCRBY -1 on the streams, INCRBY + EXPIRE on the day's tokens). A
+client without a limit costs no Redis command. Nothing per chunk.
 
 Redis down (or not answering within `lean.cluster.CALL_TIMEOUT`): each instance counts in
 memory (`MemoryLimiter`), on its own, so a client may get up to the full limits on each
@@ -137,18 +137,20 @@ class RedisLimiter:
         return refusal(client, limit, wait_ms / 1000)
 
     def give(self, client: ClientConfig, tokens: int) -> None:
+        commands: list[tuple[str | int, ...]] = []
         held = self._held.get(client.name, 0)
         if held:  # admitted in Redis (when both kinds run, which one ends does not matter)
             self._held[client.name] = held - 1
             if client.max_streams is not None:
-                self._cluster.send("HINCRBY", _key(client, "streams"), self._cluster.instance, -1)
+                me = self._cluster.instance
+                commands.append(("HINCRBY", _key(client, "streams"), me, -1))
             self.memory.spend(client, tokens)
         else:
             self.memory.give(client, tokens)
-        if tokens and client.tokens_per_day is not None and self._cluster.up:
+        if tokens and client.tokens_per_day is not None:
             key = _key(client, f"tokens:{int(self._wall() // DAY)}")
-            self._cluster.send("INCRBY", key, tokens)
-            self._cluster.send("EXPIRE", key, TOKENS_TTL)
+            commands += [("INCRBY", key, tokens), ("EXPIRE", key, TOKENS_TTL)]
+        self._cluster.send(*commands)  # one write; none while Redis is down
 
     def _alone(self, exc: BaseException) -> None:
         if self.shared:
@@ -163,8 +165,8 @@ class RedisLimiter:
         """Connected (again): this instance's streams of each client, as they are now."""
         for name, config in self._configs.items():
             if config.max_streams is not None:
-                key = _key(config, "streams")
-                self._cluster.send("HSET", key, self._cluster.instance, self._held.get(name, 0))
+                held = self._held.get(name, 0)
+                self._cluster.send(("HSET", _key(config, "streams"), self._cluster.instance, held))
 
 
 def _arg(value: int | None) -> str:

@@ -292,9 +292,12 @@ class Cluster:
             conn.close()
             raise
 
-    def send(self, *args: str | int | bytes) -> None:
-        """One command written without waiting (dropped while Redis is down)."""
-        self._send(*args)
+    def send(self, *commands: tuple[str | int | bytes, ...]) -> None:
+        """Commands written in one go without waiting (dropped while Redis is down)."""
+        conn = self._conn
+        if conn is not None and commands:
+            with contextlib.suppress(ConnectionError):
+                conn.send_all(*commands)
 
     def _send(self, *args: str | int | bytes) -> None:
         conn = self._conn
