@@ -69,7 +69,7 @@ async def measure(
     written without waiting and the writes that carried them, commands run in Redis (the
     script's own included)."""
     parsed = parse_config(config(limits), environ={"APP": "app-token"})
-    limiter = RedisLimiter(cluster) if cluster is not None else None
+    limiter = RedisLimiter(cluster, parsed.clients.values()) if cluster is not None else None
     clients = Clients(parsed, Metrics(), limiter)
     client = next(c for _, c in clients.tokens if c.name == "app")
     sent: Counter[str] = Counter()

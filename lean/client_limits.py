@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from lean.clients import DAY, STREAMS_RETRY_AFTER, MemoryLimiter, Refusal, refusal
 from lean.cluster import PREFIX, Cluster
@@ -89,7 +89,13 @@ def _limited(client: ClientConfig) -> bool:
 class RedisLimiter:
     """Counts in Redis through the cluster's connection; in `memory` while it is down."""
 
-    def __init__(self, cluster: Cluster, *, wall: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        clients: Iterable[ClientConfig],
+        *,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
         self._cluster = cluster
         self._wall = wall
         self.memory = MemoryLimiter(wall=wall)
@@ -98,7 +104,7 @@ class RedisLimiter:
         # Per client: its requests admitted in Redis and not ended yet (this instance's
         # share of `streams`, written again at each reconnect).
         self._held: dict[str, int] = {}
-        self._configs: dict[str, ClientConfig] = {}
+        self._counted = [client for client in clients if client.max_streams is not None]
         cluster.on_join.append(self._joined)
 
     async def take(self, client: ClientConfig) -> Refusal | None:
@@ -127,7 +133,6 @@ class RedisLimiter:
         code, wait_ms = reply[0], reply[1]
         if code == 0:
             self._held[client.name] = self._held.get(client.name, 0) + 1
-            self._configs[client.name] = client
             return None
         limit = LIMITS[code]
         if limit == "tokens_per_day":
@@ -162,11 +167,13 @@ class RedisLimiter:
             )
 
     def _joined(self) -> None:
-        """Connected (again): this instance's streams of each client, as they are now."""
-        for name, config in self._configs.items():
-            if config.max_streams is not None:
-                held = self._held.get(name, 0)
-                self._cluster.send(("HSET", _key(config, "streams"), self._cluster.instance, held))
+        """Connected or registered again: this instance's streams of each client, as they
+        are now (Redis may have restarted empty, or others forgotten us; a restart of this
+        instance within its lease finds its old counts there)."""
+        me = self._cluster.instance
+        self._cluster.send(
+            *(("HSET", _key(c, "streams"), me, self._held.get(c.name, 0)) for c in self._counted)
+        )
 
 
 def _arg(value: int | None) -> str:

@@ -219,6 +219,8 @@ class Cluster:
                             "cluster: %s's lease had lapsed; registering again", self.instance
                         )
                     await self._beat(conn, sync=True)
+                    for joined in self.on_join:
+                        joined()
                 await self._reap(conn)
 
     async def _reap(self, conn: RedisConnection) -> None:

@@ -97,7 +97,8 @@ class Services:
         self.cluster.on_dead = self.store.end_streaming
         self.streams = Streams(config.limits.max_streams, self.metrics, self.cluster)
         # Clients' limits: counted across instances in Redis with redis_url, else here.
-        limiter = RedisLimiter(self.cluster) if self.cluster.enabled else None
+        shared = self.cluster.enabled
+        limiter = RedisLimiter(self.cluster, config.clients.values()) if shared else None
         self.clients = Clients(config, self.metrics, limiter)
         # Imports python tools: a bad path stops start-up.
         self.tools = Tools(config.tools, threads=config.limits.tool_threads, metrics=self.metrics)

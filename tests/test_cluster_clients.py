@@ -18,6 +18,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from lean.client_limits import RedisLimiter
+from lean.cluster import Cluster
+from lean.config import ClientConfig, ClusterConfig
 from tests import test_cluster
 from tests.fakes import FakeOpenAI, free_port, text_stream
 from tests.store_targets import Target
@@ -217,3 +220,31 @@ async def test_one_live_instance_ends_a_dead_ones_answers(shared_redis: str) -> 
         await asyncio.sleep(LEASE * 2)  # looks of both, during the sweep and after it
     assert [name for _, name in swept] == ["gone"], swept
     assert redis_command(6379, select, ("SCARD", "lean:dead")) == b"+OK\r\n:0\r\n"
+
+
+async def test_an_instance_back_within_its_lease_sets_its_clients_streams_right(
+    shared_redis: str,
+) -> None:
+    """A restart within the lease finds the count its killed self left in Redis (its name
+    is live, so nobody forgot it): joining writes this instance's true count (none)."""
+    select = ("SELECT", str(DB))
+    redis_command(6379, select, ("HSET", "lean:client:alpha:streams", "back", "1"))
+    alpha = ClientConfig(name="alpha", token_env="ALPHA_TOKENS", max_streams=1)
+    config = ClusterConfig(instance="back", redis_url=shared_redis, lease=LEASE)
+    cluster = Cluster(config, max_streams=0, streams=lambda: 0, runs=lambda: [])
+    limiter = RedisLimiter(cluster, [alpha])  # as lean.services builds it, before it joins
+    cluster.start()
+    try:
+        async with asyncio.timeout(DEADLINE):
+            while True:
+                if cluster.up:
+                    break
+                await asyncio.sleep(0.01)
+        assert await limiter.take(alpha) is None  # the one stream: its own
+        refused = await limiter.take(alpha)
+        assert refused is not None and refused[0] == "max_streams"
+        limiter.give(alpha, 0)
+        assert await limiter.take(alpha) is None
+        assert limiter.shared
+    finally:
+        await cluster.close()
