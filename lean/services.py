@@ -127,7 +127,7 @@ class Services:
                     "lean_client_limits_shared",
                     "1 while clients' limits are counted in Redis across instances; 0 while "
                     "Redis is unreachable and this instance counts its own.",
-                    lambda: 1 if limiter.shared else 0,
+                    lambda: 1 if limiter.shared and self.cluster.up else 0,
                 )
             )
         self.sockets: set[web.WebSocketResponse] = set()  # closed with 1001 on shutdown
