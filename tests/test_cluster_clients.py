@@ -156,6 +156,29 @@ async def test_a_redis_outage_leaves_the_limits_counted_on_each_instance(
             assert any("each instance counts its own" in line for line in a.log), a.log
 
 
+async def test_a_killed_instances_client_streams_are_freed_within_its_lease(
+    tmp_path: Path, fake: FakeOpenAI, http: aiohttp.ClientSession, shared_redis: str
+) -> None:
+    extra = clients("max_streams = 1")
+    async with instances(tmp_path, fake.base_url, shared_redis, 2, extra=extra) as (a, b):
+        async with run_on(http, a, token="alpha-token") as run:
+            await run.until("delta")
+            status, body, _ = await scene(http, b)
+            assert status == 429 and "limit of 1 streams" in body["error"]["message"], body
+            a.proc.send_signal(signal.SIGKILL)  # its stream is never given back
+            killed = time.monotonic()
+            fake.push(text_stream("free"))
+            async with asyncio.timeout(DEADLINE):
+                while True:
+                    got = await scene(http, b)
+                    if got[0] != 429:
+                        break
+                    await asyncio.sleep(0.05)
+            took = time.monotonic() - killed
+    assert got[0] == 200 and got[1][-1]["text"] == "free", got
+    assert took < LEASE + 1.0, took  # the lease after A's last renewal, no later
+
+
 async def test_a_killed_instances_cut_answer_is_incomplete_on_another_within_a_lease(
     tmp_path: Path,
     fake: FakeOpenAI,
