@@ -76,6 +76,7 @@ async def test_two_instances_share_a_clients_streams_and_rate(
     async with instances(tmp_path, fake.base_url, shared_redis, 2, extra=extra) as (a, b):
         assert await metric(http, a, "lean_client_limits_shared 1")
         async with run_on(http, a, token="alpha-token") as run:  # request 1 of the rate
+            run_id = (await run.until("start"))["runId"]
             await run.until("delta")
             status, body, retry = await scene(http, b)
             assert (status, retry) == (429, "1"), body
@@ -83,8 +84,12 @@ async def test_two_instances_share_a_clients_streams_and_rate(
             chat = {"model": "default", "messages": [{"role": "user", "content": "x"}]}
             async with http.post(b.url + "/v1/chat/completions", json=chat, headers=ALPHA) as r:
                 assert r.status == 429  # every route, one count
-        # A's run ended when its client left: its slot is free for B (written without
-        # waiting: a refusal meanwhile takes nothing of the rate).
+            cancel = f"{b.url}/v1/runs/{run_id}/cancel"
+            async with http.post(cancel, headers=ALPHA) as r:
+                assert r.status == 202
+            assert (await run.last())["code"] == "cancelled"
+        # A's run ended: its slot is free for B (given back without waiting: a refusal
+        # meanwhile takes nothing of the rate).
         fake.push(text_stream("two"), text_stream("three"))
         async with asyncio.timeout(DEADLINE):
             while (got := await scene(http, b))[0] == 429:
