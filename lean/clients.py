@@ -9,9 +9,10 @@
   the client's rate, or 429 + `Retry-After`; `Ticket.end` frees the slot and counts the
   tokens the answer used.
 
-Counting is a `Limiter`'s job; `MemoryLimiter` counts on this instance. A limiter shared by
-instances (Redis) implements the same two calls: `take` in one round trip that checks and
-takes everything at once (a script), `give` without blocking (a queued write).
+Counting is a `Limiter`'s job; `MemoryLimiter` counts on this instance, and
+`lean.client_limits.RedisLimiter` across the instances sharing Redis (the same two calls:
+`take` in one round trip that checks and takes everything at once, a script; `give`
+without blocking, a queued write).
 
 The request rate is a GCRA (a token bucket kept as one timestamp per client, the
 "theoretical arrival time"): `requests_burst` requests at once after a quiet spell, then
