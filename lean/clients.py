@@ -9,9 +9,10 @@
   the client's rate, or 429 + `Retry-After`; `Ticket.end` frees the slot and counts the
   tokens the answer used.
 
-Counting is a `Limiter`'s job; `MemoryLimiter` counts on this instance. A limiter shared by
-instances (Redis) implements the same two calls: `take` in one round trip that checks and
-takes everything at once (a script), `give` without blocking (a queued write).
+Counting is a `Limiter`'s job; `MemoryLimiter` counts on this instance, and
+`lean.client_limits.RedisLimiter` across the instances sharing Redis (the same two calls:
+`take` in one round trip that checks and takes everything at once, a script; `give`
+without blocking, a queued write).
 
 The request rate is a GCRA (a token bucket kept as one timestamp per client, the
 "theoretical arrival time"): `requests_burst` requests at once after a quiet spell, then
@@ -46,6 +47,7 @@ __all__ = [
     "client_key",
     "client_of",
     "estimate",
+    "refusal",
 ]
 
 DAY = 86400.0
@@ -145,35 +147,44 @@ class MemoryLimiter:
 
     async def take(self, client: ClientConfig) -> Refusal | None:
         state = self._state(client)
-        name = clip(client.name)
         if client.tokens_per_day is not None and state.spent >= client.tokens_per_day:
-            return "tokens_per_day", QuotaExceeded(
-                f"client '{name}' has used its {client.tokens_per_day} tokens of today (UTC)",
-                retry_after=(state.day + 1) * DAY - self._wall(),
-            )
+            return refusal(client, "tokens_per_day", (state.day + 1) * DAY - self._wall())
         if client.max_streams is not None and state.streams >= client.max_streams:
-            return "max_streams", RateLimited(
-                f"client '{name}' is running its limit of {client.max_streams} streams",
-                retry_after=STREAMS_RETRY_AFTER,
-            )
+            return refusal(client, "max_streams", STREAMS_RETRY_AFTER)
         if client.requests_per_minute is not None:
             now = self._clock()
             interval = 60.0 / client.requests_per_minute
             tolerance = ((client.requests_burst or client.requests_per_minute) - 1) * interval
             tat = max(state.tat, now)
             if tat - now > tolerance:
-                return "requests_per_minute", RateLimited(
-                    f"client '{name}' made its {client.requests_per_minute} requests per minute",
-                    retry_after=tat - now - tolerance,
-                )
+                return refusal(client, "requests_per_minute", tat - now - tolerance)
             state.tat = tat + interval
         state.streams += 1
         return None
 
     def give(self, client: ClientConfig, tokens: int) -> None:
-        state = self._state(client)
-        state.streams -= 1
-        state.spent += tokens
+        self._state(client).streams -= 1
+        self.spend(client, tokens)
+
+    def spend(self, client: ClientConfig, tokens: int) -> None:
+        """Count `tokens` toward today's, without a stream ending (lean.client_limits keeps
+        this count too, for when Redis is down)."""
+        self._state(client).spent += tokens
+
+
+def refusal(client: ClientConfig, limit: str, retry_after: float) -> Refusal:
+    """The 429 for `client` over `limit` (a `[client.NAME]` key), in every limiter's words."""
+    name = clip(client.name)
+    if limit == "tokens_per_day":
+        return limit, QuotaExceeded(
+            f"client '{name}' has used its {client.tokens_per_day} tokens of today (UTC)",
+            retry_after=retry_after,
+        )
+    if limit == "max_streams":
+        message = f"client '{name}' is running its limit of {client.max_streams} streams"
+    else:
+        message = f"client '{name}' made its {client.requests_per_minute} requests per minute"
+    return limit, RateLimited(message, retry_after=retry_after)
 
 
 class Ticket:

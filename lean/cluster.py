@@ -33,7 +33,7 @@ import contextlib
 import logging
 import random
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import msgspec
 
@@ -43,14 +43,15 @@ from lean.cluster_wire import (
     LAPSED,
     MINE,
     OTHER,
+    REAP,
     ROUTE,
-    SHA,
     Answer,
     Ask,
     Deliver,
     RunRequest,
     decode,
     encode,
+    sha,
 )
 from lean.config import ClusterConfig
 from lean.errors import ClusterUnavailable, NotFound, Overloaded, clip
@@ -88,6 +89,12 @@ class Cluster:
         db = self._address.db if self._address else 0
         self._channels = f"{PREFIX}{db}:to:"  # pub/sub spans databases: the number tells
         self.deliver: Deliver | None = None  # set by the app: answers requests for our runs
+        # Set by the services: ends a dead instance's cut answers in the store (REAP).
+        self.on_dead: Callable[[str], Awaitable[None]] | None = None
+        # Called once connected (again), before any other command: lean.client_limits
+        # writes its counts there (Redis may have restarted empty).
+        self.on_join: list[Callable[[], None]] = []
+        self._reaping: set[asyncio.Task[None]] = set()
         self._conn: RedisConnection | None = None  # commands; None while Redis is down
         self._sub: RedisConnection | None = None  # subscribed to our channel
         self._subscribed: asyncio.Event | None = None
@@ -115,6 +122,8 @@ class Cluster:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        for task in list(self._reaping):  # its lock lapses: another instance ends the rows
+            task.cancel()
         conn = self._conn
         if conn is not None and conn.is_open:
             me = self.instance
@@ -179,6 +188,9 @@ class Cluster:
                 self.instance,
             )
         self._conn = conn
+        for joined in self.on_join:
+            joined()
+        await self._reap(conn)
 
     async def _renew_until_lost(self) -> None:
         conn, sub = self._conn, self._sub
@@ -207,6 +219,33 @@ class Cluster:
                             "cluster: %s's lease had lapsed; registering again", self.instance
                         )
                     await self._beat(conn, sync=True)
+                    for joined in self.on_join:
+                        joined()
+                await self._reap(conn)
+
+    async def _reap(self, conn: RedisConnection) -> None:
+        """End the cut answers of the instances found dead since the last look (one
+        instance does it for each: REAP), without holding up the renewal."""
+        if self.on_dead is None:
+            return
+        sweep = str(round(max(self._lease * 3, 10.0) * 1000))  # ms the lock holds
+        dead = await self._script(conn, REAP, sweep)
+        for name in dead if isinstance(dead, list) else ():
+            if not isinstance(name, bytes):
+                continue
+            task = asyncio.get_running_loop().create_task(self._sweep(name.decode()))
+            self._reaping.add(task)
+            task.add_done_callback(self._reaping.discard)
+
+    async def _sweep(self, name: str) -> None:
+        assert self.on_dead is not None
+        try:
+            await self.on_dead(name)
+        except Exception as exc:  # the lock lapses and the next look tries again
+            log.warning("cluster: ending the cut answers of %s failed: %s", clip(name), exc)
+            return
+        log.warning("cluster: %s is gone (its lease lapsed); its cut answers are incomplete", name)
+        self._send("SREM", PREFIX + "dead", name)
 
     async def _beat(self, conn: RedisConnection, *, sync: bool) -> Reply:
         """Renew the lease (and set our slot count; with `sync`, our runs): who held it
@@ -235,11 +274,32 @@ class Cluster:
     async def _script(self, conn: RedisConnection, script: str, *args: str | bytes) -> Reply:
         """Run one of the scripts above; loaded by its source when Redis lost it (restart)."""
         try:
-            return await conn.call("EVALSHA", SHA[script], 0, PREFIX, self.instance, *args)
+            return await conn.call("EVALSHA", sha(script), 0, PREFIX, self.instance, *args)
         except ReplyError as exc:
             if exc.kind != "NOSCRIPT":
                 raise
         return await conn.call("EVAL", script, 0, PREFIX, self.instance, *args)
+
+    async def call(self, script: str, *args: str | bytes) -> Reply:
+        """Run `script` (lean.client_limits'; ARGV[1] the prefix, ARGV[2] this instance)
+        within CALL_TIMEOUT. ConnectionError while Redis is down; a Redis that fails or
+        does not answer in time is reconnected, and the error raised."""
+        conn = self._conn
+        if conn is None or not conn.is_open:
+            raise ConnectionError("redis: not connected")
+        try:
+            async with asyncio.timeout(CALL_TIMEOUT):
+                return await self._script(conn, script, *args)
+        except (ConnectionError, ReplyError, TimeoutError):
+            conn.close()
+            raise
+
+    def send(self, *commands: tuple[str | int | bytes, ...]) -> None:
+        """Commands written in one go without waiting (dropped while Redis is down)."""
+        conn = self._conn
+        if conn is not None and commands:
+            with contextlib.suppress(ConnectionError):
+                conn.send_all(*commands)
 
     def _send(self, *args: str | int | bytes) -> None:
         conn = self._conn

@@ -1,4 +1,4 @@
-"""What lean writes into Redis for `lean.cluster` (docs/protocol.md §7): its three Lua
+"""What lean writes into Redis for `lean.cluster` (docs/protocol.md §7): its Lua
 scripts, and the messages instances send each other on their channels.
 
 Each script runs atomically in Redis, so an admission that sums the live instances' slots
@@ -29,6 +29,7 @@ for _, i in ipairs(redis.call('SMEMBERS', p .. 'instances')) do
     redis.call('SREM', p .. 'instances', i)
     redis.call('HDEL', p .. 'slots', i)
     redis.call('DEL', p .. 'runs:' .. i)
+    redis.call('SADD', p .. 'dead', i)
   end
 end
 if total >= max then return -1 end
@@ -68,8 +69,42 @@ for _, i in ipairs(redis.call('SMEMBERS', p .. 'instances')) do
 end
 return -1
 """
+# ARGV: prefix, instance, how long a sweep may take (ms). The dead instances whose cut
+# answers this instance is to end (lean.store's END_STREAMING): each found dead (its lease
+# gone, here or by ADMIT) is forgotten and put in `dead`, then given to ONE caller, the
+# one that takes its `reaping:` lock (SET NX); the caller SREMs it from `dead` once its
+# rows are ended, else the lock lapses and the next caller tries again. One that came back
+# (a restart: it ends its own rows at start) is not given.
+REAP = """
+local p, me = ARGV[1], ARGV[2]
+for _, i in ipairs(redis.call('SMEMBERS', p .. 'instances')) do
+  if i ~= me and redis.call('EXISTS', p .. 'live:' .. i) == 0 then
+    redis.call('SREM', p .. 'instances', i)
+    redis.call('HDEL', p .. 'slots', i)
+    redis.call('DEL', p .. 'runs:' .. i)
+    redis.call('SADD', p .. 'dead', i)
+  end
+end
+local mine = {}
+for _, i in ipairs(redis.call('SMEMBERS', p .. 'dead')) do
+  if i == me or redis.call('EXISTS', p .. 'live:' .. i) == 1 then
+    redis.call('SREM', p .. 'dead', i)
+  elseif redis.call('SET', p .. 'reaping:' .. i, me, 'NX', 'PX', ARGV[3]) then
+    mine[#mine + 1] = i
+  end
+end
+return mine
+"""
 LAPSED, MINE, OTHER = 0, 1, 2  # who held the lease when BEAT renewed it
-SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in (ADMIT, BEAT, ROUTE)}
+SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in (ADMIT, BEAT, ROUTE, REAP)}
+
+
+def sha(script: str) -> str:
+    """A script's EVALSHA name (lean.client_limits' scripts are hashed once, here)."""
+    known = SHA.get(script)
+    if known is None:
+        known = SHA[script] = hashlib.sha1(script.encode()).hexdigest()
+    return known
 
 
 class RunRequest(msgspec.Struct, frozen=True):

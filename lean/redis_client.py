@@ -147,6 +147,12 @@ class RedisConnection(asyncio.Protocol):
         if self._on_push is None:
             self._waiting.append(None)
 
+    def send_all(self, *commands: tuple[bytes | str | int, ...]) -> None:
+        """`send` for several commands in one write (one system call, not one each)."""
+        self._write(b"".join(command(*args) for args in commands))
+        if self._on_push is None:
+            self._waiting.extend(None for _ in commands)
+
     def call(self, *args: bytes | str | int) -> asyncio.Future[Reply]:
         """Write a command; the future gets its reply (`ReplyError` raised from it)."""
         self._write(command(*args))

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from lean.client_limits import RedisLimiter
 from lean.clients import Client, Clients
 from lean.cluster import Cluster
 from lean.config import Config, ConfigError
@@ -93,8 +94,13 @@ class Services:
             streams=lambda: len(self.streams),
             runs=lambda: self.runs.ids(),
         )
+        # A dead instance's cut answers: ended by one live instance (docs/protocol.md §7).
+        self.cluster.on_dead = self.store.end_streaming
         self.streams = Streams(config.limits.max_streams, self.metrics, self.cluster)
-        self.clients = Clients(config, self.metrics)
+        # Clients' limits: counted across instances in Redis with redis_url, else here.
+        shared = self.cluster.enabled
+        limiter = RedisLimiter(self.cluster, config.clients.values()) if shared else None
+        self.clients = Clients(config, self.metrics, limiter)
         # Imports python tools: a bad path stops start-up.
         self.tools = Tools(config.tools, threads=config.limits.tool_threads, metrics=self.metrics)
         self.runs = Runs(self.cluster)
@@ -133,6 +139,15 @@ class Services:
                 lambda: self.replays.finished_bytes,
             ),
         ]
+        if limiter is not None:
+            self.metrics.gauges.append(
+                (
+                    "lean_client_limits_shared",
+                    "1 while clients' limits are counted in Redis across instances; 0 while "
+                    "Redis is unreachable and this instance counts its own.",
+                    lambda: 1 if limiter.shared and self.cluster.up else 0,
+                )
+            )
         self.sockets: set[web.WebSocketResponse] = set()  # closed with 1001 on shutdown
 
     async def start(self) -> None:

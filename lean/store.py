@@ -18,10 +18,9 @@ What it guarantees, whichever the database (`lean.store_sqlite`, `lean.store_pg`
   not awaited); `save_progress` rewrites running answers' text (one op for every answer
   that grew, so one statement per answer per flush interval, never per token);
   `save_assistant` writes the answer for good (an upsert keyed on messageId) and, awaited,
-  returns once it is committed: a run tells its client the truth about the save. At `open`,
-  this instance's rows still `streaming` (it was killed) become `incomplete`, keeping the
-  flushed text; answers' rows carry the `instance` that wrote them, so instances sharing
-  one database never end each other's running answers (docs/deploy.md §11).
+  returns once it is committed: a run tells its client the truth about the save. Rows carry
+  the `instance` that wrote them: at `open` (or `end_streaming`, from a live instance once
+  it is dead) that instance's rows still `streaming` become `incomplete` with the flushed text.
 - A failing write is logged and reported, as `StoreWriteError` whichever the database: to
   the awaiting `begin_turn` or `save_assistant`, or, for a write nobody awaits, to the next
   `flush`; `on_failure` counts each op that failed. The writer thread keeps serving.
@@ -59,6 +58,7 @@ from lean.messages import (
     utc_now,
 )
 from lean.store_batches import (
+    ENDED,
     FLUSH,
     PROGRESS,
     RESPONSE,
@@ -134,13 +134,11 @@ class Store(StoreReads):
             raise ValueError("queue_max and batch_max must be at least 1")
         # A file path or a postgresql:// URL ([store] path or url), or a backend.
         self.backend = backend_for(where) if isinstance(where, str) else where
-        # [cluster] instance: written on its answers' rows, and whose `streaming` rows `open`
-        # ends.
+        # [cluster] instance: written on its answers' rows, whose `streaming` rows `open` ends.
         self.instance = instance
         # Called on the loop with (op kind, how many failed): "turn", "save" or "progress".
         self._on_failure = on_failure
-        # Loop side: False from a failed commit until a write succeeds (see _run); `error`
-        # says why, for /readyz.
+        # Loop side: False from a failed commit until a write succeeds (see _run); why: `error`.
         self.writable = True
         self.error: str | None = None
         self._batches = Batches()  # the writer thread's: its health, its writes to retry
@@ -149,8 +147,7 @@ class Store(StoreReads):
         # waiting; past it save_assistant waits for space instead of growing memory (a queued
         # row is ~1-2 KB) or dropping a message.
         self._queue: queue.Queue[Op] = queue.Queue(queue_max)
-        # batch_max bounds one transaction, so a commit (and the futures it resolves) never
-        # waits behind an arbitrarily long backlog.
+        # batch_max bounds one transaction: a commit never waits behind a long backlog.
         self._batch_max = batch_max
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer: threading.Thread | None = None  # set once it serves the queue
@@ -267,6 +264,12 @@ class Store(StoreReads):
         a read queued after it sees it."""
         self._check_open()
         await self._put((RESPONSE, row, None))
+
+    async def end_streaming(self, instance: str) -> None:
+        """`instance` is dead: its `streaming` rows become `incomplete` (idempotent)."""
+        done: asyncio.Future[None] = self._check_open().create_future()
+        await self._put((ENDED, instance, done))
+        await done
 
     async def flush(self, *, report: bool = True) -> None:
         """Wait until everything queued before the call is committed. With `report`, raise

@@ -26,9 +26,15 @@ from typing import Any, Protocol
 _log = logging.getLogger("lean.store")
 
 # Ops travel as (kind, args, future); the future is None when nobody waits for the op.
-SAVE, TURN, PROGRESS, FLUSH, STOP, RESPONSE = range(6)
+SAVE, TURN, PROGRESS, FLUSH, STOP, RESPONSE, ENDED = range(7)
 # What the store's `on_failure` is told failed, by op kind.
-OP_NAMES = {SAVE: "save", TURN: "turn", PROGRESS: "progress", RESPONSE: "response"}
+OP_NAMES = {
+    SAVE: "save",
+    TURN: "turn",
+    PROGRESS: "progress",
+    RESPONSE: "response",
+    ENDED: "ended",
+}
 Future = asyncio.Future[Any] | None
 Op = tuple[int, Any, Future]
 Settled = list[tuple[Future, Any, BaseException | None]]
@@ -91,6 +97,9 @@ class Writer(Protocol):
 
     def response(self, row: tuple[Any, ...]) -> None:
         """Insert one saved Responses answer (saved_responses.INSERT_RESPONSE)."""
+
+    def end_streaming(self, instance: str) -> None:
+        """A dead instance's answers still `streaming` become `incomplete` (END_STREAMING)."""
 
     def touch(self) -> None:
         """One real write (the probe's), inside the transaction."""
@@ -216,6 +225,15 @@ class Batches:
                     except Exception as exc:
                         _op_failed(conn, exc, f"saving response {args[0]!r}")
                         failed["response"] = failed.get("response", 0) + 1
+                elif kind == ENDED:  # a dead instance's cut answers (lean.cluster)
+                    writes = True
+                    try:
+                        conn.end_streaming(args)
+                        settled.append((fut, None, None))
+                    except Exception as exc:
+                        error = _op_failed(conn, exc, f"ending the answers of {args!r}")
+                        failed["ended"] = failed.get("ended", 0) + 1
+                        settled.append((fut, None, error))
                 elif kind == FLUSH:
                     settled.append((fut, None, self._take_failures() if args else None))
                 else:

@@ -198,6 +198,10 @@ class PgWriter:
 
         self._op(write)
 
+    def end_streaming(self, instance: str) -> None:
+        self._send_saves()
+        self._op(lambda: self.conn.execute(_END_STREAMING, (instance,)))
+
     def touch(self) -> None:
         self._send_saves()
         self.conn.execute(TOUCH)

@@ -80,6 +80,9 @@ class SqliteWriter:
     def response(self, row: tuple[Any, ...]) -> None:
         self.conn.execute(INSERT_RESPONSE, row)
 
+    def end_streaming(self, instance: str) -> None:
+        self.conn.execute(END_STREAMING, (instance,))
+
     def touch(self) -> None:
         self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 

@@ -100,13 +100,22 @@ class Lean:
 
 
 def write_config(
-    directory: Path, upstream: str, port: int, redis_url: str, *, limits: str = "", extra: str = ""
+    directory: Path,
+    upstream: str,
+    port: int,
+    redis_url: str,
+    *,
+    limits: str = "",
+    extra: str = "",
+    store: str = "",
 ) -> Path:
+    """`store`: the `[store]` section's lines (default: a SQLite file of the instance's own)."""
     directory.mkdir()
     config = directory / "config.ini"
+    store = store or f"path = {directory / 'lean.db'}"
     config.write_text(
         f"[server]\nhost = 127.0.0.1\nport = {port}\ndrain_timeout = 0.5\n\n{extra}"
-        f"[store]\npath = {directory / 'lean.db'}\n\n"
+        f"[store]\n{store}\n\n"
         f"[cluster]\nredis_url = {redis_url}\nlease = {LEASE}\ninstance = test-{port}\n\n"
         f"[limits]\nslow_client_timeout = 5\n{limits}\n\n"
         f"[provider.up]\nkind = openai\nbase_url = {upstream}\napi_key_env = UP_KEY\n\n"
@@ -126,6 +135,7 @@ async def instances(
     *,
     limits: str = "",
     extra: str = "",
+    store: str = "",
 ) -> AsyncIterator[list[Lean]]:
     """`count` instances started together, each up (GET /healthz) before the body runs."""
     leans: list[Lean] = []
@@ -133,7 +143,13 @@ async def instances(
         for n in range(count):
             port = free_port()
             config = write_config(
-                tmp_path / f"i{n}", upstream, port, redis_url, limits=limits, extra=extra
+                tmp_path / f"i{n}",
+                upstream,
+                port,
+                redis_url,
+                limits=limits,
+                extra=extra,
+                store=store,
             )
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,

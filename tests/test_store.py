@@ -852,6 +852,25 @@ async def test_an_instance_ends_only_its_own_streaming_rows_at_open(target: Targ
     await a.close()
 
 
+async def test_a_live_instance_ends_a_dead_ones_streaming_rows(target: Target) -> None:
+    """`end_streaming` (lean.cluster's sweep of a dead instance): only that instance's rows
+    still streaming, and twice (two instances at it) is no different from once."""
+    a, b = Store(target.where, instance="a"), Store(target.where, instance="b")
+    await a.open()
+    await b.open()
+    await a.save_assistant(answer("x", 1, status="streaming"))
+    await a.save_assistant(answer("done", 1))
+    await b.save_assistant(answer("y", 1, status="streaming"))
+    await a.close()  # a is killed: its row is still streaming
+    await asyncio.gather(b.end_streaming("a"), b.end_streaming("a"))
+    assert statuses(target) == {
+        "x": ("incomplete", "a"),
+        "done": ("complete", "a"),
+        "y": ("streaming", "b"),
+    }
+    await b.close()
+
+
 async def test_two_stores_on_one_database_write_at_once(target: Target) -> None:
     a, b = Store(target.where, instance="a"), Store(target.where, instance="b")
     await a.open()
