@@ -37,6 +37,7 @@ DEADLINE = 10.0  # seconds any one step may take
 # The Redis database these tests use (flushed): one per pytest-xdist worker (gw0, gw1, ...),
 # so that two tests at once never count or flush each other's instances; 10-15 are lean's.
 DB = 10 + int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0) % 6
+LEAN_DB = "lean.db"
 LEASE = 1.0  # seconds: a dead instance is forgotten within this
 # Tokens for a test that names clients: the operator's ([auth], /metrics) and two apps'.
 TOKENS = {"LEAN_TOKENS": "op-token", "ALPHA_TOKENS": "alpha-token", "BETA_TOKENS": "beta-token"}
@@ -100,13 +101,22 @@ class Lean:
 
 
 def write_config(
-    directory: Path, upstream: str, port: int, redis_url: str, *, limits: str = "", extra: str = ""
+    directory: Path,
+    upstream: str,
+    port: int,
+    redis_url: str,
+    *,
+    limits: str = "",
+    extra: str = "",
+    store: str = "",
 ) -> Path:
+    """`store`: the `[store]` keys, shared by instances that get the same (default: a
+    SQLite file of this instance's own)."""
     directory.mkdir()
     config = directory / "config.ini"
     config.write_text(
         f"[server]\nhost = 127.0.0.1\nport = {port}\ndrain_timeout = 0.5\n\n{extra}"
-        f"[store]\npath = {directory / 'lean.db'}\n\n"
+        f"[store]\n{store or f'path = {directory / LEAN_DB}'}\n\n"
         f"[cluster]\nredis_url = {redis_url}\nlease = {LEASE}\ninstance = test-{port}\n\n"
         f"[limits]\nslow_client_timeout = 5\n{limits}\n\n"
         f"[provider.up]\nkind = openai\nbase_url = {upstream}\napi_key_env = UP_KEY\n\n"
@@ -126,6 +136,7 @@ async def instances(
     *,
     limits: str = "",
     extra: str = "",
+    store: str = "",
 ) -> AsyncIterator[list[Lean]]:
     """`count` instances started together, each up (GET /healthz) before the body runs."""
     leans: list[Lean] = []
@@ -133,7 +144,13 @@ async def instances(
         for n in range(count):
             port = free_port()
             config = write_config(
-                tmp_path / f"i{n}", upstream, port, redis_url, limits=limits, extra=extra
+                tmp_path / f"i{n}",
+                upstream,
+                port,
+                redis_url,
+                limits=limits,
+                extra=extra,
+                store=store,
             )
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,

@@ -1,0 +1,208 @@
+"""Resuming on one instance a run that runs on another (docs/protocol.md §7, "Resuming on
+another instance"): two real `lean serve` processes sharing the machine's Redis and one
+SQLite file, a fake OpenAI upstream dripping words, real HTTP and WebSocket clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests import test_cluster
+from tests.fakes import FakeOpenAI
+from tests.test_cluster import (
+    CLIENTS,
+    DEADLINE,
+    LEASE,
+    free_port,
+    instances,
+    own_redis,
+    paced,
+    run_on,
+)
+
+# test_cluster's fixtures: the fake upstream, an HTTP client, the shared Redis database
+fake, http, shared_redis = test_cluster.fake, test_cluster.http, test_cluster.shared_redis
+pytestmark = pytest.mark.one_loop  # lean serve runs uvloop, whatever the test's loop is
+
+ALPHA = {"Authorization": "Bearer alpha-token"}
+BETA = {"Authorization": "Bearer beta-token"}
+SSE = tuple[str, str, str]  # id, event, data: as an EventSource gets them
+
+
+def shared_store(tmp_path: Path) -> str:
+    """One SQLite file for both instances, flushed often: a killed instance leaves little
+    unsaved."""
+    return f"path = {tmp_path / 'shared.db'}\nflush_interval = 0.1"
+
+
+async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[SSE]:
+    """The events of an SSE body (comments, i.e. heartbeats, skipped)."""
+    fields: dict[str, str] = {}
+    async for raw in resp.content:
+        line = raw.decode().rstrip("\r\n")
+        if not line:
+            if fields:
+                yield fields.get("id", ""), fields.get("event", ""), fields.get("data", "")
+            fields = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(": ")
+            fields[name] = value
+
+
+async def test_a_run_on_a_resumed_on_b_gets_the_events_after_its_cursor_once(
+    tmp_path: Path, fake: FakeOpenAI, http: aiohttp.ClientSession, shared_redis: str
+) -> None:
+    """SSE by Last-Event-ID, NDJSON from 0 and a WebSocket `resume` frame on B each equal
+    what A's own client gets (byte for byte for SSE); another client gets 404; a cursor
+    that left A's buffer restarts the answer, as on A."""
+    fake.default = lambda body: paced(150, 0.03)  # 4.5 s: running throughout
+    store = shared_store(tmp_path)
+    limits = "resume_buffer_kb = 1"  # ~70 words: the early cursor leaves it mid-run
+    async with instances(
+        tmp_path, fake.base_url, shared_redis, 2, extra=CLIENTS, store=store, limits=limits
+    ) as (a, b):
+        url = a.url + "/v1/scenes/chat/stream"
+        async with http.post(url, json={"message": "hi"}, headers=ALPHA) as resp:
+            assert resp.status == 200
+            baseline: list[SSE] = []
+            events = sse_events(resp)
+            async with asyncio.timeout(DEADLINE):
+                while len(baseline) < 10:
+                    baseline.append(await anext(events))
+            run_id = json.loads(baseline[0][2])["runId"]
+            cursor = int(baseline[-1][0])
+            resume = f"{b.url}/v1/runs/{run_id}/stream"
+
+            async def by_last_event_id() -> list[SSE]:
+                headers = {**ALPHA, "Last-Event-ID": str(cursor)}
+                async with http.get(resume, headers=headers) as got:
+                    assert got.status == 200, await got.text()
+                    return [event async for event in sse_events(got)]
+
+            async def ndjson_from_start() -> list[dict[str, Any]]:
+                headers = {**ALPHA, "Accept": "application/x-ndjson"}
+                async with http.get(resume + "?after=0", headers=headers) as got:
+                    assert got.status == 200, await got.text()
+                    return [json.loads(line) async for line in got.content if line.strip()]
+
+            async def ws_frame() -> list[dict[str, Any]]:
+                async with http.ws_connect(b.url + "/v1/ws", headers=ALPHA) as ws:
+                    await ws.send_json({"type": "resume", "runId": run_id, "after": cursor})
+                    frames = []
+                    while not frames or frames[-1]["type"] not in ("done", "error"):
+                        frames.append(await ws.receive_json())
+                    return frames
+
+            async def restarted_when_gone() -> list[dict[str, Any]]:
+                while True:  # once A's buffer no longer holds event 2
+                    await asyncio.sleep(0.2)
+                    if len(baseline) > 100:
+                        break
+                headers = {**ALPHA, "Accept": "application/x-ndjson"}
+                async with http.get(resume + "?after=1", headers=headers) as got:
+                    assert got.status == 200, await got.text()
+                    return [json.loads(await got.content.readline()) for _ in range(2)]
+
+            async def rest_of_baseline() -> None:
+                async for event in events:
+                    baseline.append(event)
+
+            for headers in (BETA, {"Authorization": "Bearer op-token"}):  # not theirs: 404
+                async with http.get(resume, headers=headers) as got:
+                    assert got.status == 404, await got.text()
+                    assert (await got.json())["error"]["code"] == "not_found"
+            async with asyncio.timeout(DEADLINE):
+                sse, ndjson, ws, restart, _ = await asyncio.gather(
+                    by_last_event_id(),
+                    ndjson_from_start(),
+                    ws_frame(),
+                    restarted_when_gone(),
+                    rest_of_baseline(),
+                )
+    assert json.loads(baseline[-1][2])["type"] == "done", baseline[-1]
+    assert [int(seq) for seq, _, _ in baseline] == list(range(1, len(baseline) + 1))
+    assert sse == baseline[cursor:]  # the same bytes, nothing twice, nothing missing
+    assert ndjson == [{**json.loads(data), "seq": int(seq)} for seq, _, data in baseline]
+    assert ws == [
+        {**json.loads(data), "runId": run_id, "seq": int(seq)} for seq, _, data in baseline[cursor:]
+    ]
+    start, delta = restart  # the answer again from its start, as A itself answers it
+    assert (start["type"], start["seq"], delta["type"]) == ("start", 1, "delta")
+    shown = "".join(
+        json.loads(d).get("text", "") for s, e, d in baseline[: delta["seq"]] if e == "delta"
+    )
+    assert delta["text"] == shown and len(shown) > 0
+
+
+async def test_a_killed_owners_run_is_resumed_from_the_saved_answer_on_b(
+    tmp_path: Path, fake: FakeOpenAI, http: aiohttp.ClientSession, shared_redis: str
+) -> None:
+    """kill -9 of A mid-run: while A's lease lasts B answers 503 (A cannot be asked yet);
+    then the saved partial answer, `incomplete`, with at least the text A had flushed."""
+    store = shared_store(tmp_path)
+    async with instances(tmp_path, fake.base_url, shared_redis, 2, store=store) as (a, b):
+        async with run_on(http, a) as run:
+            run_id = (await run.until("start"))["runId"]
+            for _ in range(5):
+                await run.until("delta")
+            seen_early = "".join(e.get("text", "") for e in run.events if e["type"] == "delta")
+            await asyncio.sleep(0.5)  # several flushes (0.1 s) after `seen_early`
+            for _ in range(3):
+                await run.until("delta")
+            a.proc.kill()
+            killed = time.monotonic()
+            seen = "".join(e.get("text", "") for e in run.events if e["type"] == "delta")
+        resume = f"{b.url}/v1/runs/{run_id}/stream?after=3"
+        headers = {"Accept": "application/x-ndjson"}
+        statuses = []
+        async with asyncio.timeout(DEADLINE):
+            while True:
+                async with http.get(resume, headers=headers) as got:
+                    statuses.append(got.status)
+                    if got.status == 503:
+                        body = await got.json()
+                        assert body["error"]["code"] == "cluster_unavailable", body
+                        assert got.headers["Retry-After"] == "1"
+                        await asyncio.sleep(0.1)
+                        continue
+                    assert got.status == 200, await got.text()
+                    answer = [json.loads(line) async for line in got.content if line.strip()]
+                    break
+        waited = time.monotonic() - killed
+    assert waited < LEASE + 2.0, statuses
+    assert [e["type"] for e in answer] == ["start", "delta", "error"], answer
+    assert answer[0]["runId"] == run_id
+    text = answer[1]["text"]
+    assert text.startswith(seen_early), (text, seen_early)  # flushed long before the kill
+    assert "".join(f"w{n} " for n in range(400)).startswith(text), text
+    assert len(text) >= len(seen) - 20, (text, seen)  # about all the client got
+    assert answer[2]["message"] == "the answer ended incomplete"
+
+
+async def test_a_resume_on_b_while_redis_is_down_is_503(
+    tmp_path: Path, fake: FakeOpenAI, http: aiohttp.ClientSession
+) -> None:
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    async with own_redis(port) as redis:
+        store = shared_store(tmp_path)
+        async with instances(tmp_path, fake.base_url, url, 2, store=store) as (a, b):
+            async with run_on(http, a) as run:
+                run_id = (await run.until("start"))["runId"]
+                await run.until("delta")
+                redis.kill()
+                await redis.wait()
+                async with http.get(f"{b.url}/v1/runs/{run_id}/stream") as got:
+                    body = await got.json()
+                assert got.status == 503, body
+                assert body["error"]["code"] == "cluster_unavailable"
+                assert "Redis" in body["error"]["message"]
+                await run.until("delta")  # A's own client is served all along
