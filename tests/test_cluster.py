@@ -109,9 +109,10 @@ def write_config(
     limits: str = "",
     extra: str = "",
     store: str = "",
+    scene: str = "",
 ) -> Path:
     """`store`: the `[store]` keys, shared by instances that get the same (default: a
-    SQLite file of this instance's own)."""
+    SQLite file of this instance's own); `scene`: more keys of `[scene.chat]`."""
     directory.mkdir()
     config = directory / "config.ini"
     config.write_text(
@@ -122,7 +123,7 @@ def write_config(
         f"[provider.up]\nkind = openai\nbase_url = {upstream}\napi_key_env = UP_KEY\n\n"
         "[model.default]\nprovider = up\nupstream_model = fake-model\n\n"
         "[tool.ask_user]\nkind = client\ndescription = Ask the user\n\n"
-        "[scene.chat]\nmodel = default\ntemplate = {message}\ntools = ask_user\n"
+        "[scene.chat]\nmodel = default\ntemplate = {message}\ntools = ask_user\n" + scene
     )
     return config
 
@@ -137,6 +138,7 @@ async def instances(
     limits: str = "",
     extra: str = "",
     store: str = "",
+    scene: str = "",
 ) -> AsyncIterator[list[Lean]]:
     """`count` instances started together, each up (GET /healthz) before the body runs."""
     leans: list[Lean] = []
@@ -151,6 +153,7 @@ async def instances(
                 limits=limits,
                 extra=extra,
                 store=store,
+                scene=scene,
             )
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,

@@ -206,3 +206,38 @@ async def test_a_resume_on_b_while_redis_is_down_is_503(
                 assert body["error"]["code"] == "cluster_unavailable"
                 assert "Redis" in body["error"]["message"]
                 await run.until("delta")  # A's own client is served all along
+
+
+async def test_a_reader_on_b_holds_the_run_on_a_until_it_leaves(
+    tmp_path: Path, fake: FakeOpenAI, http: aiohttp.ClientSession, shared_redis: str
+) -> None:
+    """The client on A leaves: its reader on B keeps the run going past `resume_grace`, as
+    a reader on A would; once that reader leaves too, A stops feeding it and the run is
+    cancelled a grace later (it would run its 20 s otherwise)."""
+    store, scene = shared_store(tmp_path), "resume_grace = 0.5\n"
+    async with instances(tmp_path, fake.base_url, shared_redis, 2, store=store, scene=scene) as (
+        a,
+        b,
+    ):
+        async with run_on(http, a) as run:
+            start = await run.until("start")
+            await run.until("delta")
+        url = f"{b.url}/v1/runs/{start['runId']}/stream?after=1"
+        async with http.get(url, headers={"Accept": "application/x-ndjson"}) as got:
+            assert got.status == 200, await got.text()
+            begun = time.monotonic()
+            async with asyncio.timeout(DEADLINE):
+                while time.monotonic() - begun < 1.5:  # three graces: fed all along
+                    line = json.loads(await got.content.readline())
+                    assert line["type"] == "delta", line
+        left = time.monotonic()
+        messages = f"{b.url}/v1/conversations/{start['conversationId']}/messages"
+        async with asyncio.timeout(DEADLINE):
+            while True:
+                async with http.get(messages) as resp:
+                    answer = (await resp.json())["messages"][-1]
+                if answer["status"] != "streaming":
+                    break
+                await asyncio.sleep(0.1)
+    assert answer["status"] == "cancelled", answer
+    assert time.monotonic() - left < 5.0
