@@ -43,7 +43,7 @@ from lean.resp import ReplyError
 from lean.resume import Subscription, saved_events
 from lean.services import Services
 
-__all__ = ["Feeds", "RemoteSubscription", "reader"]
+__all__ = ["Feeds", "RemoteSubscription", "reader", "refused"]
 
 PUBLISH_TIMEOUT = 1.0  # seconds an owner waits for Redis to take one event
 
@@ -133,7 +133,7 @@ def reader(services: Services) -> Remote:
             subscription.empty = True
             return subscription
         if status != 200:
-            raise _error(status, body)
+            raise refused(status, body)
         accepted = msgspec.json.decode(body, type=dict[str, int | str])
         ask, owner = accepted["id"], accepted["instance"]
         assert isinstance(ask, int) and isinstance(owner, str)
@@ -159,17 +159,21 @@ async def _owner_gone(
     return Subscription(None, after, _nothing, saved_events(record))
 
 
-def _error(status: int, body: bytes) -> LeanError:
-    """The owner's refusal, raised here as the same error."""
+def refused(status: int, body: bytes) -> LeanError:
+    """The owner's refusal (an error status and its JSON body), raised here as the same
+    error."""
     try:
-        message = msgspec.json.decode(body)["error"]["message"]
+        error = msgspec.json.decode(body)["error"]
+        message, code = str(error["message"]), str(error["code"])
     except (msgspec.DecodeError, KeyError, TypeError):
-        message = "the run's instance refused the resume"
+        message, code = "the run's instance refused the request", "internal"
     if status == 404:
         return NotFound(message)
     if status == 400:
         return BadRequest(message)
-    return LeanError(message)
+    other = LeanError(message)
+    other.status, other.code = status, code
+    return other
 
 
 class Feeds:

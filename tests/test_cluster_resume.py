@@ -241,3 +241,28 @@ async def test_a_reader_on_b_holds_the_run_on_a_until_it_leaves(
                 await asyncio.sleep(0.1)
     assert answer["status"] == "cancelled", answer
     assert time.monotonic() - left < 5.0
+
+
+async def test_a_websocket_on_b_cancels_the_run_it_resumed_from_a(
+    tmp_path: Path, fake: FakeOpenAI, http: aiohttp.ClientSession, shared_redis: str
+) -> None:
+    """`cancel` on the socket that resumed a run of A's reaches A (routed, as HTTP's)."""
+    store = shared_store(tmp_path)
+    async with instances(tmp_path, fake.base_url, shared_redis, 2, store=store) as (a, b):
+        async with run_on(http, a) as run:
+            run_id = (await run.until("start"))["runId"]
+            await run.until("delta")
+            async with http.ws_connect(b.url + "/v1/ws") as ws:
+                await ws.send_json({"type": "resume", "runId": run_id, "after": 1})
+                assert (await ws.receive_json())["type"] == "delta"
+                await ws.send_json({"type": "cancel", "runId": run_id})
+                await ws.send_json({"type": "cancel", "runId": "run_nowhere"})
+                errors: dict[str, str] = {}
+                async with asyncio.timeout(DEADLINE):
+                    while len(errors) < 2:  # in either order: the feed and the frame loop
+                        frame = await ws.receive_json()
+                        if frame["type"] == "error":
+                            errors[frame["runId"]] = frame["code"]
+            last = await run.last()
+        assert (last["type"], last["code"]) == ("error", "cancelled"), run.events
+        assert errors == {run_id: "cancelled", "run_nowhere": "not_found"}
