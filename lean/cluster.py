@@ -9,9 +9,11 @@ In Redis (the database of `[cluster] redis_url`):
   scene runs it owns; `lean:slots`: instance -> streams it relays (only counted with
   `[limits] cluster_max_streams`).
 - Channel `lean:<db>:to:<instance>`: requests for the runs it owns, and the answers to
-  the requests it made. Pub/sub, not streams: a request is useful to the live owner now
-  or never (a dead owner's runs are over), and every request gets an answer or a 503
-  within `ROUTE_TIMEOUT`, so nothing needs to wait in Redis to be read later.
+  the requests it made; and, for a run it resumes for a client of its own from another
+  instance, that run's events (`lean.resume_remote`), and the `Stop` of such a reader.
+  Pub/sub, not streams: a request is useful to the live owner now or never (a dead
+  owner's runs are over), and every request gets an answer or a 503 within
+  `ROUTE_TIMEOUT`, so nothing needs to wait in Redis to be read later.
 
 Round trips: with `cluster_max_streams`, a stream's admission awaits one script (sum the
 live instances' slots, take one if below); without, none. A run's start and end write
