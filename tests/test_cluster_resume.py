@@ -17,6 +17,7 @@ import pytest
 
 from tests import test_cluster
 from tests.fakes import FakeOpenAI
+from tests.store_targets import Target
 from tests.test_cluster import (
     CLIENTS,
     DEADLINE,
@@ -37,10 +38,14 @@ BETA = {"Authorization": "Bearer beta-token"}
 SSE = tuple[str, str, str]  # id, event, data: as an EventSource gets them
 
 
-def shared_store(tmp_path: Path) -> str:
-    """One SQLite file for both instances, flushed often: a killed instance leaves little
-    unsaved."""
-    return f"path = {tmp_path / 'shared.db'}\nflush_interval = 0.1"
+def shared_store(tmp_path: Path, target: Target | None = None) -> str:
+    """One SQLite file (or `target`'s database) for both instances, flushed often: a killed
+    instance leaves little unsaved."""
+    if target is None:
+        where = f"path = {tmp_path / 'shared.db'}"
+    else:
+        where = f"{'url' if target.kind == 'postgresql' else 'path'} = {target.where}"
+    return f"{where}\nflush_interval = 0.1"
 
 
 async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[SSE]:
@@ -143,11 +148,16 @@ async def test_a_run_on_a_resumed_on_b_gets_the_events_after_its_cursor_once(
 
 
 async def test_a_killed_owners_run_is_resumed_from_the_saved_answer_on_b(
-    tmp_path: Path, fake: FakeOpenAI, http: aiohttp.ClientSession, shared_redis: str
+    tmp_path: Path,
+    fake: FakeOpenAI,
+    http: aiohttp.ClientSession,
+    shared_redis: str,
+    target: Target,
 ) -> None:
     """kill -9 of A mid-run: while A's lease lasts B answers 503 (A cannot be asked yet);
-    then the saved partial answer, `incomplete`, with at least the text A had flushed."""
-    store = shared_store(tmp_path)
+    then the saved partial answer, `incomplete`, with at least the text A had flushed.
+    The instances share one SQLite file, or one PostgreSQL database."""
+    store = shared_store(tmp_path, target)
     async with instances(tmp_path, fake.base_url, shared_redis, 2, store=store) as (a, b):
         async with run_on(http, a) as run:
             run_id = (await run.until("start"))["runId"]
