@@ -332,6 +332,7 @@ class Cluster:
             raise ClusterUnavailable("too many requests to other instances", retry_after=1)
         self._ask_ids += 1
         ask_id = self._ask_ids
+        returned = 0  # the answer's status, once route returns it
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._asks[ask_id] = future
         if feed is not None:  # before asking: the events may follow the answer at once
@@ -347,6 +348,7 @@ class Cluster:
                         f"the instance that owns run '{shown}' is not listening", retry_after=1
                     )
                 answer = await future
+                returned = answer.status
         except TimeoutError:
             raise ClusterUnavailable(
                 f"the instance that owns run '{shown}' did not answer within 1 s", retry_after=1
@@ -355,9 +357,17 @@ class Cluster:
             raise ClusterUnavailable(unreachable, retry_after=1) from None
         finally:
             del self._asks[ask_id]
-            if answer_status(future) != 200:
+            if returned != 200:
                 self._feeds.pop(ask_id, None)
+                if answer_status(future) == 200:  # a resume accepted for an asker now gone
+                    self._abandon(ask_id, future.result())
         return answer.status, bytes(answer.body)
+
+    def _abandon(self, ask_id: int, answer: Answer) -> None:
+        """Stop the feed of an accepted resume whose asker left before it was told."""
+        with contextlib.suppress(msgspec.DecodeError, KeyError, TypeError):
+            owner = msgspec.json.decode(answer.body)["instance"]
+            self.send_to(str(owner), Stop(ask_id, self.instance))
 
     def unfeed(self, ask_id: int) -> None:
         self._feeds.pop(ask_id, None)
