@@ -28,6 +28,7 @@ from tests.test_cluster import (
     paced,
     run_on,
 )
+from tests.test_ui_stream import DONE_FRAME, chat_body, read_parts
 
 # test_cluster's fixtures: the fake upstream, an HTTP client, the shared Redis database
 fake, http, shared_redis = test_cluster.fake, test_cluster.http, test_cluster.shared_redis
@@ -276,3 +277,30 @@ async def test_a_websocket_on_b_cancels_the_run_it_resumed_from_a(
             last = await run.last()
         assert (last["type"], last["code"]) == ("error", "cancelled"), run.events
         assert errors == {run_id: "cancelled", "run_nowhere": "not_found"}
+
+
+async def test_use_chats_resume_on_b_replays_the_answer_running_on_a(
+    tmp_path: Path, fake: FakeOpenAI, http: aiohttp.ClientSession, shared_redis: str
+) -> None:
+    """`useChat`'s resume route on B finds the chat's running answer in the shared store and
+    replays it from A: the same parts as A's own stream; 204 once it has ended."""
+    fake.default = lambda body: paced(60, 0.03)
+    store = shared_store(tmp_path)
+    async with instances(tmp_path, fake.base_url, shared_redis, 2, store=store) as (a, b):
+        resume = f"{b.url}/v1/scenes/chat/ui/chatX1/stream"
+        async with http.post(a.url + "/v1/scenes/chat/ui", json=chat_body("hi", "chatX1")) as live:
+            head = await read_parts(live, 5)
+            async with asyncio.timeout(DEADLINE):
+                while True:  # until A's streaming row is in the store (at once, or nearly)
+                    resp = await http.get(resume)
+                    if resp.status != 204:
+                        break
+                    resp.release()
+                    await asyncio.sleep(0.05)
+            async with resp:
+                assert resp.status == 200, await resp.text()
+                beside = await read_parts(resp)
+            whole = head + await read_parts(live)
+        async with http.get(resume) as resp:
+            assert resp.status == 204  # ended: nothing runs
+    assert beside == whole and whole[-1] == DONE_FRAME
