@@ -18,6 +18,7 @@ import pytest
 from tests import test_cluster
 from tests.fakes import FakeOpenAI
 from tests.store_targets import Target
+from tests.test_aisdk import HERE, MISSING, NODE
 from tests.test_cluster import (
     CLIENTS,
     DEADLINE,
@@ -304,3 +305,48 @@ async def test_use_chats_resume_on_b_replays_the_answer_running_on_a(
         async with http.get(resume) as resp:
             assert resp.status == 204  # ended: nothing runs
     assert beside == whole and whole[-1] == DONE_FRAME
+
+
+@pytest.mark.skipif(MISSING is not None, reason=f"AI SDK tests: {MISSING}")
+async def test_the_ai_sdk_resumes_on_b_an_answer_running_on_a(
+    tmp_path: Path, fake: FakeOpenAI, http: aiohttp.ClientSession, shared_redis: str
+) -> None:
+    """The real `ai` Chat, reloaded against B (`resume: true`), assembles the whole answer
+    A is running."""
+    fake.default = lambda body: paced(40, 0.03)
+    store = shared_store(tmp_path)
+    async with instances(tmp_path, fake.base_url, shared_redis, 2, store=store) as (a, b):
+        async with http.post(a.url + "/v1/scenes/chat/ui", json=chat_body("Go", "chatX2")) as r:
+            for _ in range(4):  # start, start-step, text-start, a delta: then the reload
+                await r.content.readuntil(b"\n\n")
+        async with asyncio.timeout(DEADLINE):  # A's `streaming` row is written (not awaited)
+            while True:
+                async with http.get(f"{b.url}/v1/conversations/chatX2/messages") as resp:
+                    rows = (await resp.json())["messages"] if resp.status == 200 else []
+                if rows and rows[-1]["role"] == "assistant":
+                    break
+                await asyncio.sleep(0.05)
+        assert NODE is not None
+        node = await asyncio.create_subprocess_exec(
+            *(NODE, str(HERE / "chat.mjs"), b.url, "chat", "chatX2", "--resume"),
+            cwd=HERE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            async with asyncio.timeout(30):
+                out, err = await node.communicate()
+        finally:
+            if node.returncode is None:
+                node.kill()
+                await node.wait()
+    assert node.returncode == 0, err.decode()[-3000:]
+    seen = json.loads(out)
+    assert seen["status"] == "ready" and seen["error"] is None, seen
+    (message,) = seen["messages"]
+    assert message["id"] == "chat:chatX2:1"
+    words = " ".join(f"w{n}" for n in range(40))
+    assert message["parts"] == [
+        {"type": "step-start"},
+        {"type": "text", "text": words, "state": "done"},
+    ]
