@@ -18,6 +18,7 @@ from lean import (
     handlers,
     responses_route,
     resume_handlers,
+    resume_remote,
     scene_handlers,
     static,
     ui_handlers,
@@ -193,6 +194,10 @@ def create_app(config: Config) -> web.Application:
         app.on_response_prepare.append(browsers.add_cors_headers)
     app[services_key] = services
     services.cluster.deliver = scene_handlers.deliver(services)
+    feeds = resume_remote.Feeds(services)  # other instances' resumes of our runs
+    services.cluster.serve, services.cluster.stopped = feeds.serve, feeds.stopped
+    if services.cluster.enabled:
+        services.replays.remote = resume_remote.reader(services)
     app[connections_key] = connections
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_post("/v1/responses", responses_route.responses)
@@ -219,6 +224,7 @@ def create_app(config: Config) -> web.Application:
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         await services.start()
         yield
+        await feeds.close()
         await services.close()
 
     app.cleanup_ctx.append(lifetime)

@@ -9,9 +9,11 @@ In Redis (the database of `[cluster] redis_url`):
   scene runs it owns; `lean:slots`: instance -> streams it relays (only counted with
   `[limits] cluster_max_streams`).
 - Channel `lean:<db>:to:<instance>`: requests for the runs it owns, and the answers to
-  the requests it made. Pub/sub, not streams: a request is useful to the live owner now
-  or never (a dead owner's runs are over), and every request gets an answer or a 503
-  within `ROUTE_TIMEOUT`, so nothing needs to wait in Redis to be read later.
+  the requests it made; and, for a run it resumes for a client of its own from another
+  instance, that run's events (`lean.resume_remote`), and the `Stop` of such a reader.
+  Pub/sub, not streams: a request is useful to the live owner now or never (a dead
+  owner's runs are over), and every request gets an answer or a 503 within
+  `ROUTE_TIMEOUT`, so nothing needs to wait in Redis to be read later.
 
 Round trips: with `cluster_max_streams`, a stream's admission awaits one script (sum the
 live instances' slots, take one if below); without, none. A run's start and end write
@@ -48,7 +50,10 @@ from lean.cluster_wire import (
     Answer,
     Ask,
     Deliver,
+    End,
+    Event,
     RunRequest,
+    Stop,
     decode,
     encode,
     sha,
@@ -59,6 +64,14 @@ from lean.redis_client import RedisConnection, parse_redis_url
 from lean.resp import Reply, ReplyError
 
 log = logging.getLogger("lean.cluster")
+
+
+def answer_status(future: asyncio.Future[Answer]) -> int | None:
+    """The status of an answer that came, else None."""
+    if not future.done() or future.cancelled() or future.exception() is not None:
+        return None
+    return future.result().status
+
 
 PREFIX = "lean:"
 CONNECT_TIMEOUT = 1.0  # seconds to connect (and AUTH, SELECT) before trying again
@@ -89,12 +102,12 @@ class Cluster:
         db = self._address.db if self._address else 0
         self._channels = f"{PREFIX}{db}:to:"  # pub/sub spans databases: the number tells
         self.deliver: Deliver | None = None  # set by the app: answers requests for our runs
-        # Set by the services: ends a dead instance's cut answers in the store (REAP).
-        self.on_dead: Callable[[str], Awaitable[None]] | None = None
-        # Called once connected (again), before any other command: lean.client_limits
-        # writes its counts there (Redis may have restarted empty).
-        self.on_join: list[Callable[[], None]] = []
-        self._reaping: set[asyncio.Task[None]] = set()
+        # Resumes across instances (lean.resume_remote), set by the app: the owner's side
+        # (a resume asked of one of our runs -> status, body; a reader that left) ...
+        self.serve: Callable[[Ask], tuple[int, bytes]] | None = None
+        self.stopped: Callable[[Stop], None] | None = None
+        # ... and the reader's: our resumes of other instances' runs, by ask id.
+        self._feeds: dict[int, Callable[[Event | End], None]] = {}
         self._conn: RedisConnection | None = None  # commands; None while Redis is down
         self._sub: RedisConnection | None = None  # subscribed to our channel
         self._subscribed: asyncio.Event | None = None
@@ -104,6 +117,10 @@ class Cluster:
         self._ask_ids = random.randrange(1 << 40)  # a restart's ids do not meet old answers
         self._token = secrets.token_hex(8)  # this process's mark on its lease
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def lease(self) -> float:
+        return self._lease
 
     @property
     def up(self) -> bool:
@@ -270,6 +287,8 @@ class Cluster:
         for future in self._asks.values():
             if not future.done():
                 future.set_exception(ConnectionError("redis: connection lost"))
+        for ask_id, feed in list(self._feeds.items()):  # their events may be lost: end them
+            feed(End(ask_id))
 
     async def _script(self, conn: RedisConnection, script: str, *args: str | bytes) -> Reply:
         """Run one of the scripts above; loaded by its source when Redis lost it (restart)."""
@@ -349,10 +368,13 @@ class Cluster:
 
     # --- requests for runs on other instances ---
 
-    async def route(self, request: RunRequest) -> tuple[int, bytes]:
+    async def route(
+        self, request: RunRequest, feed: Callable[[Event | End], None] | None = None
+    ) -> tuple[int, bytes]:
         """`request` answered by the instance that owns its run: (HTTP status, body).
         NotFound when no live instance owns it; ClusterUnavailable when that cannot be known
-        or the owner does not answer within ROUTE_TIMEOUT."""
+        or the owner does not answer within ROUTE_TIMEOUT. A resume's `feed` gets the
+        events that follow a 200, until an `End` (also when the connection is lost)."""
         shown = clip(request.run_id)
         if not self.enabled:
             raise NotFound(f"run '{shown}' is not running")
@@ -364,8 +386,11 @@ class Cluster:
             raise ClusterUnavailable("too many requests to other instances", retry_after=1)
         self._ask_ids += 1
         ask_id = self._ask_ids
+        returned = 0  # the answer's status, once route returns it
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._asks[ask_id] = future
+        if feed is not None:  # before asking: the events may follow the answer at once
+            self._feeds[ask_id] = feed
         message = encode(Ask(ask_id, self.instance, request))
         try:
             async with asyncio.timeout(ROUTE_TIMEOUT):
@@ -377,6 +402,7 @@ class Cluster:
                         f"the instance that owns run '{shown}' is not listening", retry_after=1
                     )
                 answer = await future
+                returned = answer.status
         except TimeoutError:
             raise ClusterUnavailable(
                 f"the instance that owns run '{shown}' did not answer within 1 s", retry_after=1
@@ -385,7 +411,33 @@ class Cluster:
             raise ClusterUnavailable(unreachable, retry_after=1) from None
         finally:
             del self._asks[ask_id]
+            if returned != 200:
+                self._feeds.pop(ask_id, None)
+                if answer_status(future) == 200:  # a resume accepted for an asker now gone
+                    self._abandon(ask_id, future.result())
         return answer.status, bytes(answer.body)
+
+    def _abandon(self, ask_id: int, answer: Answer) -> None:
+        """Stop the feed of an accepted resume whose asker left before it was told."""
+        with contextlib.suppress(msgspec.DecodeError, KeyError, TypeError):
+            owner = msgspec.json.decode(answer.body)["instance"]
+            self.send_to(str(owner), Stop(ask_id, self.instance))
+
+    def unfeed(self, ask_id: int) -> None:
+        self._feeds.pop(ask_id, None)
+
+    def send_to(self, instance: str, message: Stop | End) -> None:
+        self._send("PUBLISH", self._channels + instance, encode(message))
+
+    async def publish(self, instance: str, message: Event | End) -> int:
+        """`message` published to `instance`'s channel: how many received it (0: gone).
+        Raises ConnectionError while Redis is down."""
+        conn = self._conn
+        if conn is None or not conn.is_open:
+            raise ConnectionError("redis: not connected")
+        received = await conn.call("PUBLISH", self._channels + instance, encode(message))
+        assert isinstance(received, int)
+        return received
 
     def _pushed(self, reply: Reply) -> None:
         """One reply on the subscribed connection: a subscription, a request, an answer."""
@@ -408,10 +460,22 @@ class Cluster:
             if future is not None and not future.done():
                 future.set_result(message)
             return
-        if self.deliver is None:
-            raise RuntimeError("Cluster.deliver is not set")
+        if isinstance(message, (Event, End)):
+            feed = self._feeds.get(message.id)
+            if feed is not None:
+                feed(message)
+            return
+        if isinstance(message, Stop):
+            if self.stopped is not None:
+                self.stopped(message)
+            return
+        if self.deliver is None or self.serve is None:
+            raise RuntimeError("Cluster.deliver and Cluster.serve are not set")
         try:
-            status, body = self.deliver(message.request)
+            if message.request.op == "resume":
+                status, body = self.serve(message)
+            else:
+                status, body = self.deliver(message.request)
         except Exception:  # a bug: the asker gets a 500 now rather than a 503 in a second
             log.exception("cluster: answering %s failed", message.sender)
             status, body = 500, b'{"error":{"message":"internal error","code":"internal"}}'

@@ -108,15 +108,17 @@ def sha(script: str) -> str:
 
 
 class RunRequest(msgspec.Struct, frozen=True):
-    """What an instance asks of the owner of a run (a resume would be one more `op`), for
-    the client that asked: the owner acts only for the client that started the run (any
-    other gets the 404 it would get there)."""
+    """What an instance asks of the owner of a run, for the client that asked: the owner
+    acts only for the client that started the run (any other gets the 404 it would get
+    there). A `resume` is answered 200 (then `Event`s and an `End` under the ask's id),
+    204 (nothing after `after`), or the error a local resume would get."""
 
-    op: Literal["cancel", "tool_result"]
+    op: Literal["cancel", "tool_result", "resume"]
     run_id: str
     client: str  # the asking client's name (lean.clients.Client.name)
     tool_call_id: str = ""
     result: msgspec.Raw = msgspec.Raw(b"null")
+    after: int = 0  # resume: the reader's cursor
 
 
 class Ask(msgspec.Struct, tag="ask", array_like=True):
@@ -131,10 +133,33 @@ class Answer(msgspec.Struct, tag="answer", array_like=True):
     body: msgspec.Raw  # the owner's JSON response body, as it would have answered
 
 
+class Event(msgspec.Struct, tag="event", array_like=True):
+    """One event of a run, owner -> the resuming reader's instance; seq 0: a heartbeat."""
+
+    id: int  # the resume's ask id
+    seq: int
+    name: str
+    payload: msgspec.Raw  # the event's JSON as the run encoded it (lean.events)
+
+
+class End(msgspec.Struct, tag="end", array_like=True):
+    """Owner -> reader: the run's events for this resume are over (its last event was sent,
+    or the owner stopped the feed)."""
+
+    id: int
+
+
+class Stop(msgspec.Struct, tag="stop", array_like=True):
+    """Reader -> owner: the resuming client left; stop feeding ask `id` of `sender`."""
+
+    id: int
+    sender: str
+
+
 # JSON, not msgpack: a tool's result and an answer's body are JSON already, carried as
 # they are (`msgspec.Raw`), never decoded and encoded again on the way.
 encode = msgspec.json.Encoder().encode
-decode = msgspec.json.Decoder(Ask | Answer).decode
+decode = msgspec.json.Decoder(Ask | Answer | Event | End | Stop).decode
 
 # The owner's side: a request for one of its runs -> (HTTP status, JSON body).
 Deliver = Callable[[RunRequest], tuple[int, bytes]]

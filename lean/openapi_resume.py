@@ -29,7 +29,9 @@ def resume_path(
             " sends when it reconnects; it wins) or `after`. A cursor lean can no longer"
             " honour restarts the answer: `start` again, one `delta` with the text so far,"
             " then the rest. A run no longer buffered is served from its saved answer."
-            " Another client's run is 404 (docs/protocol.md §8).",
+            " Another client's run is 404 (docs/protocol.md §8). With instances sharing"
+            " Redis, any instance resumes any run; 503 cluster_unavailable when the run's"
+            " instance cannot be reached (docs/protocol.md §7).",
             "security": security,
             "parameters": [
                 {

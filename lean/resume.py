@@ -165,6 +165,11 @@ class Replays:
         self._live: dict[str, Replay] = {}
         self._finished: collections.OrderedDict[str, Replay] = collections.OrderedDict()
         self.finished_bytes = 0
+        # Set with [cluster] redis_url (lean.resume_remote): a run not here, asked of the
+        # instance that owns it; args: run id, cursor, client, its saved row if any.
+        self.remote: (
+            Callable[[str, int, Client, MessageRecord | None], Awaitable[Subscription]] | None
+        ) = None
 
     def __len__(self) -> int:
         return len(self._live) + len(self._finished)
@@ -220,27 +225,42 @@ class Replays:
         """Whether a resumable run of that id runs here, whoever started it."""
         return run_id in self._live
 
-    async def subscribe(self, run_id: str, after: int, client: Client) -> Subscription:
-        """`client`'s run's events after cursor `after`, then the live ones. Raises
-        `NotFound` for a run lean neither buffers nor has saved for that client, and
-        `BadRequest` for a cursor past a running run's newest event."""
+    def here(self, run_id: str, after: int, name: str, owner: str | None) -> Subscription | None:
+        """The client named `name`'s (store owner `owner`) run's events after `after`, if
+        its buffer is here; else None. Raises `BadRequest` for a cursor past a running run's
+        newest event."""
         replay = self.get(run_id)
-        if replay is not None and replay.owner != client.name:
-            replay = None  # another client's: not there for this one (the store may have its own)
+        if replay is None or replay.owner != name:
+            return None  # another client's: not there for this one (the store may have its own)
+        if after > replay.last and not replay.ended:
+            raise BadRequest(f"after: {after} is past the run's newest event ({replay.last})")
+        return Subscription(replay, after, self._saved(run_id, owner))
 
+    def _saved(self, run_id: str, owner: str | None) -> Callable[[], Awaitable[list[Item]]]:
         async def saved() -> list[Item]:
-            record = await self._find(run_id, client.owner)
+            record = await self._find(run_id, owner)
             if record is None or record.status == "streaming":
                 return []  # gone meanwhile: the reader just ends
             return saved_events(record)
 
-        if replay is not None:
-            if after > replay.last and not replay.ended:
-                raise BadRequest(f"after: {after} is past the run's newest event ({replay.last})")
-            return Subscription(replay, after, saved)
+        return saved
+
+    async def subscribe(self, run_id: str, after: int, client: Client) -> Subscription:
+        """`client`'s run's events after cursor `after`, then the live ones. Raises
+        `NotFound` for a run lean neither buffers nor has saved for that client, and
+        `BadRequest` for a cursor past a running run's newest event. A run neither
+        buffered here nor finished in the store is asked of the other instances
+        (`remote`, with `[cluster] redis_url`)."""
+        subscription = self.here(run_id, after, client.name, client.owner)
+        if subscription is not None:
+            return subscription
         record = await self._find(run_id, client.owner)
+        if record is not None and record.status != "streaming":
+            return Subscription(
+                None, after, self._saved(run_id, client.owner), saved_events(record)
+            )
+        if self.remote is not None and not self.is_running(run_id):
+            return await self.remote(run_id, after, client, record)
         if record is None:
             raise NotFound(f"run '{clip(run_id)}' does not exist")
-        if record.status == "streaming":
-            raise NotFound(f"run '{clip(run_id)}' is running but cannot be resumed here")
-        return Subscription(None, after, saved, saved_events(record))
+        raise NotFound(f"run '{clip(run_id)}' is running but cannot be resumed here")

@@ -20,9 +20,11 @@ from lean.client_io import BodyWriter, ClientGone, bound_send_buffer, reset
 from lean.clients import Client, client_of
 from lean.config import Config, SceneConfig
 from lean.driver import SSE_HEADERS
-from lean.errors import BadRequest, Cancelled, StillRunning
+from lean.errors import BadRequest, Cancelled, NotFound, StillRunning
 from lean.handlers import read_json, services_key
+from lean.resume import Subscription
 from lean.resume_handlers import pump
+from lean.resume_remote import RemoteSubscription
 from lean.run import Run, new_run_id
 from lean.scene_handlers import new_run, serve_run
 from lean.services import Services
@@ -99,6 +101,37 @@ def running_answer(
     return services.runs.of_conversation(chat_id, scene.name, client)
 
 
+async def running_elsewhere(
+    services: Services, scene: SceneConfig, chat_id: str, client: Client
+) -> RemoteSubscription | None:
+    """The chat's answer in `scene`, running on another instance sharing Redis
+    (docs/protocol.md §7), subscribed from its start there; else None. The store names it:
+    the chat's newest row, still `streaming`, with its run id."""
+    store = services.store
+    if services.replays.remote is None or not await store.conversation_exists(
+        chat_id, client.owner
+    ):
+        return None
+    rows = await store.messages(chat_id, limit=1)
+    answer = rows[-1] if rows else None
+    if (
+        answer is None
+        or answer.role != "assistant"
+        or answer.status != "streaming"
+        or answer.scene != scene.name
+        or not answer.run_id
+    ):
+        return None
+    try:
+        subscription = await services.replays.subscribe(answer.run_id, 0, client)
+    except NotFound:  # ended meanwhile, or its instance keeps no events
+        return None
+    if not isinstance(subscription, RemoteSubscription):  # ended, or its instance died
+        subscription.close()
+        return None
+    return subscription
+
+
 async def resume_ui(request: web.Request) -> web.StreamResponse:
     """`GET /v1/scenes/{scene}/ui/{chatId}/stream`: the chat's running answer replayed from its
     `start`, then live (the run's event buffer, `lean.resume`), or 204."""
@@ -109,15 +142,21 @@ async def resume_ui(request: web.Request) -> web.StreamResponse:
     if not scenes.is_conversation_id(chat_id):
         raise BadRequest("invalid request: chatId must be 1-64 characters of A-Z, a-z, 0-9, _ or -")
     run = running_answer(services, scene, chat_id, client)
-    if run is None:  # nothing running (or it has ended): `useChat` shows what it has
-        return web.Response(status=204)
-    if run.replay is None:  # resume_buffer_kb = 0: lean keeps no events to replay
-        raise StillRunning(
-            f"an answer of chat '{chat_id}' is running (run '{run.run_id}') and lean keeps no "
-            "events to replay it: its messages are at /v1/conversations/{id}/messages once it ends"
-        )
-    services.streams.check()
-    subscription = await services.replays.subscribe(run.run_id, 0, client)
+    if run is None:
+        services.streams.check()
+        elsewhere = await running_elsewhere(services, scene, chat_id, client)
+        if elsewhere is None:  # nothing running (or it has ended): `useChat` shows what it has
+            return web.Response(status=204)
+        subscription: Subscription = elsewhere
+    else:
+        if run.replay is None:  # resume_buffer_kb = 0: lean keeps no events to replay
+            raise StillRunning(
+                f"an answer of chat '{chat_id}' is running (run '{run.run_id}') and lean keeps "
+                "no events to replay it: its messages are at /v1/conversations/{id}/messages "
+                "once it ends"
+            )
+        services.streams.check()
+        subscription = await services.replays.subscribe(run.run_id, 0, client)
     try:
         if subscription.empty:  # ended meanwhile without an event: nothing to show
             return web.Response(status=204)

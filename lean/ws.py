@@ -32,11 +32,13 @@ from lean import events, scenes
 from lean.aiohttp_internals import forget_data_callback
 from lean.client_io import TextFrames, bound_send_buffer, reset
 from lean.clients import client_of
+from lean.cluster_wire import RunRequest
 from lean.errors import BadRequest, LeanError, NotFound, Overloaded
 from lean.handlers import services_key
 from lean.inbound import ClientId, decode, is_client_id
 from lean.replay import Live
 from lean.resume_handlers import MAX_CURSOR, pump
+from lean.resume_remote import refused
 from lean.run import Run
 from lean.scene_handlers import new_run
 from lean.services import Services
@@ -154,6 +156,8 @@ class Socket:
                 await self._run(frame)
             elif isinstance(frame, ResumeFrame):
                 await self._resume(frame)
+            elif self._elsewhere(frame.run_id):
+                await self._route(frame)
             elif isinstance(frame, CancelFrame):
                 self._find(frame.run_id).cancel()
             else:
@@ -168,6 +172,22 @@ class Socket:
         if run is None:
             raise NotFound(f"run '{run_id}' is not running on this socket")
         return run
+
+    def _elsewhere(self, run_id: str) -> bool:
+        """Whether `run_id` is a run this socket resumed from another instance."""
+        return run_id not in self.runs and run_id in self.resumed and not self.resumed[run_id][1]
+
+    async def _route(self, frame: CancelFrame | ToolResultFrame) -> None:
+        """A cancel or tool result for a run resumed from another instance, sent to it."""
+        name = self.client.name
+        if isinstance(frame, CancelFrame):
+            request = RunRequest("cancel", frame.run_id, name)
+        else:
+            result = msgspec.Raw(msgspec.json.encode(frame.result))
+            request = RunRequest("tool_result", frame.run_id, name, frame.tool_call_id, result)
+        status, body = await self.services.cluster.route(request)
+        if status >= 400:
+            raise refused(status, body)
 
     def _check_room(self, run_id: str) -> None:
         limit = self.services.config.limits.max_runs_per_socket

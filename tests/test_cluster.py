@@ -37,6 +37,7 @@ DEADLINE = 10.0  # seconds any one step may take
 # The Redis database these tests use (flushed): one per pytest-xdist worker (gw0, gw1, ...),
 # so that two tests at once never count or flush each other's instances; 10-15 are lean's.
 DB = 10 + int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0) % 6
+LEAN_DB = "lean.db"
 LEASE = 1.0  # seconds: a dead instance is forgotten within this
 # Tokens for a test that names clients: the operator's ([auth], /metrics) and two apps'.
 TOKENS = {"LEAN_TOKENS": "op-token", "ALPHA_TOKENS": "alpha-token", "BETA_TOKENS": "beta-token"}
@@ -108,20 +109,22 @@ def write_config(
     limits: str = "",
     extra: str = "",
     store: str = "",
+    scene: str = "",
 ) -> Path:
-    """`store`: the `[store]` section's lines (default: a SQLite file of the instance's own)."""
+    """`store`: the `[store]` keys, shared by instances that get the same (default: a
+    SQLite file of this instance's own); `scene`: more keys of `[scene.chat]`."""
     directory.mkdir()
     config = directory / "config.ini"
     store = store or f"path = {directory / 'lean.db'}"
     config.write_text(
         f"[server]\nhost = 127.0.0.1\nport = {port}\ndrain_timeout = 0.5\n\n{extra}"
-        f"[store]\n{store}\n\n"
+        f"[store]\n{store or f'path = {directory / LEAN_DB}'}\n\n"
         f"[cluster]\nredis_url = {redis_url}\nlease = {LEASE}\ninstance = test-{port}\n\n"
         f"[limits]\nslow_client_timeout = 5\n{limits}\n\n"
         f"[provider.up]\nkind = openai\nbase_url = {upstream}\napi_key_env = UP_KEY\n\n"
         "[model.default]\nprovider = up\nupstream_model = fake-model\n\n"
         "[tool.ask_user]\nkind = client\ndescription = Ask the user\n\n"
-        "[scene.chat]\nmodel = default\ntemplate = {message}\ntools = ask_user\n"
+        "[scene.chat]\nmodel = default\ntemplate = {message}\ntools = ask_user\n" + scene
     )
     return config
 
@@ -136,6 +139,7 @@ async def instances(
     limits: str = "",
     extra: str = "",
     store: str = "",
+    scene: str = "",
 ) -> AsyncIterator[list[Lean]]:
     """`count` instances started together, each up (GET /healthz) before the body runs."""
     leans: list[Lean] = []
@@ -150,6 +154,7 @@ async def instances(
                 limits=limits,
                 extra=extra,
                 store=store,
+                scene=scene,
             )
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
