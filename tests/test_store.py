@@ -395,20 +395,22 @@ async def test_cancelled_begin_turn_does_not_break_the_writer(store: Store) -> N
 
 
 async def test_loop_keeps_ticking_while_rows_are_written(store: Store) -> None:
-    gaps: list[float] = []
+    # What the loop's own thread spends between two of its ticks: writes done on the loop
+    # would spend the whole writing stretch there. Its CPU time, not the wall clock's: a busy
+    # machine (the suite's other worker, a bench) may keep the thread waiting, not working.
+    spent: list[float] = []
     stop = asyncio.Event()
 
     async def tick() -> None:
-        last = time.perf_counter()
+        last = time.thread_time()
         while not stop.is_set():
             await asyncio.sleep(0.001)
-            now = time.perf_counter()
-            gaps.append(now - last)
+            now = time.thread_time()
+            spent.append(now - last)
             last = now
 
     ticker = asyncio.create_task(tick())
     await asyncio.sleep(0.01)
-    began = time.perf_counter()
     big = "x" * 2000
     for turn in range(1, 5001):
         await store.save_assistant(answer("a", turn, big))
@@ -417,13 +419,10 @@ async def test_loop_keeps_ticking_while_rows_are_written(store: Store) -> None:
     reading = asyncio.create_task(store.messages("a", limit=5000))
     await store.flush()
     assert all(m.conversation_id == "a" for m in await reading)  # read beside the writes
-    elapsed = time.perf_counter() - began
     stop.set()
     await ticker
-    assert len(gaps) > 3
-    # Writes on the loop would stop it for the whole stretch; a busy machine (the suite's other
-    # worker, other work) may delay one tick, never a quarter of it.
-    assert max(gaps) < max(0.25, elapsed / 4), (max(gaps), elapsed)
+    assert len(spent) > 3
+    assert max(spent) < 0.1, max(spent)
 
 
 # -- the file ---------------------------------------------------------------------------------
