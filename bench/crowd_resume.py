@@ -26,6 +26,8 @@ when it peaks: checked, not assumed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import signal
 import statistics
 import tempfile
 import time
@@ -40,7 +42,7 @@ from bench.harness import scenarios
 from bench.harness.loadgen import Result
 from bench.harness.procs import cores, pin_self, raise_nofile
 from bench.harness.report import Row
-from bench.harness.runner import Bench
+from bench.harness.runner import Bench, _interrupt
 from bench.harness.sampler import Sampler, memory_kb
 from bench.harness.scenarios import Scenario
 from bench.harness.targets import Endpoint, Lean, Mock, Target
@@ -165,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     raise_nofile()
     workdir = Path(tempfile.mkdtemp(prefix="lean-crowd-resume-"))
     print(f"crowd_resume: logs in {workdir}", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # children stopped in `finally`, as the runner does
+    signal.signal(signal.SIGINT, _interrupt)
     bench = ResumeBench(workdir, target_core, harness_core, patience=args.patience)
     scenario = scenarios.crowd(args.quick)
     peaks: dict[str, list[float]] = {name: [] for name in variants}
@@ -178,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
             for name in order:
                 target = variants[name]
                 bench.after = {}
-                row = bench.run(scenario, target, mock, args.wire)
+                # A name of its own: the run's files (store, log) are named after it.
+                named = dataclasses.replace(scenario, name=f"{name}-{round_number + 1}")
+                row = bench.run(named, target, mock, args.wire)
                 line = describe(name, row, target.notes, bench.after)
                 if target.finished and "runs_s" in target.notes:
                     age = bench.ended_at - target.notes["ran_at"]
