@@ -1,7 +1,7 @@
 """What resumable runs cost: lean with its resume buffer against the same lean without.
 
     python -m bench.resume [--rounds 6] [--streams 400] [--chunks 200] [--interval 0.025]
-                           [--finished 1000] [--wire scene-sse|scene-ndjson] [--same]
+                           [--finished 1000] [--wire scene-sse|scene-ndjson] [--same] [--on-first]
 
 Three figures (issue 12's targets in brackets), and the buffer's own CPU per chunk measured
 in-process (what the paired rounds' difference should be, give or take the machine):
@@ -18,7 +18,8 @@ in-process (what the paired rounds' difference should be, give or take the machi
   (`resume_ttl = 120`) and the "off" one run that many more streams (in batches of
   `--streams`); their RSS is read once the streams ended, the buffers still held.
 `--same` starts "on" without a buffer too: the ratio it prints is the method's own bias
-and spread on this machine (an A/A check). The load is `--wire`: scene runs, the
+and spread on this machine (an A/A check); `--on-first` starts "on" before "off" (the
+leans otherwise start off, on, kept). The load is `--wire`: scene runs, the
 resumable ones (not `scene-ws`: the load names every socket's run `r1`, and only one
 running run can hold an id).
 """
@@ -135,6 +136,7 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=0.025)
     parser.add_argument("--finished", type=int, default=1000)
     parser.add_argument("--wire", choices=WIRES, default="scene-sse")
+    parser.add_argument("--on-first", action="store_true", help="start 'on' before 'off'")
     parser.add_argument("--same", action="store_true", help="'on' without a buffer too (A/A)")
     args = parser.parse_args()
 
@@ -164,7 +166,10 @@ def main() -> None:
         # off: no buffer; on: buffers dropped at the run's end (resume_ttl = 0), so its peak
         # RSS is the running streams'; kept: the defaults, finished runs kept 120 s.
         on_kb = 0 if args.same else 64  # --same: an A/A check of the method itself
-        for name, kb, ttl in (("off", 0, 0), ("on", on_kb, 0), ("kept", 64, 120)):
+        setups = [("off", 0, 0), ("on", on_kb, 0), ("kept", 64, 120)]
+        if args.on_first:  # start "on" first: is a slot favoured? (see --same)
+            setups[:2] = setups[1::-1]
+        for name, kb, ttl in setups:
             port = free_port()
             config = Lean().config(
                 SCENARIOS["realistic"](False), Mock(mock, mock_port, 0, None), port, workdir,
