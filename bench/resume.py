@@ -1,9 +1,10 @@
 """What resumable runs cost: lean with its resume buffer against the same lean without.
 
     python -m bench.resume [--rounds 6] [--streams 400] [--chunks 200] [--interval 0.025]
-                           [--finished 1000] [--wire scene-sse|scene-ndjson]
+                           [--finished 1000] [--wire scene-sse|scene-ndjson] [--same] [--on-first]
 
-Three figures (issue 12's targets in brackets):
+Three figures (issue 12's targets in brackets), and the buffer's own CPU per chunk measured
+in-process (what the paired rounds' difference should be, give or take the machine):
 - **Memory per stream** of the buffer, measured in-process with tracemalloc: a buffer fed
   a `--chunks`-chunk answer of the mock's chunks (4 characters each), from its start to
   its end [<= 8 KB more per active stream at 200 chunks].
@@ -16,8 +17,11 @@ Three figures (issue 12's targets in brackets):
 - **RSS with `--finished` finished runs buffered**: a third lean with the defaults
   (`resume_ttl = 120`) and the "off" one run that many more streams (in batches of
   `--streams`); their RSS is read once the streams ended, the buffers still held.
-The load is `--wire`: scene runs, the resumable ones (not `scene-ws`: the load names every
-socket's run `r1`, and only one running run can hold an id).
+`--same` starts "on" without a buffer too: the ratio it prints is the method's own bias
+and spread on this machine (an A/A check); `--on-first` starts "on" before "off" (the
+leans otherwise start off, on, kept). The load is `--wire`: scene runs, the
+resumable ones (not `scene-ws`: the load names every socket's run `r1`, and only one
+running run can hold an id).
 """
 
 from __future__ import annotations
@@ -93,6 +97,27 @@ def buffer_bytes(chunks: int) -> tuple[int, int]:
     return running, held + sys.getsizeof(done_payload)
 
 
+def buffer_cpu(chunks: int, runs: int = 2000) -> float:
+    """CPU µs per chunk of a buffer's own work, in-process: `runs` buffers each fed a
+    `chunks`-chunk answer as `buffer_bytes` feeds one (start, deltas, done, end). What the
+    paired rounds below see of the buffer, without the rest of lean around it."""
+    message_id = "bench:c_6f1d2e3a4b5c6d7e8f90:1"
+    start = events.Start("run_0123456789abcdef0123", message_id, "bench", "mock", "c_6f")
+    delta = events.Delta(message_id=message_id, text="lore")
+    done = events.Done(message_id, "stop", events.Usage(8, chunks), "lore" * chunks)
+    payloads = [events.encode(e) for e in (start, delta, done)]
+    run = _Run("lore" * chunks)
+    began = time.process_time()
+    for _ in range(runs):
+        replay = Replay(start.run_id, message_id, 64 * 1024, run)
+        replay.add(start, 1, payloads[0])
+        for seq in range(2, chunks + 2):
+            replay.add(delta, seq, payloads[1])
+        replay.add(done, chunks + 2, payloads[2])
+        replay.end()
+    return (time.process_time() - began) * 1e6 / (runs * chunks)
+
+
 def scrape(port: int, name: str) -> float:
     import urllib.request
 
@@ -111,6 +136,8 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=0.025)
     parser.add_argument("--finished", type=int, default=1000)
     parser.add_argument("--wire", choices=WIRES, default="scene-sse")
+    parser.add_argument("--on-first", action="store_true", help="start 'on' before 'off'")
+    parser.add_argument("--same", action="store_true", help="'on' without a buffer too (A/A)")
     args = parser.parse_args()
 
     running, held = buffer_bytes(args.chunks)
@@ -123,6 +150,11 @@ def main() -> None:
 
     target_core, harness_core = cores()
     pin_self(harness_core)
+    print(
+        f"the buffer's own work, in-process: {buffer_cpu(args.chunks):.2f} µs CPU per chunk"
+        " (a run's start, deltas, done and end; compare with the per-chunk figures below)",
+        flush=True,
+    )
     workdir = Path(tempfile.mkdtemp(prefix="lean-resume-"))
     mock_port = free_port()
     mock_args = ["--port", str(mock_port), "--chunks", str(args.chunks)]
@@ -133,7 +165,11 @@ def main() -> None:
     try:
         # off: no buffer; on: buffers dropped at the run's end (resume_ttl = 0), so its peak
         # RSS is the running streams'; kept: the defaults, finished runs kept 120 s.
-        for name, kb, ttl in (("off", 0, 0), ("on", 64, 0), ("kept", 64, 120)):
+        on_kb = 0 if args.same else 64  # --same: an A/A check of the method itself
+        setups = [("off", 0, 0), ("on", on_kb, 0), ("kept", 64, 120)]
+        if args.on_first:  # start "on" first: is a slot favoured? (see --same)
+            setups[:2] = setups[1::-1]
+        for name, kb, ttl in setups:
             port = free_port()
             config = Lean().config(
                 SCENARIOS["realistic"](False), Mock(mock, mock_port, 0, None), port, workdir,
