@@ -71,9 +71,10 @@ class Upkeep:
             if late > STALL:
                 self._metrics.loop_stalls += 1
                 log.warning(
-                    "the event loop was blocked for %.2f s: every stream waited. An async "
-                    "tool that blocks (time.sleep, sync I/O) does this: make it a plain def, "
-                    "so it runs on a tool thread",
+                    "the event loop was held for %.2f s: every stream waited. An async tool "
+                    "that blocks (time.sleep, sync I/O) does this (make it a plain def, so it "
+                    "runs on a tool thread); so does a burst of connections opening or "
+                    "closing at once, or a machine short of CPU",
                     late,
                 )
             for chore in self.chores:

@@ -837,4 +837,4 @@ async def test_an_async_tool_that_blocks_the_loop_is_reported(
     assert run.of("tool_end")[0]["result"] == "thawed"
     assert stalls >= 1
     warnings = [r.getMessage() for r in caplog.records if r.name == "lean.upkeep"]
-    assert any("event loop was blocked for" in m and "async tool" in m for m in warnings)
+    assert any("event loop was held for" in m and "async tool" in m for m in warnings)
