@@ -21,7 +21,7 @@ from pathlib import Path
 
 import uvloop
 
-from bench.cpu_pair import WIRES, cpu_per_chunk, load, targets_of
+from bench.cpu_pair import WIRES, cpu_per_chunk, load, paired_rounds, targets_of
 from bench.harness.procs import ROOT, Child, cores, free_port, pin_self, python, wait_http
 from bench.harness.scenarios import SCENARIOS
 from bench.harness.targets import Lean, Mock
@@ -67,20 +67,12 @@ def main() -> None:
         for child, port in leans.values():
             wait_http(child, port)
             uvloop.run(load(*targets_of(args.wire, port), 4))  # warm up
-        per_chunk: dict[str, list[float]] = {name: [] for name in leans}
-        for round_number in range(1, args.rounds + 1):
-            order = ("base", "new") if round_number % 4 in (1, 0) else ("new", "base")  # ABBA
-            for name in order:
-                child, port = leans[name]
-                target = targets_of(args.wire, port)
-                per_chunk[name].append(cpu_per_chunk(child.pid, target, args.streams))
-            base_us, new_us = per_chunk["base"][-1], per_chunk["new"][-1]
-            print(
-                f"round {round_number}: base {base_us:.1f} µs/chunk, new {new_us:.1f} µs/chunk, "
-                f"new/base {new_us / base_us:.3f}",
-                flush=True,
-            )
-        ratios = [new / base for new, base in zip(per_chunk["new"], per_chunk["base"], strict=True)]
+
+        def measure(name: str) -> float:
+            child, port = leans[name]
+            return cpu_per_chunk(child.pid, targets_of(args.wire, port), args.streams)
+
+        per_chunk, ratios = paired_rounds(args.rounds, ("base", "new"), measure)
         print(
             f"median ({args.wire}, {args.streams} streams x {args.chunks} chunks): base "
             f"{args.base} {statistics.median(per_chunk['base']):.1f} µs/chunk, new "

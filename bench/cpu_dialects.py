@@ -23,7 +23,7 @@ from pathlib import Path
 import aiohttp
 import uvloop
 
-from bench.cpu_pair import CONTENT_LINES, WIRES, targets_of
+from bench.cpu_pair import CONTENT_LINES, WIRES, paired_rounds, targets_of
 from bench.harness.procs import Child, cores, free_port, pin_self, python, wait_http
 from bench.harness.sampler import cpu_seconds
 from bench.harness.scenarios import SCENARIOS
@@ -87,22 +87,14 @@ def main() -> None:
         wait_http(lean, lean_port)
         for wire in wires:
             uvloop.run(load(*targets_of(wire, lean_port), 4))  # warm up
-        cpu: dict[str, list[float]] = {wire: [] for wire in wires}
         kb: dict[str, list[float]] = {wire: [] for wire in wires}
-        for round_number in range(1, args.rounds + 1):
-            order = wires if round_number % 4 in (1, 0) else wires[::-1]  # ABBA
-            for wire in order:
-                us, size = measure(lean.pid, targets_of(wire, lean_port), args.streams)
-                cpu[wire].append(us)
-                kb[wire].append(size)
-            a, b = cpu["openai"][-1], cpu[args.wire][-1]
-            print(
-                f"round {round_number}: openai {a:.1f} µs/chunk {kb['openai'][-1]:.1f} KB/stream,"
-                f" {args.wire} {b:.1f} µs/chunk {kb[args.wire][-1]:.1f} KB/stream,"
-                f" {args.wire}/openai {b / a:.3f}",
-                flush=True,
-            )
-        ratios = [b / a for a, b in zip(cpu["openai"], cpu[args.wire], strict=True)]
+
+        def cpu_of(wire: str) -> float:
+            us, size = measure(lean.pid, targets_of(wire, lean_port), args.streams)
+            kb[wire].append(size)
+            return us
+
+        cpu, ratios = paired_rounds(args.rounds, wires, cpu_of)
         kb_ratio = statistics.median(kb[args.wire]) / statistics.median(kb["openai"])
         print(
             f"median ({args.streams} streams x {args.chunks} chunks): openai "

@@ -20,6 +20,7 @@ import asyncio
 import os
 import statistics
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -100,6 +101,27 @@ def cpu_per_chunk(pid: int, target: tuple[str, bytes, str], streams: int) -> flo
     return ((cpu_seconds(pid) or 0.0) - before) * 1e6 / max(1, received)
 
 
+def paired_rounds(
+    rounds: int, names: tuple[str, str], measure: Callable[[str], float]
+) -> tuple[dict[str, list[float]], list[float]]:
+    """`measure(name)` (CPU µs per chunk) of both `names`, `rounds` times, in ABBA order so
+    that a drift of the machine weighs on both alike; each round printed. The figures by
+    name, and each round's ratio of the second to the first."""
+    first, second = names
+    per_chunk: dict[str, list[float]] = {first: [], second: []}
+    for round_number in range(1, rounds + 1):
+        for name in names if round_number % 4 in (1, 0) else names[::-1]:
+            per_chunk[name].append(measure(name))
+        a, b = per_chunk[first][-1], per_chunk[second][-1]
+        print(
+            f"round {round_number}: {first} {a:.1f} µs/chunk, {second} {b:.1f} µs/chunk,"
+            f" {second}/{first} {b / a:.3f}",
+            flush=True,
+        )
+    ratios = [b / a for a, b in zip(per_chunk[first], per_chunk[second], strict=True)]
+    return per_chunk, ratios
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.cpu_pair", description=__doc__)
     parser.add_argument("--rounds", type=int, default=6)
@@ -151,18 +173,12 @@ def main() -> None:
         }
         for _, target in targets.values():
             uvloop.run(load(*target, 4))  # warm up
-        per_chunk: dict[str, list[float]] = {name: [] for name in targets}
-        for round_number in range(1, args.rounds + 1):
-            for name, (child, target) in targets.items():
-                per_chunk[name].append(cpu_per_chunk(child.pid, target, args.streams))
-            relay_us, lean_us = per_chunk["relay"][-1], per_chunk["lean"][-1]
-            print(
-                f"round {round_number}: relay {relay_us:.1f} µs/chunk, lean ({args.wire}) "
-                f"{lean_us:.1f} µs/chunk, {lean_us / relay_us:.2f}x",
-                flush=True,
-            )
-        pairs = zip(per_chunk["lean"], per_chunk["relay"], strict=True)
-        ratios = [lean / relay for lean, relay in pairs]
+
+        def measure(name: str) -> float:
+            child, target = targets[name]
+            return cpu_per_chunk(child.pid, target, args.streams)
+
+        per_chunk, ratios = paired_rounds(args.rounds, ("relay", "lean"), measure)
         print(
             f"median: relay {statistics.median(per_chunk['relay']):.1f} µs/chunk, lean "
             f"{statistics.median(per_chunk['lean']):.1f} µs/chunk; lean/relay "

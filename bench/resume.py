@@ -38,7 +38,7 @@ from typing import Any
 
 import uvloop
 
-from bench.cpu_pair import cpu_per_chunk, load, targets_of
+from bench.cpu_pair import cpu_per_chunk, load, paired_rounds, targets_of
 from bench.harness.procs import Child, cores, free_port, pin_self, python, wait_http
 from bench.harness.sampler import memory_kb
 from bench.harness.scenarios import SCENARIOS
@@ -187,20 +187,11 @@ def main() -> None:
             wait_http(child, port)
             uvloop.run(load(*targets_of(args.wire, port), 4))  # warm up
 
-        per_chunk: dict[str, list[float]] = {"off": [], "on": []}
-        for round_number in range(1, args.rounds + 1):
-            order = ("off", "on") if round_number % 4 in (1, 0) else ("on", "off")  # ABBA
-            for name in order:
-                child, port = leans[name]
-                target = targets_of(args.wire, port)
-                per_chunk[name].append(cpu_per_chunk(child.pid, target, args.streams))
-            off_us, on_us = per_chunk["off"][-1], per_chunk["on"][-1]
-            print(
-                f"round {round_number}: off {off_us:.1f} µs/chunk, on {on_us:.1f} µs/chunk,"
-                f" on/off {on_us / off_us:.3f}",
-                flush=True,
-            )
-        ratios = [on / off for on, off in zip(per_chunk["on"], per_chunk["off"], strict=True)]
+        def measure(name: str) -> float:
+            child, port = leans[name]
+            return cpu_per_chunk(child.pid, targets_of(args.wire, port), args.streams)
+
+        per_chunk, ratios = paired_rounds(args.rounds, ("off", "on"), measure)
         print(
             f"median: off {statistics.median(per_chunk['off']):.1f} µs/chunk, on"
             f" {statistics.median(per_chunk['on']):.1f} µs/chunk; on/off"

@@ -162,11 +162,10 @@ def error_frame(body: bytes) -> bytes:
 
 def _usage_body(usage: Usage) -> dict[str, Any]:
     """OpenAI's usage object; the total and the details as the upstream gave them."""
-    total = usage.total_tokens
     body: dict[str, Any] = {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.prompt_tokens + usage.completion_tokens if total is None else total,
+        "total_tokens": usage.total,
     }
     if usage.cached_tokens is not None:
         body["prompt_tokens_details"] = {"cached_tokens": usage.cached_tokens}

@@ -108,11 +108,10 @@ def part_object(kind: str, text: str) -> dict[str, Any]:
 def usage_object(usage: Usage) -> dict[str, Any]:
     """The upstream's counts in the API's words; a detail it did not give is left out
     (unknown, never 0), its total is kept (it need not be the sum)."""
-    total = usage.total_tokens
     body: dict[str, Any] = {
         "input_tokens": usage.prompt_tokens,
         "output_tokens": usage.completion_tokens,
-        "total_tokens": usage.prompt_tokens + usage.completion_tokens if total is None else total,
+        "total_tokens": usage.total,
     }
     if usage.cached_tokens is not None:
         body["input_tokens_details"] = {"cached_tokens": usage.cached_tokens}

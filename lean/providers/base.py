@@ -65,6 +65,13 @@ class Usage(msgspec.Struct, frozen=True, gc=False):
     reasoning_tokens: int | None = None  # of completion_tokens, spent thinking
     total_tokens: int | None = None
 
+    @property
+    def total(self) -> int:
+        """The upstream's own total when it gave one, else the sum."""
+        if self.total_tokens is None:
+            return self.prompt_tokens + self.completion_tokens
+        return self.total_tokens
+
     def plus(self, other: Usage) -> Usage:
         """Two upstream calls' usage, summed (a detail stays unknown only if both are;
         a sum has no upstream total)."""
